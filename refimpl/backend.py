@@ -1,0 +1,116 @@
+"""The array namespace (``xp``) and the few hooks that must know which backend they are on.
+
+Every math function in :mod:`refimpl` takes arrays and asks them for their namespace with
+:func:`namespace`; it then uses only ``xp.*`` calls from the Array API standard. That keeps one code
+path for NumPy, CuPy and ``array_api_strict`` (which CI uses to catch NumPy-only calls).
+
+Only three things here know which library they are talking to:
+
+- :func:`erf`: the error function is not part of the Array API standard. On NumPy it is a Numba
+  ``vectorize`` over the C library's ``erf``/``erff`` (correctly rounded to within an ulp, no
+  ``fastmath``); on CuPy it is ``cupyx.scipy.special.erf``; any other namespace goes through NumPy.
+- :func:`to_numpy` / :func:`asarray_like`: device transfers.
+- :func:`finfo_min`: the additive-mask constant for a dtype (the one mask constant of the project).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:  # array-api-compat gives NumPy and CuPy arrays a standard namespace.
+    import array_api_compat as _compat
+except ImportError:  # pragma: no cover - a declared dependency
+    _compat = None
+
+
+def namespace(*arrays: Any):
+    """The Array API namespace of ``arrays`` (NumPy, CuPy, array_api_strict, ...)."""
+    arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool))]
+    if _compat is None:
+        return np
+    return _compat.array_namespace(*arrays)
+
+
+def is_numpy(xp) -> bool:
+    """True when ``xp`` is NumPy (plain or wrapped by array-api-compat)."""
+    name = getattr(xp, "__name__", "")
+    return name in ("numpy", "array_api_compat.numpy")
+
+
+def is_cupy(xp) -> bool:
+    name = getattr(xp, "__name__", "")
+    return name in ("cupy", "array_api_compat.cupy")
+
+
+def to_numpy(x) -> np.ndarray:
+    """Any backend's array (or a Python scalar/list) as a NumPy array on the host."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get") and type(x).__module__.startswith("cupy"):
+        return x.get()
+    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError):
+            pass
+    return np.asarray(x)
+
+
+def asarray_like(x_np: np.ndarray, like) -> Any:
+    """``x_np`` (a NumPy array) moved to the namespace and device of ``like``."""
+    xp = namespace(like)
+    if is_numpy(xp):
+        return x_np
+    if is_cupy(xp):
+        import cupy
+
+        return cupy.asarray(x_np)
+    return xp.asarray(x_np)
+
+
+def finfo_min(xp, dtype) -> float:
+    """The additive mask value for ``dtype``: ``finfo(dtype).min``, as transformers uses.
+
+    Masked scores become ``score + min``; after the row maximum is subtracted they underflow to an
+    exact 0 in ``exp``. A row with every key masked stays finite (all scores shift by the same
+    ``min``) and softmax gives it a uniform distribution rather than NaN, as in transformers.
+    """
+    return float(xp.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# erf: the one special function the model needs (exact GELU), behind one hook.
+# ---------------------------------------------------------------------------------------------
+
+_numba_erf = None
+
+
+def _get_numba_erf():
+    global _numba_erf
+    if _numba_erf is None:
+        import numba
+
+        @numba.vectorize(
+            ["float32(float32)", "float64(float64)"], cache=True, fastmath=False, nopython=True
+        )
+        def _erf(x):  # libm erf/erff: accurate to about an ulp
+            return math.erf(x)
+
+        _numba_erf = _erf
+    return _numba_erf
+
+
+def erf(x):
+    """Element-wise error function in ``x``'s dtype and namespace."""
+    xp = namespace(x)
+    if is_numpy(xp):
+        return _get_numba_erf()(x)
+    if is_cupy(xp):
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(x)
+    # Any other namespace (array_api_strict in CI): compute on the host, return in kind.
+    return xp.asarray(_get_numba_erf()(to_numpy(x)), device=getattr(x, "device", None))
