@@ -11,6 +11,7 @@ S = P + T key length, H hidden, N heads, D = H / N head size, I intermediate, V 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from .backend import erf, namespace
@@ -211,3 +212,42 @@ def activation(name: str) -> Callable:
         raise ValueError(
             f"unknown hidden_act={name!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused steps with swappable implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def scaled_masked_softmax(scores, bias, scale: float):
+    """``softmax(scores * scale + bias)`` over the last axis.
+
+    scores: [B, N, T, S]; bias: additive, broadcastable to scores ([B, 1, T|1, S]) or None.
+    The scale multiplies before the mask is added, as in transformers' eager attention.
+    """
+    scores = scores * scale
+    if bias is not None:
+        scores = scores + bias
+    return softmax(scores, axis=-1)
+
+
+def linear_act(x, weight, bias, act_name: str):
+    """``act(x @ W.T + b)``: the FFN's first projection and its activation."""
+    return activation(act_name)(linear(x, weight, bias))
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The implementations of the few steps that have fast paths.
+
+    The forward functions receive one of these explicitly. :data:`REFERENCE` holds the
+    definitions above; ``refimpl.kernels`` builds the Numba versions, each tested against these.
+    """
+
+    name: str
+    layer_norm: Callable = layer_norm  # (x, weight, bias, eps) -> [..., H]
+    scaled_masked_softmax: Callable = scaled_masked_softmax  # (scores, bias, scale) -> probs
+    linear_act: Callable = linear_act  # (x, weight, bias, act_name) -> [..., out]
+
+
+REFERENCE = Kernels("numpy")

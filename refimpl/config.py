@@ -1,0 +1,198 @@
+"""The model configuration: transformers' ``RobertaPreLayerNormConfig``, as plain data.
+
+Field names and defaults are those of transformers 5.x (``RobertaPreLayerNormConfig`` and the
+``PreTrainedConfig`` fields that matter here). Unknown keys from a ``config.json`` are kept in
+``extra`` and written back by :meth:`Config.to_dict`, so a round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .ops import ACTIVATIONS, activation
+
+MODEL_TYPE = "roberta-prelayernorm"
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+class ConfigError(ValueError):
+    """A configuration that this model cannot run; the message names the field and the fix."""
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    use_cache: bool = True
+    classifier_dropout: float | None = None
+    is_decoder: bool = False
+    add_cross_attention: bool = False
+    tie_word_embeddings: bool = True
+    # PreTrainedConfig fields used by the heads.
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    architectures: list[str] | None = None
+    # Everything else found in config.json (kept, written back, never interpreted).
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.id2label is None:
+            self.id2label = {i: f"LABEL_{i}" for i in range(2)}
+        self.id2label = {int(k): v for k, v in self.id2label.items()}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        self.label2id = {k: int(v) for k, v in self.label2id.items()}
+
+    # ---- derived quantities ------------------------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def head_size(self) -> int:
+        """D = H / N."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the position table allows without a cache.
+
+        Positions start at ``pad_token_id + 1``, so ``max_position_embeddings - pad_token_id - 1``
+        tokens fit (514 - 1 - 1 = 512 for roberta-base).
+        """
+        return self.max_position_embeddings - (self.pad_token_id or 0) - 1
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "Config":
+        d = {**d, **overrides}
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        extra = {k: v for k, v in d.items() if k not in known and k != "num_labels"}
+        if "num_labels" in d and d["num_labels"] is not None:
+            n = int(d["num_labels"])
+            if kwargs.get("id2label") is None:
+                kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
+                kwargs.pop("label2id", None)
+            elif len(kwargs["id2label"]) != n:
+                raise ConfigError(
+                    f"num_labels={n} disagrees with id2label, which has {len(kwargs['id2label'])} "
+                    "entries; drop one of them"
+                )
+        config = cls(**kwargs, extra=extra)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "Config":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config file at {os.fspath(path)!r}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{os.fspath(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{os.fspath(path)!r} must hold a JSON object, not {type(d).__name__}")
+        return cls.from_dict(d, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> "Config":
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no config.json in {os.fspath(folder)!r}: a Hugging Face model folder needs one"
+            )
+        return cls.from_json_file(path, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out = {**self.extra, **d}
+        out["model_type"] = MODEL_TYPE
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied and validated."""
+        return Config.from_dict(self.to_dict(), **changes)
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            positive_int(name)
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                f"({self.num_attention_heads}); choose heads that divide the hidden size"
+            )
+        if not isinstance(self.hidden_act, str):
+            raise ConfigError(f"hidden_act must be a string, got {type(self.hidden_act).__name__}")
+        try:
+            activation(self.hidden_act)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+            raise ConfigError(f"layer_norm_eps must be a positive finite number, got {eps!r}")
+        if self.pad_token_id is None:
+            raise ConfigError(
+                "pad_token_id must be set: RoBERTa's position ids count from pad_token_id + 1 "
+                "(checkpoints use 1)"
+            )
+        if not (0 <= self.pad_token_id < self.vocab_size):
+            raise ConfigError(
+                f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        if self.pad_token_id + 1 >= self.max_position_embeddings:
+            raise ConfigError(
+                f"max_position_embeddings={self.max_position_embeddings} leaves no room for a "
+                f"token: positions start at pad_token_id + 1 = {self.pad_token_id + 1}"
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(
+                f"problem_type={self.problem_type!r} is not one of {', '.join(PROBLEM_TYPES)}"
+            )
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ConfigError(
+                'problem_type="single_label_classification" needs num_labels > 1; use num_labels=2 '
+                'for binary classification or problem_type="regression"'
+            )
+        if self.add_cross_attention and not self.is_decoder:
+            raise ConfigError("add_cross_attention=True needs is_decoder=True")
+
+
+__all__ = ["Config", "ConfigError", "ACTIVATIONS", "MODEL_TYPE"]

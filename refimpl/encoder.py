@@ -1,0 +1,137 @@
+"""The pre-LayerNorm transformer block and the stack of blocks.
+
+A block is two (three, with cross-attention) residual updates, each with its own LayerNorm on the
+way in and none on the way out::
+
+    x = x + Attention(LayerNorm(x))                       # attention_block
+    x = x + CrossAttention(LayerNorm(x), encoder_states)  # only when add_cross_attention
+    x = x + W_2 · act(W_1 · LayerNorm(x) + b_1) + b_2      # feed_forward_block
+
+After the last block comes one final LayerNorm (in :func:`encode`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .attention import attention_block
+from .config import Config
+from .ops import REFERENCE, Kernels, linear
+from .params import Layer, Params
+from .trace import Trace, record, scope
+
+
+def feed_forward_block(x, p: Layer, *, act: str, eps: float, kernels: Kernels = REFERENCE, trace: Trace | None = None):
+    """``x + W_2 · act(W_1 · LayerNorm(x) + b_1) + b_2``.
+
+    x: [B, T, H] -> [B, T, H] (through [B, T, I]).
+    """
+    h = record(trace, "layer_norm", kernels.layer_norm(x, p.ffn_layer_norm.weight, p.ffn_layer_norm.bias, eps))  # [B, T, H]
+    a = record(trace, "activation", kernels.linear_act(h, p.intermediate.weight, p.intermediate.bias, act))  # [B, T, I]
+    out = record(trace, "output", linear(a, p.output.weight, p.output.bias))  # [B, T, H]
+    return record(trace, "residual", x + out)
+
+
+@dataclass
+class LayerOutput:
+    hidden: object  # [B, T, H]
+    self_attention: object  # probabilities [B, N, T, S]
+    cross_attention: object | None  # probabilities [B, N, T, S_enc]
+    present: tuple | None  # ((k, v) self, (k, v) cross or None), for the cache
+
+
+def transformer_layer(
+    x,
+    p: Layer,
+    bias,
+    config: Config,
+    *,
+    encoder_hidden_states=None,
+    encoder_bias=None,
+    past=None,
+    kernels: Kernels = REFERENCE,
+    trace: Trace | None = None,
+) -> LayerOutput:
+    """One pre-LN block. x: [B, T, H] -> LayerOutput with hidden [B, T, H].
+
+    ``past`` is ``((k, v), cross (k, v) or None)`` from a previous step, or None.
+    """
+    heads, eps = config.num_attention_heads, config.layer_norm_eps
+    past_self, past_cross = past if past is not None else (None, None)
+    x, self_probs, self_kv = attention_block(
+        x, p.attention, bias, num_heads=heads, eps=eps, past_key_value=past_self, kernels=kernels, trace=scope(trace, "attention")
+    )
+    cross_probs, cross_kv = None, None
+    if encoder_hidden_states is not None or past_cross is not None:
+        if p.crossattention is None:
+            raise ValueError(
+                "encoder_hidden_states were given but the model has no cross-attention layers; "
+                "load a config with add_cross_attention=True"
+            )
+        x, cross_probs, cross_kv = attention_block(
+            x,
+            p.crossattention,
+            encoder_bias,
+            num_heads=heads,
+            eps=eps,
+            key_value_states=encoder_hidden_states,
+            past_key_value=past_cross,
+            cross=True,
+            kernels=kernels,
+            trace=scope(trace, "crossattention"),
+        )
+    x = feed_forward_block(x, p, act=config.hidden_act, eps=eps, kernels=kernels, trace=scope(trace, "ffn"))
+    return LayerOutput(x, self_probs, cross_probs, (self_kv, cross_kv))
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: object  # [B, T, H], after the final LayerNorm
+    hidden_states: list  # L + 1 entries, transformers 5.x convention (see encode)
+    attentions: list  # L entries of [B, N, T, S]
+    cross_attentions: list  # L entries of [B, N, T, S_enc] (decoders with cross-attention)
+    presents: list  # L entries of ((k, v), cross (k, v) or None)
+
+
+def encode(
+    embeddings,
+    params: Params,
+    config: Config,
+    bias,
+    *,
+    encoder_hidden_states=None,
+    encoder_bias=None,
+    past=None,
+    kernels: Kernels = REFERENCE,
+    trace: Trace | None = None,
+) -> EncoderOutput:
+    """The stack of L blocks and the final LayerNorm. embeddings: [B, T, H] -> EncoderOutput.
+
+    ``hidden_states`` follows transformers 5.x: the embedding output, then the outputs of blocks
+    0 .. L-2, then the final-LayerNorm output (equal to ``last_hidden_state``) in place of block
+    L-1's raw output. fairseq's ``inner_states`` instead end with the raw output of the last block;
+    the trace records it as ``layers.{L-1}.ffn.residual``.
+    """
+    x = embeddings
+    hidden, attentions, crosses, presents = [x], [], [], []
+    for i, layer in enumerate(params.layers):
+        out = transformer_layer(
+            x,
+            layer,
+            bias,
+            config,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_bias=encoder_bias,
+            past=None if past is None else past[i],
+            kernels=kernels,
+            trace=scope(trace, f"layers.{i}"),
+        )
+        x = out.hidden
+        hidden.append(x)
+        attentions.append(out.self_attention)
+        crosses.append(out.cross_attention)
+        presents.append(out.present)
+    fl = params.final_layer_norm
+    last = record(trace, "final_layer_norm", kernels.layer_norm(x, fl.weight, fl.bias, config.layer_norm_eps))  # [B, T, H]
+    hidden[-1] = last
+    return EncoderOutput(last, hidden, attentions, crosses, presents)
