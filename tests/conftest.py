@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny transformers models built from a config, saved with ``save_pretrained``.
+
+torch and transformers are the oracle here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TASK_CLASSES = {
+    "base": "RobertaPreLayerNormModel",
+    "masked-lm": "RobertaPreLayerNormForMaskedLM",
+    "causal-lm": "RobertaPreLayerNormForCausalLM",
+    "sequence-classification": "RobertaPreLayerNormForSequenceClassification",
+    "token-classification": "RobertaPreLayerNormForTokenClassification",
+    "question-answering": "RobertaPreLayerNormForQuestionAnswering",
+    "multiple-choice": "RobertaPreLayerNormForMultipleChoice",
+}
+
+TINY = dict(
+    vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+    max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5,
+)
+
+
+def randomize_(model, seed: int, std: float = 0.5) -> None:
+    """Weights ~ N(0, std^2); LayerNorm scales ~ 1 + N(0, 0.1^2) so that no parameter is trivial."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "LayerNorm.weight" in name or "layer_norm.weight" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def build_hf(task: str, seed: int = 0, **config_kwargs):
+    """A transformers model for ``task`` (eager attention, eval mode, float64) with random weights."""
+    import torch
+    import transformers
+
+    kwargs = {**TINY, **config_kwargs}
+    if task == "question-answering":
+        kwargs.setdefault("num_labels", 2)
+    if task == "causal-lm":
+        kwargs.setdefault("is_decoder", True)
+    config = transformers.RobertaPreLayerNormConfig(**kwargs)
+    config._attn_implementation = "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = getattr(transformers, TASK_CLASSES[task])(config)
+    randomize_(model, seed)
+    return model.eval().double()
+
+
+def save_hf(model, folder, dtype=None, **kwargs) -> str:
+    """``save_pretrained`` (in ``dtype`` if given) and return the folder."""
+    import torch
+
+    m = model
+    if dtype is not None:
+        m = model.to(getattr(torch, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.save_pretrained(str(folder), **kwargs)
+    if dtype is not None:
+        model.double()
+    return str(folder)
+
+
+def torch_forward(model, dtype: str = "float64", **inputs):
+    """Run the transformers model in ``dtype`` on NumPy inputs; returns the output with NumPy fields."""
+    import torch
+
+    m = model.to(getattr(torch, dtype))
+    tin = {}
+    for k, v in inputs.items():
+        if v is None:
+            continue
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+            if v.is_floating_point():
+                v = v.to(getattr(torch, dtype))
+        tin[k] = v
+    with torch.no_grad():
+        out = m(**tin)
+    model.double()
+    return out
+
+
+@pytest.fixture
+def hf_factory(tmp_path):
+    """``make(task, seed=0, **config) -> (hf_model_float64, folder)``."""
+    counter = [0]
+
+    def make(task: str, seed: int = 0, **config_kwargs):
+        counter[0] += 1
+        model = build_hf(task, seed, **config_kwargs)
+        folder = save_hf(model, tmp_path / f"{task}-{counter[0]}")
+        return model, folder
+
+    return make
