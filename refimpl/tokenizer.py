@@ -137,7 +137,8 @@ class Tokenizer:
         """Load from a local folder: ``tokenizer.json`` if present, else ``vocab.json`` + ``merges.txt``.
 
         ``tokenizer_config.json`` and ``special_tokens_map.json`` (optional) give the special tokens,
-        ``model_max_length`` and ``add_prefix_space``. Keyword arguments override the files; pass
+        ``model_max_length`` and ``add_prefix_space``; with ``tokenizer.json`` its added tokens (and
+        their lstrip flags) are authoritative. Keyword arguments override the files; pass
         ``model_max_length=max_length_for(config.max_position_embeddings, config.pad_token_id)`` to
         check inputs against the model's real limit.
         """
@@ -148,7 +149,7 @@ class Tokenizer:
         special_map = _read_json(folder / "special_tokens_map.json")
         specials: dict[str, str] = {}
         flags: dict[str, dict] = {}
-        for source in (config, special_map):  # special_tokens_map.json wins, as in transformers
+        for source in (config, special_map):  # special_tokens_map.json is read last and wins
             for key in _SPECIAL_NAMES:
                 content, f = _token_spec(source.get(f"{key}_token"))
                 if content is not None:
@@ -340,7 +341,7 @@ class Tokenizer:
         inputs = list(zip(texts, pairs)) if is_pair else texts
 
         with self._lock:
-            if return_overflowing_tokens and stride:
+            if return_overflowing_tokens:
                 self._check_windows(inputs, strategy, limit, stride, n_special, add_special_tokens)
             encodings = self._encode(inputs, add_special_tokens, strategy, limit,
                                      stride if return_overflowing_tokens else 0, truncation_side,
@@ -403,7 +404,8 @@ class Tokenizer:
             be.no_padding()
 
     def _check_windows(self, inputs, strategy, max_length, stride, n_special, add_special_tokens):
-        """Reject window sizes the backend panics on (Rust ``panic!``, not a Python exception).
+        """Reject window sizes the backend panics on (Rust ``panic!``, not a Python exception) or
+        answers with malformed windows (no room at all for the truncated sequence).
 
         A row that must be cut keeps ``max_length - specials - len(other sequence)`` tokens of the
         truncated sequence per window; the backend requires ``stride`` to be smaller than that.
@@ -417,12 +419,17 @@ class Tokenizer:
                 continue
             other = sum(1 for s in enc.sequence_ids if s == 1 - cut)
             room = max_length - n_special - other
+            which = "first" if cut == 0 else "second"
+            if room <= 0:
+                raise ValueError(
+                    f"input {i}: {n_special} special tokens and {other} tokens of the other sequence "
+                    f"fill max_length={max_length}: no room is left for the {which} sequence")
             if room <= stride:
                 raise ValueError(
                     f"input {i}: truncation={strategy!r} leaves {room} tokens per window for the "
-                    f"{'first' if cut == 0 else 'second'} sequence (max_length={max_length} - "
-                    f"{n_special} special tokens - {other} tokens of the other sequence); stride={stride} "
-                    f"must be smaller than that")
+                    f"{which} sequence (max_length={max_length} - "
+                    f"{n_special} special tokens - {other} tokens of the other sequence); it must be more "
+                    f"than stride={stride}")
 
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
