@@ -54,12 +54,14 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        # As transformers: label2id is derived only with a default id2label (else kept, even None).
         if self.id2label is None:
             self.id2label = {i: f"LABEL_{i}" for i in range(2)}
+            if self.label2id is None:
+                self.label2id = {v: k for k, v in self.id2label.items()}
         self.id2label = {int(k): v for k, v in self.id2label.items()}
-        if self.label2id is None:
-            self.label2id = {v: k for k, v in self.id2label.items()}
-        self.label2id = {k: int(v) for k, v in self.label2id.items()}
+        if self.label2id is not None:
+            self.label2id = {k: int(v) for k, v in self.label2id.items()}
 
     # ---- derived quantities ------------------------------------------------------------------
     @property
@@ -88,10 +90,12 @@ class Config:
         kwargs = {k: v for k, v in d.items() if k in known}
         extra = {k: v for k, v in d.items() if k not in known and k != "num_labels"}
         if "num_labels" in d and d["num_labels"] is not None:
-            n = int(d["num_labels"])
+            n = d["num_labels"]
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"num_labels must be a positive integer, got {n!r}")
             if kwargs.get("id2label") is None:
                 kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
-                kwargs.pop("label2id", None)
+                kwargs["label2id"] = {f"LABEL_{i}": i for i in range(n)}
             elif len(kwargs["id2label"]) != n:
                 raise ConfigError(
                     f"num_labels={n} disagrees with id2label, which has {len(kwargs['id2label'])} "
@@ -173,6 +177,8 @@ class Config:
                 "pad_token_id must be set: RoBERTa's position ids count from pad_token_id + 1 "
                 "(checkpoints use 1)"
             )
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
+            raise ConfigError(f"pad_token_id must be an integer token id (checkpoints use 1), got {self.pad_token_id!r}")
         if not (0 <= self.pad_token_id < self.vocab_size):
             raise ConfigError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary [0, {self.vocab_size})"
@@ -191,6 +197,11 @@ class Config:
                 'problem_type="single_label_classification" needs num_labels > 1; use num_labels=2 '
                 'for binary classification or problem_type="regression"'
             )
+        for name in ("is_decoder", "add_cross_attention", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.num_labels < 1:
+            raise ConfigError("num_labels must be at least 1 (id2label is empty); set num_labels or id2label")
         if self.add_cross_attention and not self.is_decoder:
             raise ConfigError("add_cross_attention=True needs is_decoder=True")
 

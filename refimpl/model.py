@@ -124,17 +124,23 @@ class Model:
         trace: Trace | None = None,
     ):
         task = self.task
-        if task == "multiple-choice":
-            return self._forward_multiple_choice(
-                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels,
-                output_hidden_states, output_attentions, trace,
-            )
+        if logits_to_keep is None:
+            logits_to_keep = 0
         if task != "question-answering" and (start_positions is not None or end_positions is not None):
             raise InputError(f"start_positions/end_positions are for question answering, not {task!r}")
         if task == "base" and labels is not None:
             raise InputError("the base model has no head and takes no labels; load a task model")
+        if task == "question-answering" and labels is not None:
+            raise InputError("question answering takes start_positions and end_positions, not labels")
         if task != "causal-lm" and not _is_zero_int(logits_to_keep):
             raise InputError(f"logits_to_keep is for causal-lm, not {task!r}")
+        if task == "multiple-choice":
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise InputError("multiple choice has no cross-attention: encoder_hidden_states/encoder_attention_mask are for decoders")
+            return self._forward_multiple_choice(
+                input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels,
+                output_hidden_states, output_attentions, trace,
+            )
         base = self._base(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             encoder_hidden_states, encoder_attention_mask, trace,
@@ -227,23 +233,23 @@ class Model:
             )
         b, c = ref_arr.shape[:2]
 
-        def flat(x, name, ndim_tail=1, float_dtype=None):
+        def flat(x, name, ndim_tail=1, float_dtype=None, allow_float=False):
             if x is None:
                 return None
-            a = _to_array(x, xp, name, float_dtype)
+            a = _to_array(x, xp, name, float_dtype, allow_float)
             if a.ndim != 2 + ndim_tail or tuple(a.shape[:2]) != (b, c):
                 raise InputError(f"{name} must have shape [{b}, {c}, ...] like the inputs; got {tuple(a.shape)}")
             return xp.reshape(a, (b * c, *a.shape[2:]))
 
         base = self._base(
-            flat(input_ids, "input_ids"), flat(attention_mask, "attention_mask"), flat(token_type_ids, "token_type_ids"),
+            flat(input_ids, "input_ids"), flat(attention_mask, "attention_mask", allow_float=True), flat(token_type_ids, "token_type_ids"),
             flat(position_ids, "position_ids"), flat(inputs_embeds, "inputs_embeds", 2, self.dtype), None, None, trace,
         )
         pooled = heads.pooler(base.last_hidden_state, self.params.pooler, trace=scope(trace, "head"))  # [B*C, H]
         logits = record(trace, "logits", heads.multiple_choice_head(pooled, self.params.choice_classifier, c))  # [B, C]
         loss = None
         if labels is not None:
-            loss = losses.cross_entropy(logits, self._labels(labels, (b,), "labels"))
+            loss = losses.cross_entropy(logits, self._labels(labels, (b,), "labels", classes=c))
         return MultipleChoiceModelOutput(
             loss=record(trace, "loss", loss), logits=logits,
             hidden_states=tuple(base.hidden_states) if output_hidden_states else None,
@@ -357,12 +363,18 @@ class Model:
             return m
         raise InputError(f"{name} must be 2-D [batch, key length] or 4-D; got {m.ndim}-D")
 
-    def _labels(self, labels, shape: tuple, name: str, allow_trailing_one: bool = False):
+    def _labels(self, labels, shape: tuple, name: str, allow_trailing_one: bool = False, classes: int | None = None):
+        """Integer labels of ``shape``; ``labels`` must lie in [0, classes) or be -100 (``classes``
+        defaults to the vocabulary for the LM tasks and to num_labels for token classification)."""
         a = _to_array(labels, self.xp, name)
         if allow_trailing_one and a.ndim == len(shape) + 1 and a.shape[-1] == 1:
             a = self.xp.reshape(a, tuple(shape))
         if tuple(a.shape) != tuple(shape):
             raise InputError(f"{name} must have shape {list(shape)}; got {list(a.shape)}")
+        if classes is None and name == "labels":
+            classes = self.config.num_labels if self.task == "token-classification" else self.config.vocab_size
+        if classes is not None:
+            _check_labels(self.xp, a, classes, name)
         return a
 
     def _keep_positions(self, seq, logits_to_keep):
@@ -411,6 +423,7 @@ class Model:
                 raise InputError("single-label classification needs integer labels")
             if tuple(lab.shape) not in ((b,), (b, 1)):
                 raise InputError(f"single-label classification labels must have shape [{b}]; got {list(lab.shape)}")
+            _check_labels(xp, lab, k, "labels")
             return losses.cross_entropy(logits, xp.reshape(lab, (-1,)))
         if tuple(lab.shape) != (b, k):
             raise InputError(f"multi-label classification labels must have shape [{b}, {k}] (0/1 per label); got {list(lab.shape)}")
@@ -433,7 +446,7 @@ def _to_array(x, xp, name: str, float_dtype=None, allow_float: bool = False):
     bool) dtype and become int64. With ``float_dtype``, the input must already be that dtype (or be a
     list, converted to it): refimpl never changes a float array's precision behind your back.
     """
-    if isinstance(x, (list, tuple)) or isinstance(x, (int, float)) or (hasattr(x, "dtype") and not _same_namespace(x, xp)):
+    if not hasattr(x, "dtype") or not _same_namespace(x, xp):  # lists, scalars, strings, other backends
         try:
             arr = np.asarray(to_numpy(x) if hasattr(x, "dtype") else x)
         except ValueError:
@@ -442,6 +455,8 @@ def _to_array(x, xp, name: str, float_dtype=None, allow_float: bool = False):
             raise InputError(f"{name} is ragged or holds non-numbers: every row must have the same length")
         if float_dtype is not None and arr.dtype.kind in "iuf" and not hasattr(x, "dtype"):
             arr = arr.astype(float_dtype)
+        elif arr.size == 0 and not hasattr(x, "dtype"):
+            arr = arr.astype(np.int64)  # [] or [[]]: let the emptiness check speak, not the dtype check
         x = xp.asarray(arr)
     if float_dtype is not None:
         if not xp.isdtype(x.dtype, "real floating"):
@@ -450,12 +465,14 @@ def _to_array(x, xp, name: str, float_dtype=None, allow_float: bool = False):
             raise InputError(f"{name} has dtype {x.dtype} but the model computes in {float_dtype}; cast it first")
         return x
     if xp.isdtype(x.dtype, "bool"):
-        return x if allow_float else xp.astype(x, xp.int64)
+        if allow_float:
+            return x
+        raise InputError(f"{name} must hold integers; got dtype bool (a mask passed in its place?)")
     if xp.isdtype(x.dtype, "integral"):
         return x if allow_float else xp.astype(x, xp.int64)
     if allow_float and xp.isdtype(x.dtype, "real floating"):
         return x
-    raise InputError(f"{name} must hold integers; got dtype {x.dtype}")
+    raise InputError(f"{name} must hold {'numbers' if allow_float else 'integers'}; got dtype {x.dtype}")
 
 
 def _same_namespace(x, xp) -> bool:
@@ -475,10 +492,24 @@ def _check_range(xp, a, lo: int, hi: int, name: str, what: str) -> None:
 
 
 def _parse_dtype(dtype) -> type:
-    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        name = None
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        why = (
+            " (float16/bfloat16 checkpoints are converted on load; refimpl computes in float32 or float64)"
+            if name in ("float16", "bfloat16", "half") else ""
+        )
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}{why}")
     return DTYPES[name]
+
+
+def _check_labels(xp, a, k: int, name: str) -> None:
+    """Class labels must lie in [0, k) or equal -100 (ignored)."""
+    bad = xp.logical_and(a != losses.IGNORE_INDEX, xp.logical_or(a < 0, a >= k))
+    if bool(xp.any(bad)):
+        raise InputError(f"{name} must lie in [0, {k}) or be -100 (ignored); found {losses._first(xp, a, bad)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,8 +554,8 @@ def params_from_state_dict(
                 used.add(by_key[ck])  # tied: transformers overwrites it with the embeddings too
             continue
         if ck not in by_key:
-            if ck.startswith("pooler."):
-                continue  # a missing pooler is allowed: pooler_output is then None
+            if ck.startswith("pooler.") and task != "multiple-choice":
+                continue  # a missing pooler is allowed (pooler_output is then None), except where it is scored
             missing.append(e.key if prefixed or task == "base" else ck)
             continue
         arr = state[by_key[ck]]
@@ -538,6 +569,13 @@ def params_from_state_dict(
     for alias, src in TIED_ALIASES.items():
         if alias in by_key:
             used.add(by_key[alias])
+    if not config.tie_word_embeddings and "lm_head.bias" in leaves and "lm_head.decoder.bias" in by_key:
+        # Untied (transformers 5.x): the decoder's bias is untied too and is the one the forward adds.
+        arr = state[by_key["lm_head.decoder.bias"]]
+        if tuple(arr.shape) == (config.vocab_size,):
+            leaves["lm_head.bias"] = to_compute_dtype(np.asarray(arr), source_dtypes.get(by_key["lm_head.decoder.bias"], ""), np.dtype(target))
+        else:
+            wrong_shape.append(f"{by_key['lm_head.decoder.bias']}: file {list(arr.shape)}, config [{config.vocab_size}]")
     unexpected = []
     for k in state:
         if k in used:
@@ -588,6 +626,8 @@ def state_dict(model: Model, task: str | None = None) -> dict[str, Any]:
         if e.path == "lm_head.decoder_weight" and model.config.tie_word_embeddings:
             continue
         out[e.key] = leaves[e.path]
+    if "lm_head.bias" in out and not model.config.tie_word_embeddings:
+        out["lm_head.decoder.bias"] = out["lm_head.bias"]  # untied, transformers 5.x reads the decoder's own bias
     return out
 
 

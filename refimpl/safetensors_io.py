@@ -65,7 +65,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
             dtype_name, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {name!r}: {info!r}") from None
-        if dtype_name not in DTYPES:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (begin, end)):
+            raise CheckpointError(f"{path}: malformed header entry for {name!r}: data_offsets must be integers, got {info!r}")
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which refimpl cannot read")
         dtype = DTYPES[dtype_name]
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -100,8 +102,10 @@ def read_hf_safetensors_folder(folder: str | os.PathLike) -> tuple[dict[str, np.
         with open(index, encoding="utf-8") as f:
             try:
                 weight_map: dict[str, str] = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a safetensors index (no weight_map: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         tensors, dtypes = {}, {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(folder, shard)
