@@ -1,0 +1,44 @@
+"""Checkpoint formats other than a Hugging Face safetensors folder, and export to one.
+
+* :mod:`conversion.torch_pickle`: torch-free, code-execution-free reader of ``.bin``/``.pt`` files;
+* :mod:`conversion.hf`: Hugging Face folders with safetensors or ``pytorch_model.bin`` (sharded or not);
+* :mod:`conversion.original`: the original efficient_mlm layout (``roberta.`` prefix);
+* :mod:`conversion.fairseq`: fairseq pre-LN RoBERTa checkpoints;
+* :mod:`conversion.export`: a refimpl Model -> a folder transformers loads;
+* :mod:`conversion.cli`: the ``refimpl-convert`` command.
+
+This package depends on refimpl; refimpl's math never imports it. Importing ``conversion`` itself
+is cheap: the submodules load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "load": "loaders", "detect_format": "loaders", "FORMATS": "loaders",
+    "export": "export", "ExportSummary": "export", "export_state_dict": "export",
+    "load_fairseq": "fairseq", "ConversionError": "keymap", "Loaded": "keymap",
+    "convert_original_state_dict": "original",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'conversion' has no attribute {name!r}")
+
+
+def convert(src, dst, *, fmt: str = "auto", task=None, head=None, dtype=None, max_shard_size="5GB", force=False):
+    """Load ``src`` in any supported format and export it to ``dst``; returns the ExportSummary."""
+    from .export import export as _export
+    from .loaders import load as _load
+
+    compute = "float64" if dtype == "float64" else "auto" if dtype is None else "float32"
+    loaded = _load(src, fmt, task=task, head=head, dtype=compute)
+    return _export(loaded.model, dst, dtype=dtype or loaded.source_dtype, max_shard_size=max_shard_size,
+                   force=force, tokenizer_from=loaded.folder)
+
+
+__all__ = sorted([*_LAZY, "convert"])
