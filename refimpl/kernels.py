@@ -711,3 +711,32 @@ def _derive_polynomials(dps: int = 60) -> dict:  # pragma: no cover - provenance
         "_ERF32_D": chebyshev(mp.erf, "2.5", 4, 13),
         "_EXPM1_32": chebyshev(expm1_over_r, "-0.35", "0.35", 7),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The Numba kernel set: what ``Model(..., backend="numba")`` (the CPU default) runs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _scaled_masked_softmax(scores, bias, scale: float):
+    """``ops.scaled_masked_softmax`` through :func:`masked_softmax` (a new array: the traced
+    ``scores`` stay as they were)."""
+    return masked_softmax(scores, bias, scale)
+
+
+def _linear_act(x, weight, bias, act_name: str):
+    """``ops.linear_act``: the exact GELU is fused with the bias add; other activations use the
+    NumPy definitions."""
+    from . import ops
+
+    if act_name in ("gelu", "gelu_python"):
+        y = ops.linear(x, weight)  # [..., I], no bias yet
+        return bias_gelu(y, bias, out=y)  # gelu(y + b), in place
+    return ops.linear_act(x, weight, bias, act_name)
+
+
+def numba_kernels():
+    """The :class:`refimpl.ops.Kernels` whose steps run these Numba kernels (NumPy arrays only)."""
+    from .ops import Kernels
+
+    return Kernels("numba", layer_norm=layer_norm, scaled_masked_softmax=_scaled_masked_softmax, linear_act=_linear_act)

@@ -103,10 +103,14 @@ TASKS = ["base", "masked-lm", "causal-lm", "sequence-classification", "token-cla
 KINDS = ["right", "left", "token_types", "positions", "embeds"]
 
 
+BACKENDS = ["numba", "numpy"]  # the Numba kernels (the CPU default) and the pure NumPy reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("task", TASKS)
-def test_task_parity(hf_factory, task, kind, dtype):
+def test_task_parity(hf_factory, task, kind, dtype, backend):
     config_kwargs = {"num_labels": 3} if task in ("sequence-classification", "token-classification") else {}
     hf, folder = hf_factory(task, seed=hash((task, kind)) % 1000, **config_kwargs)
     rng = np.random.default_rng(0)
@@ -114,15 +118,16 @@ def test_task_parity(hf_factory, task, kind, dtype):
     inputs.update(labels_for(task, inputs, rng, config_kwargs))
     inputs = cast_inputs(inputs, dtype)
     theirs = torch_forward(hf, dtype, **inputs, output_hidden_states=True, output_attentions=True)
-    model = refimpl.from_pretrained(folder, dtype=dtype)
-    assert model.task == task
+    model = refimpl.from_pretrained(folder, dtype=dtype, backend=backend)
+    assert model.task == task and model.backend == backend
     ours = model(**inputs, output_hidden_states=True, output_attentions=True)
     compare_outputs(ours, theirs, dtype, task)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["right", "left", "token_types", "embeds"])
-def test_multiple_choice_parity(hf_factory, kind, dtype):
+def test_multiple_choice_parity(hf_factory, kind, dtype, backend):
     hf, folder = hf_factory("multiple-choice", seed=7)
     rng = np.random.default_rng(1)
     b, c, t = 2, 3, 7
@@ -132,7 +137,7 @@ def test_multiple_choice_parity(hf_factory, kind, dtype):
     inputs["labels"] = np.array([2, 0])
     inputs = cast_inputs(inputs, dtype)
     theirs = torch_forward(hf, dtype, **inputs, output_hidden_states=True, output_attentions=True)
-    ours = refimpl.from_pretrained(folder, dtype=dtype)(**inputs, output_hidden_states=True, output_attentions=True)
+    ours = refimpl.from_pretrained(folder, dtype=dtype, backend=backend)(**inputs, output_hidden_states=True, output_attentions=True)
     assert ours.logits.shape == (b, c)
     compare_outputs(ours, theirs, dtype, "multiple-choice")
 
@@ -243,3 +248,17 @@ def test_bidirectional_decoder_flag_and_causal_mask(hf_factory):
             theirs = torch_forward(hf, "float64", **inputs, output_attentions=True)
             ours = refimpl.from_pretrained(folder, task=task, dtype="float64")(**inputs, output_attentions=True)
             assert_close(ours.attentions[1], theirs.attentions[1].numpy(), "float64", f"{task}/{kind} causal probs")
+
+
+def test_backends_agree_and_switch(hf_factory):
+    """``to("numpy")`` and ``to("numba")`` move nothing on the CPU (same arrays, ties kept)."""
+    _, folder = hf_factory("masked-lm", seed=12)
+    fast = refimpl.from_pretrained(folder, dtype="float64")
+    assert fast.backend == "numba"
+    ref = fast.to("numpy")
+    assert ref.backend == "numpy" and ref.params.embeddings.word is fast.params.embeddings.word
+    assert ref.params.lm_head.decoder_weight is ref.params.embeddings.word
+    ids = np.array([[0, 5, 6, 7, 2]])
+    assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, "float64", "numba vs numpy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fast.to("torch")
