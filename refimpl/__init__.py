@@ -10,6 +10,7 @@ from .model import InputError, Model, params_from_state_dict, state_dict
 from .params import TASKS, Params
 from .safetensors_io import CheckpointError
 from .trace import Trace
+from .golden import trace  # refimpl.trace(model, **inputs) -> {name: array}; shadows the submodule's name
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,5 @@ def from_pretrained(path, task=None, dtype="float32"):
 
 __all__ = [
     "Config", "ConfigError", "InputError", "CheckpointError", "Model", "Params", "TASKS", "Trace",
-    "from_pretrained", "params_from_state_dict", "state_dict", "__version__",
+    "from_pretrained", "params_from_state_dict", "trace", "state_dict", "__version__",
 ]

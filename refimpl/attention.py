@@ -100,7 +100,9 @@ def scaled_dot_product_attention(q, k, v, bias, *, kernels: Kernels = REFERENCE,
     """
     xp = namespace(q, k)
     scale = q.shape[-1] ** -0.5  # 1/sqrt(D), written as transformers writes it
-    scores = record(trace, "scores", xp.matmul(q, xp.matrix_transpose(k)))  # [B, N, T, S]
+    scores = xp.matmul(q, xp.matrix_transpose(k))  # [B, N, T, S], before the scale
+    if trace is not None:  # recorded scaled and before the mask, as eager attention materialises them
+        trace("scores", scores * scale)  # the same product the softmax kernel forms
     probs = record(trace, "probs", kernels.scaled_masked_softmax(scores, bias, scale))  # [B, N, T, S]
     context = record(trace, "context", xp.matmul(probs, v))  # [B, N, T, D]
     return context, probs

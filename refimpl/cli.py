@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
     p.set_defaults(func=cmd_forward)
+    from .golden import add_golden_commands  # refimpl golden, refimpl compare
+
+    add_golden_commands(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .attention import attention_block
 from .config import Config
-from .ops import REFERENCE, Kernels, linear
+from .ops import REFERENCE, Kernels, activation, linear
 from .params import Layer, Params
 from .trace import Trace, record, scope
 
@@ -27,7 +27,11 @@ def feed_forward_block(x, p: Layer, *, act: str, eps: float, kernels: Kernels = 
     x: [B, T, H] -> [B, T, H] (through [B, T, I]).
     """
     h = record(trace, "layer_norm", kernels.layer_norm(x, p.ffn_layer_norm.weight, p.ffn_layer_norm.bias, eps))  # [B, T, H]
-    a = record(trace, "activation", kernels.linear_act(h, p.intermediate.weight, p.intermediate.bias, act))  # [B, T, I]
+    if trace is None:
+        a = kernels.linear_act(h, p.intermediate.weight, p.intermediate.bias, act)  # [B, T, I]
+    else:  # the same definition in two recorded steps (linear_act's reference is exactly this)
+        pre = record(trace, "pre_activation", linear(h, p.intermediate.weight, p.intermediate.bias))  # [B, T, I]
+        a = record(trace, "activation", activation(act)(pre))  # [B, T, I]
     out = record(trace, "output", linear(a, p.output.weight, p.output.bias))  # [B, T, H]
     return record(trace, "residual", x + out)
 

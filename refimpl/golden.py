@@ -1,0 +1,698 @@
+"""Golden files: every intermediate tensor of one forward pass, and the comparison that finds where a
+candidate implementation first diverges from them.
+
+    import refimpl
+    from refimpl.golden import write_golden, read_golden, compare
+
+    model = refimpl.from_pretrained("tiny", dtype="float64")
+    write_golden(model, "golden.safetensors", input_ids=ids, attention_mask=mask)
+    report = compare("golden.safetensors", "candidate.safetensors")   # profile from the candidate's dtype
+    print(report.format_text())
+
+A golden file is a safetensors file (llm.c's debug-state file is the model): the inputs under
+``inputs.<name>``, every traced tensor under its trace name (see docs/golden.md for the naming
+scheme), and string metadata: ``format`` ("refimpl-golden"), ``format_version`` ("1"),
+``refimpl_version``, ``dtype``, ``task``, ``config`` (config.json as JSON), ``order`` (the tensor
+names in forward order, JSON), ``inputs`` (the input names, JSON) and, when the inputs came from
+text, ``tokenizer`` (the text and the tokenizer's output, JSON).
+
+A comparison walks the golden's tensors in forward order and checks each present in the candidate
+elementwise, ``|c - g| <= atol + rtol * |g|``, in float64. The first tensor that fails is the
+*first divergence*, reported with a hint keyed by its name. Tolerances come from one table,
+:data:`PROFILES`, justified by the measurements in docs/golden.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .backend import to_numpy
+from .safetensors_io import bf16_bits_to_float32, read_safetensors
+from .trace import Trace
+
+FORMAT_NAME = "refimpl-golden"
+FORMAT_VERSION = "1"
+UNDERSTOOD_VERSIONS = ("1",)
+INPUT_PREFIX = "inputs."
+
+# The model arguments a golden file records (arrays only; the call is otherwise the default one).
+INPUT_NAMES = (
+    "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
+    "start_positions", "end_positions", "encoder_hidden_states", "encoder_attention_mask",
+)
+# Output fields added to a trace when the trace does not already hold them under that name.
+OUTPUT_NAMES = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "loss")
+
+
+class GoldenFormatError(ValueError):
+    """A file that is not a golden file this version of refimpl can read; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------
+
+
+def trace(model, **inputs) -> dict[str, np.ndarray]:
+    """Run ``model(**inputs)`` recording every intermediate; -> ``{name: array}`` in forward order.
+
+    The names are the trace names of docs/golden.md, followed by the output fields that the trace
+    does not already hold under that name (``last_hidden_state`` and ``pooler_output`` for the base
+    model). ``None`` entries (no loss without labels) are left out. Arrays are NumPy, in the model's
+    dtype.
+    """
+    recorder = Trace()
+    out = model(**inputs, trace=recorder)
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in recorder.tensors.items():
+        if value is not None:
+            tensors[name] = np.asarray(to_numpy(value))
+    fields = out.to_dict() if hasattr(out, "to_dict") else {}
+    for name in OUTPUT_NAMES:
+        value = fields.get(name)
+        if value is not None and name not in tensors:
+            tensors[name] = np.asarray(to_numpy(value))
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors writing (atomic) -- reading is refimpl.safetensors_io's
+# ---------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {
+    np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
+    np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
+    np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL",
+}
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+                 dtypes: Mapping[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, in the given order, atomically.
+
+    The file is written to a temporary file in the same folder and moved over ``path`` with
+    ``os.replace`` once complete, so a reader never sees a partial file and an interrupted write
+    leaves nothing behind. ``dtypes`` may name a tensor's safetensors dtype where NumPy has none
+    (``"BF16"`` for raw bfloat16 bits held as uint16).
+    """
+    path = os.fspath(path)
+    dtypes = dict(dtypes or {})
+    header: dict[str, Any] = {}
+    if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"safetensors metadata values must be strings; not so for {bad}")
+        header["__metadata__"] = dict(metadata)
+    arrays, offset = [], 0
+    for name, value in tensors.items():
+        a = np.asarray(to_numpy(value))
+        a = a if a.flags.c_contiguous else np.array(a, order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        st = dtypes.get(name) or _ST_DTYPES.get(a.dtype.newbyteorder("="))
+        if st is None:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
+        header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        arrays.append(a)
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data block, as the reference writer pads
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for a in arrays:
+                _write_array(f, a)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_array(f, a: np.ndarray) -> None:
+    f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Golden:
+    """A golden file in memory. ``tensors`` in forward order (float arrays), ``inputs`` by argument
+    name, ``metadata`` with ``config`` and ``tokenizer`` parsed from JSON."""
+
+    tensors: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+    metadata: dict[str, Any]
+    path: str | None = None
+
+    @property
+    def dtype(self) -> str:
+        return self.metadata.get("dtype", "")
+
+    @property
+    def task(self) -> str:
+        return self.metadata.get("task", "")
+
+
+def golden_metadata(model, tensors: Mapping[str, Any], inputs: Mapping[str, Any], tokenizer_output=None) -> dict[str, str]:
+    from . import __version__
+
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "refimpl_version": __version__,
+        "dtype": np.dtype(model.dtype).name,
+        "task": model.task,
+        "config": json.dumps(model.config.to_dict(), sort_keys=True, default=str),
+        "order": json.dumps(list(tensors)),
+        "inputs": json.dumps(list(inputs)),
+    }
+    if tokenizer_output is not None:
+        meta["tokenizer"] = json.dumps(tokenizer_output, default=_jsonable)
+    return meta
+
+
+def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[str, Any] | None = None, **inputs) -> Golden:
+    """Trace ``model(**inputs)`` and write the inputs, every traced tensor and the metadata to
+    ``path`` (safetensors, atomically). -> the :class:`Golden` written.
+
+    inputs: array arguments of the model (``input_ids``, ``attention_mask``, ``token_type_ids``,
+    ``position_ids``, ``inputs_embeds``, ``labels``, ``start_positions``, ``end_positions``,
+    ``encoder_hidden_states``, ``encoder_attention_mask``). tokenizer_output: what the tokenizer
+    produced for the text, if any (stored as JSON metadata). The golden's dtype is the model's: load
+    it with ``dtype="float64"`` for a reference golden.
+    """
+    unknown = sorted(set(inputs) - set(INPUT_NAMES))
+    if unknown:
+        raise ValueError(f"write_golden records array inputs only ({', '.join(INPUT_NAMES)}); got {', '.join(unknown)}")
+    given = {k: v for k, v in inputs.items() if v is not None}
+    tensors = trace(model, **given)
+    arrays = {k: np.asarray(to_numpy(v)) for k, v in given.items()}
+    meta = golden_metadata(model, tensors, arrays, tokenizer_output)
+    save_tensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
+    return Golden(tensors, arrays, _parse_metadata(meta), os.fspath(path))
+
+
+def read_golden(path: str | os.PathLike) -> Golden:
+    """Read a golden file; refuses files of another format or of a format version not understood."""
+    path = os.fspath(path)
+    raw, dtypes, meta = read_safetensors(path)
+    name = meta.get("format")
+    if name != FORMAT_NAME:
+        raise GoldenFormatError(
+            f"{path}: not a refimpl golden file (metadata format is {name!r}, expected {FORMAT_NAME!r}); "
+            f"a candidate's tensors are compared with `refimpl compare GOLDEN CANDIDATE`"
+        )
+    version = meta.get("format_version")
+    if version not in UNDERSTOOD_VERSIONS:
+        raise GoldenFormatError(
+            f"{path}: golden format version {version!r} is not understood by this refimpl; "
+            f"understood versions: {', '.join(UNDERSTOOD_VERSIONS)} (write the golden again with this refimpl, "
+            f"or upgrade refimpl)"
+        )
+    order = json.loads(meta.get("order", "[]"))
+    inputs = {k[len(INPUT_PREFIX):]: np.array(v) for k, v in raw.items() if k.startswith(INPUT_PREFIX)}
+    names = [n for n in order if n in raw] + [n for n in raw if not n.startswith(INPUT_PREFIX) and n not in order]
+    tensors = {n: _as_float(raw[n], dtypes[n]) for n in names}
+    return Golden(tensors, inputs, _parse_metadata(meta), path)
+
+
+def _parse_metadata(meta: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(meta)
+    for key in ("config", "tokenizer", "order", "inputs"):
+        if key in out:
+            out[key] = json.loads(out[key])
+    return out
+
+
+def _as_float(a: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "BF16":
+        return bf16_bits_to_float32(np.asarray(a))
+    return np.array(a)  # a copy: the file may be replaced while the arrays are in use
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances: the one table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    why: str
+
+
+# A candidate computing in <dtype> passes when every element satisfies |c - g| <= atol + rtol*|g|
+# against a float64 golden. Measured in docs/golden.md ("Accuracy table"); every number there is
+# reproduced by scripts/accuracy_table.py.
+PROFILES: dict[str, Tolerance] = {
+    "float64": Tolerance(
+        1e-10, 1e-10,
+        "the same formulas in IEEE double; only BLAS summation order differs: torch float64 needs 6e-15 on "
+        "every traced tensor. 1e-10 keeps four orders of margin and still catches every real mistake "
+        "(a LayerNorm eps of 1e-12 for 1e-5 moves values by ~1e-6).",
+    ),
+    "float32": Tolerance(
+        1e-4, 1e-4,
+        "torch float32 and refimpl float32 need <= 4.3e-6 on every traced tensor (tiny std-0.5 and "
+        "roberta-base-shaped models, with and without padding): 1e-4 leaves a 20x margin for deeper "
+        "models, and still catches tanh GELU for erf GELU (up to 4.7x over tolerance at |x| ~ 2.7).",
+    ),
+    "float16": Tolerance(
+        5e-2, 5e-2,
+        "torch float16 needs 1.9e-2 on a roberta-base-shaped model (2.6x margin). Models with "
+        "saturated attention (tiny std-0.5 weights, scores in the tens) need ~8e-2: pass --rtol/--atol.",
+    ),
+    "bfloat16": Tolerance(
+        1e-1, 1e-1,
+        "torch bfloat16 (8-bit significand) needs 2.9e-2 on a roberta-base-shaped model (3.4x margin); "
+        "the tiny std-0.5 models need ~0.15: pass --rtol/--atol.",
+    ),
+}
+
+_ST_TO_PROFILE = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_PRECISION_RANK = ["float64", "float32", "float16", "bfloat16"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hints: the likely mistake behind a first divergence, keyed by tensor name (first match wins)
+# ---------------------------------------------------------------------------------------------
+
+HINTS: list[tuple[str, str]] = [
+    ("inputs.*", "the candidate was run on other inputs than the golden's: feed it the golden's inputs.* tensors"),
+    ("embeddings.word", "check the word-embedding lookup (input ids, the embedding table, its dtype conversion)"),
+    ("embeddings.token_type", "check token_type_ids: zeros when not given, rows of the token-type table"),
+    ("embeddings.position", "check position ids: RoBERTa counts from pad_token_id+1, pads get pad_token_id "
+                            "(BERT-style 0..T-1 is wrong)"),
+    ("embeddings.sum", "check the embedding sum: (word + token_type) + position"),
+    ("embeddings.output", "check the embedding LayerNorm (the pre-LN model still has it) and its eps "
+                          "(config layer_norm_eps, usually 1e-5, not 1e-12)"),
+    ("*attention.layer_norm", "check pre-LN vs post-LN ordering (LayerNorm on the block input, before attention; "
+                              "none after the residual add) / LayerNorm eps"),
+    ("layers.*.crossattention.[kv]", "cross-attention keys/values come from the encoder states as given, "
+                                     "without a LayerNorm"),
+    ("*attention.[qkv]", "check the q/k/v projections (W is [out, in]: x @ W.T + b) and the head split "
+                         "[B, T, H] -> [B, N, T, D]"),
+    ("*attention.scores", "check the scores: q k^T scaled by 1/sqrt(D) with D the head size (recorded before the mask)"),
+    ("*attention.probs", "check the mask and softmax: additive finfo(dtype).min at masked keys, added after the "
+                         "1/sqrt(D) scale; the causal mask for decoders; softmax over the key axis"),
+    ("*attention.context", "check probs @ v"),
+    ("*attention.output", "check the head merge [B, N, T, D] -> [B, T, H] and the output projection"),
+    ("*.residual", "check pre-LN vs post-LN ordering: the residual adds the sub-block output to the "
+                   "un-normalised block input, with no LayerNorm after the add"),
+    ("*ffn.layer_norm", "check pre-LN vs post-LN ordering (a LayerNorm before the FFN) / LayerNorm eps"),
+    ("*ffn.pre_activation", "check the FFN's first projection (intermediate.dense, W is [I, H])"),
+    ("*ffn.activation", "check the activation: exact erf GELU vs tanh approximation (hidden_act 'gelu' is "
+                        "the erf form; 'gelu_new' the tanh one)"),
+    ("*ffn.output", "check the FFN's second projection (output.dense, W is [H, I])"),
+    ("final_layer_norm", "is the final LayerNorm applied? Pre-LN models have one after the last block "
+                         "(transformers: roberta_prelayernorm.LayerNorm)"),
+    ("last_hidden_state", "last_hidden_state is taken after the final LayerNorm"),
+    ("head.pooler", "check the pooler: tanh(W h_0 + b) on token 0 of the final-LayerNorm output"),
+    ("head.dense", "check what the head reads: the final-LayerNorm output (the classification head reads token 0)"),
+    ("head.gelu", "the LM head's GELU is the exact erf form, whatever hidden_act says"),
+    ("head.layer_norm", "check the LM head's LayerNorm and its eps"),
+    ("head.tanh", "the classification head is dense -> tanh -> out_proj on token 0 (not the pooler)"),
+    ("pooler_output", "check the pooler: tanh(W h_0 + b) on token 0"),
+    ("logits", "check the output projection: the MLM decoder is tied to the word embeddings with bias "
+               "lm_head.bias; multiple choice scores the pooler output"),
+    ("*_logits", "question answering: qa_outputs gives [B, T, 2], start is index 0, end index 1"),
+    ("loss", "check the loss: labels -100 are ignored, the causal-LM loss shifts labels by one, QA averages "
+             "start and end, sequence classification follows problem_type"),
+]
+
+
+def hint_for(name: str) -> str:
+    for pattern, hint in HINTS:
+        if fnmatch.fnmatchcase(name, pattern):
+            return hint
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorResult:
+    name: str
+    status: str  # "pass", "fail", "shape", "missing"
+    shape: list
+    candidate_shape: list | None = None
+    candidate_dtype: str | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    worst_index: list | None = None
+    golden_value: float | None = None
+    candidate_value: float | None = None
+    failing: int = 0  # elements over tolerance
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("pass", "missing")
+
+
+@dataclass
+class Report:
+    results: list[TensorResult]
+    rtol: float
+    atol: float
+    profile: str | None
+    strict: bool
+    unexpected: list[tuple[str, str | None]] = field(default_factory=list)  # (name, closest golden name)
+
+    @property
+    def missing(self) -> list[str]:
+        return [r.name for r in self.results if r.status == "missing"]
+
+    @property
+    def first_divergence(self) -> TensorResult | None:
+        return next((r for r in self.results if r.status in ("fail", "shape")), None)
+
+    @property
+    def passed(self) -> bool:
+        if self.first_divergence is not None:
+            return False
+        return not (self.strict and (self.missing or self.unexpected))
+
+    def to_dict(self) -> dict[str, Any]:
+        fd = self.first_divergence
+        return {
+            "passed": self.passed,
+            "profile": self.profile, "rtol": self.rtol, "atol": self.atol, "strict": self.strict,
+            "compared": sum(r.status != "missing" and not r.name.startswith(INPUT_PREFIX) for r in self.results),
+            "first_divergence": None if fd is None else {"name": fd.name, "hint": hint_for(fd.name), **_result_dict(fd)},
+            "missing": self.missing,
+            "unexpected": [{"name": n, "closest": c} for n, c in self.unexpected],
+            "tensors": [_result_dict(r) for r in self.results],
+        }
+
+    def format_text(self, verbose: bool = True) -> str:
+        lines = [f"tolerance: |c - g| <= {self.atol:g} + {self.rtol:g} * |g|"
+                 + (f" (profile {self.profile})" if self.profile else "")]
+        if verbose:
+            lines.append(f"{'tensor':<36} {'shape':<18} {'max abs err':>11} {'max rel err':>11}  {'worst index':<18} status")
+            for r in self.results:
+                shape = "x".join(map(str, r.shape)) or "scalar"
+                if r.status == "missing":
+                    lines.append(f"{r.name:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} missing")
+                    continue
+                if r.status == "shape":
+                    lines.append(f"{r.name:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} "
+                                 f"FAIL shape {'x'.join(map(str, r.candidate_shape))}")
+                    continue
+                status = "ok" if r.status == "pass" else f"FAIL ({r.failing} elements)"
+                lines.append(f"{r.name:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
+                             f"{str(tuple(r.worst_index)):<18} {status}")
+        tensors = [r for r in self.results if not r.name.startswith(INPUT_PREFIX)]
+        compared = sum(r.status != "missing" for r in tensors)
+        lines.append(f"compared {compared} of {len(tensors)} golden tensors"
+                     + (f" (and {len(self.results) - len(tensors)} inputs)" if len(tensors) < len(self.results) else ""))
+        if self.missing:
+            lines.append(f"missing from the candidate ({len(self.missing)}): {', '.join(self.missing[:12])}"
+                         + (" ..." if len(self.missing) > 12 else "") + (" [fails under --strict]" if self.strict else ""))
+        for name, close in self.unexpected:
+            lines.append(f"not in the golden: {name}" + (f" (did you mean {close}?)" if close else ""))
+        fd = self.first_divergence
+        if fd is None:
+            lines.append("PASS" if self.passed else "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
+            return "\n".join(lines)
+        if fd.status == "shape":
+            lines.append(f"first divergence: {fd.name}: shape {fd.candidate_shape} != golden {fd.shape}")
+        else:
+            lines.append(
+                f"first divergence: {fd.name}: max abs err {fd.max_abs:.3e}, max rel err {fd.max_rel:.3e}; "
+                f"worst at index {tuple(fd.worst_index)}: golden {fd.golden_value:.9g}, candidate {fd.candidate_value:.9g} "
+                f"({fd.failing} of {int(np.prod(fd.shape))} elements over tolerance)"
+            )
+        hint = hint_for(fd.name)
+        if hint:
+            lines.append(f"  hint: {hint}")
+        lines.append("FAIL")
+        return "\n".join(lines)
+
+
+def _result_dict(r: TensorResult) -> dict[str, Any]:
+    d = {k: v for k, v in r.__dict__.items()}
+    for k in ("max_abs", "max_rel", "golden_value", "candidate_value"):
+        if d[k] is not None and not np.isfinite(d[k]):
+            d[k] = str(d[k])  # JSON has no inf/nan
+    return d
+
+
+@dataclass
+class Candidate:
+    """A candidate's tensors as float64 (integers kept), with the safetensors dtype each came in."""
+
+    tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str]
+
+
+def read_candidate(source) -> Candidate:
+    """A candidate from a safetensors path (any tensor subset; F64/F32/F16/BF16), a :class:`Golden`,
+    or a dict of arrays."""
+    if isinstance(source, Candidate):
+        return source
+    if isinstance(source, Golden):
+        tensors = {**{INPUT_PREFIX + k: v for k, v in source.inputs.items()}, **source.tensors}
+        return Candidate(tensors, {k: _st_name(v) for k, v in tensors.items()})
+    if isinstance(source, Mapping):
+        tensors = {k: np.asarray(to_numpy(v)) for k, v in source.items()}
+        return Candidate(tensors, {k: _st_name(v) for k, v in tensors.items()})
+    raw, dtypes, _ = read_safetensors(source)
+    return Candidate({k: _as_float(v, dtypes[k]) for k, v in raw.items()}, dict(dtypes))
+
+
+def _st_name(a: np.ndarray) -> str:
+    return _ST_DTYPES.get(np.dtype(a.dtype).newbyteorder("="), str(a.dtype))
+
+
+def profile_for(candidate: Candidate) -> str:
+    """The profile of the candidate's least precise floating-point tensor (float64 if it has none)."""
+    names = {_ST_TO_PROFILE[d] for k, d in candidate.dtypes.items() if d in _ST_TO_PROFILE and not k.startswith(INPUT_PREFIX)}
+    return max(names, key=_PRECISION_RANK.index) if names else "float64"
+
+
+def compare(golden, candidate, *, rtol: float | None = None, atol: float | None = None,
+            profile: str | None = None, strict: bool = False) -> Report:
+    """Compare ``candidate`` with ``golden`` tensor by tensor in the golden's forward order.
+
+    golden: a :class:`Golden` or a path. candidate: a path, a :class:`Golden` or a dict of arrays,
+    holding any subset of the golden's names. Tolerances: ``profile`` (a key of :data:`PROFILES`;
+    default: from the candidate's least precise float dtype), with ``rtol``/``atol`` overriding it.
+    Missing tensors are reported and fail only with ``strict`` (as do names the golden lacks).
+    """
+    g = golden if isinstance(golden, Golden) else read_golden(golden)
+    c = read_candidate(candidate)
+    if profile is None:
+        profile = profile_for(c)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown dtype profile {profile!r}; known: {', '.join(PROFILES)}")
+    tol = PROFILES[profile]
+    rtol = tol.rtol if rtol is None else float(rtol)
+    atol = tol.atol if atol is None else float(atol)
+    if rtol < 0 or atol < 0:
+        raise ValueError(f"rtol and atol must be >= 0; got rtol={rtol}, atol={atol}")
+    results = []
+    for name, value in g.inputs.items():  # inputs first, exactly, and only when the candidate has them
+        key = INPUT_PREFIX + name
+        if key in c.tensors:
+            results.append(_compare_one(key, value, c.tensors[key], c.dtypes.get(key), 0.0, 0.0))
+    for name, value in g.tensors.items():
+        if name not in c.tensors:
+            results.append(TensorResult(name, "missing", list(value.shape)))
+        else:
+            results.append(_compare_one(name, value, c.tensors[name], c.dtypes.get(name), rtol, atol))
+    known = set(g.tensors) | {INPUT_PREFIX + k for k in g.inputs}
+    unexpected = []
+    for name in c.tensors:
+        if name not in known:
+            close = difflib.get_close_matches(name, list(g.tensors), n=1, cutoff=0.6)
+            unexpected.append((name, close[0] if close else None))
+    return Report(results, rtol, atol, profile, strict, unexpected)
+
+
+def _compare_one(name: str, golden: np.ndarray, cand: np.ndarray, cand_dtype, rtol: float, atol: float) -> TensorResult:
+    res = TensorResult(name, "pass", list(golden.shape), list(cand.shape), cand_dtype)
+    if tuple(cand.shape) != tuple(golden.shape):
+        res.status = "shape"
+        return res
+    g = np.asarray(golden, dtype=np.float64)
+    x = np.asarray(cand, dtype=np.float64)
+    if g.size == 0:
+        res.max_abs = res.max_rel = 0.0
+        res.worst_index = [0] * g.ndim
+        return res
+    same = (g == x) | (np.isnan(g) & np.isnan(x))  # equal infinities and NaN where the golden has NaN agree
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        diff = np.where(same, 0.0, np.abs(x - g))
+        diff = np.where(np.isnan(diff), np.inf, diff)  # NaN on one side only: infinitely wrong
+        allowed = atol + rtol * np.abs(g)
+        excess = np.where(np.isfinite(allowed), diff - allowed, np.where(diff > 0, np.inf, 0.0))
+        rel = np.where(diff == 0, 0.0, diff / np.abs(g))  # inf where the golden is 0
+    bad = excess > 0
+    worst = np.unravel_index(int(np.argmax(excess)), g.shape)
+    res.max_abs = float(np.max(diff))
+    res.max_rel = float(np.max(np.where(np.isnan(rel), np.inf, rel)))
+    res.worst_index = [int(i) for i in worst]
+    res.golden_value = float(g[worst])
+    res.candidate_value = float(x[worst])
+    res.failing = int(np.count_nonzero(bad))
+    res.status = "fail" if res.failing else "pass"
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `refimpl golden` and `refimpl compare` (hooked into refimpl.cli.build_parser)
+# ---------------------------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def add_golden_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "golden", help="write a golden file: inputs, every intermediate tensor, metadata",
+        epilog='example: refimpl golden --model tiny --text "Hello world" --out golden.safetensors',
+    )
+    p.add_argument("--model", default="tiny", help="model folder, or 'tiny' for the shipped random checkpoint")
+    p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="input text (repeat for a batch, or for the choices of multiple-choice)")
+    src.add_argument("--input-ids", metavar="FILE",
+                     help="token ids: .npy, .safetensors (input_ids [+ attention_mask, token_type_ids]), or text "
+                          "with one row per line (or ';'), ids separated by spaces or commas")
+    p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype (default float64)")
+    p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
+    p.set_defaults(func=cmd_golden)
+
+    p = subparsers.add_parser(
+        "compare", help="compare a candidate's tensors with a golden file; report the first divergence",
+        epilog="example: refimpl compare golden.safetensors candidate.safetensors --dtype-profile float32",
+    )
+    p.add_argument("golden", help="a golden file written by `refimpl golden`")
+    p.add_argument("candidate", help="a safetensors file holding any subset of the golden's tensor names")
+    p.add_argument("--dtype-profile", choices=list(PROFILES), default=None,
+                   help="tolerances for a candidate computing in this dtype (default: the candidate's least precise float dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (overrides the profile's)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (overrides the profile's)")
+    p.add_argument("--strict", action="store_true", help="missing tensors (and names the golden lacks) fail too")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-tensor table")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_golden(args) -> int:
+    from .cli import load_model, resolve_model_path
+
+    folder = resolve_model_path(args.model)
+    model = load_model(args.model, args.task, args.dtype)
+    pad = model.config.pad_token_id
+    tokenizer_output = None
+    if args.text:
+        inputs, tokenizer_output = _tokenize(folder, args.text, args.text_pair)
+    else:
+        if args.text_pair:
+            raise ValueError("--text-pair goes with --text")
+        inputs = read_input_ids(args.input_ids)
+    ids = inputs["input_ids"]
+    if "attention_mask" not in inputs:
+        inputs["attention_mask"] = (ids != pad).astype(np.int64)
+    if model.task == "multiple-choice" and ids.ndim == 2:  # the rows are the choices of one example
+        inputs = {k: v[None] for k, v in inputs.items()}
+    golden = write_golden(model, args.out, tokenizer_output=tokenizer_output, **inputs)
+    print(f"wrote {args.out}: {len(golden.tensors)} tensors ({golden.dtype}, task {golden.task}), "
+          f"inputs {', '.join(f'{k} {list(v.shape)}' for k, v in golden.inputs.items())}")
+    return 0
+
+
+def _tokenize(folder: str, texts: list[str], pairs: list[str] | None):
+    from .tokenizer import Tokenizer
+
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(f"--text needs tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {folder!r}; "
+                         f"pass token ids with --input-ids instead")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"give one --text-pair per --text ({len(texts)} texts, {len(pairs)} pairs)")
+    tok = Tokenizer.from_pretrained(folder)
+    enc = tok(texts, pairs, padding=True)
+    record = {
+        "text": texts, "text_pair": pairs,
+        "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist(),
+        "tokens": [tok.convert_ids_to_tokens(row) for row in enc["input_ids"].tolist()],
+    }
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, record
+
+
+def read_input_ids(path: str) -> dict[str, np.ndarray]:
+    """Model inputs from a file: .npy (ids), .safetensors (``input_ids`` or ``inputs.input_ids`` and
+    optionally the mask and token types), or text rows of integers."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input-ids: no such file {path!r}")
+    if path.endswith(".npy"):
+        out = {"input_ids": np.load(path, allow_pickle=False)}
+    elif path.endswith(".safetensors"):
+        raw, _, _ = read_safetensors(path)
+        out = {}
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            for key in (name, INPUT_PREFIX + name):
+                if key in raw:
+                    out[name] = np.array(raw[key])
+        if "input_ids" not in out:
+            raise ValueError(f"--input-ids: {path} holds no 'input_ids' (or 'inputs.input_ids') tensor")
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = [r.replace(",", " ").split() for r in text.replace(";", "\n").splitlines() if r.strip()]
+        if not rows:
+            raise ValueError(f"--input-ids: {path} holds no token ids")
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError(f"--input-ids: every row of {path} must have the same length (pad with the pad id)")
+        try:
+            out = {"input_ids": np.array([[int(x) for x in r] for r in rows], dtype=np.int64)}
+        except ValueError:
+            raise ValueError(f"--input-ids: {path} must hold integers") from None
+    for k, v in out.items():
+        if v.dtype.kind not in "iub":
+            raise ValueError(f"--input-ids: {k} must hold integers; got dtype {v.dtype}")
+        out[k] = v.astype(np.int64)
+    if out["input_ids"].ndim == 1:
+        out = {k: v[None] for k, v in out.items()}
+    return out
+
+
+def cmd_compare(args) -> int:
+    report = compare(args.golden, args.candidate, rtol=args.rtol, atol=args.atol,
+                     profile=args.dtype_profile, strict=args.strict)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text(verbose=not args.quiet))
+    return 0 if report.passed else 1

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""How accurate are refimpl float32 and torch float32 (and torch float16/bfloat16) against a
+refimpl float64 golden? Prints the Markdown table pasted into docs/golden.md, which justifies the
+tolerance profiles of ``refimpl.golden.PROFILES``.
+
+    .venv/bin/python scripts/accuracy_table.py            # ~1 minute on 2 cores
+
+For each configuration and implementation: the error on the logits and on the last hidden state
+(max abs; max rel over elements with |g| >= 1e-3 max|g|, since relative errors of values that
+cancel to ~0 say nothing; rms for the logits), and "needed", the smallest tol for which every traced tensor passes
+|c - g| <= tol + tol*|g| (the comparison's rule with rtol = atol = tol). Needs torch + transformers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import refimpl  # noqa: E402
+from refimpl.config import Config  # noqa: E402
+from refimpl.golden import PROFILES, compare, trace  # noqa: E402
+
+from dump_transformers_golden import capture, torch_inputs  # noqa: E402
+
+TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
+            max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5)
+BASE2 = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
+             max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+
+
+def randomize_(model, seed: int, std: float, bias_std: float) -> None:
+    """Weights ~ N(0, std^2), biases ~ N(0, bias_std^2), LayerNorm scales ~ 1 + N(0, 0.1^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "LayerNorm.weight" in name or "layer_norm.weight" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(bias_std * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def build(cfg: dict, std: float, bias_std: float, seed: int = 0):
+    import transformers
+
+    config = transformers.RobertaPreLayerNormConfig(**cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        hf = transformers.RobertaPreLayerNormForMaskedLM(config)
+    hf.config._attn_implementation = "eager"
+    randomize_(hf, seed, std, bias_std)
+    hf = hf.eval().double()
+    rconfig = Config.from_dict({k: v for k, v in config.to_dict().items()})
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    model = refimpl.Model(rconfig, refimpl.params_from_state_dict(rconfig, "masked-lm", state, "float64"), "masked-lm")
+    return hf, model
+
+
+def shipped():
+    """The checkpoint shipped as ``--model tiny`` (transformers' default init: std 0.02, zero biases)."""
+    from dump_transformers_golden import load_transformers
+    from refimpl.cli import resolve_model_path
+
+    folder = resolve_model_path("tiny")
+    hf = load_transformers(folder, "masked-lm", "float64")
+    return hf, refimpl.from_pretrained(folder, task="masked-lm", dtype="float64")
+
+
+def make_inputs(vocab: int, b: int, t: int, padding: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(b, t))
+    ids[:, 0] = 0
+    ids[:, -1] = 2
+    if padding:  # row 1 right-padded to half length, row 0 full
+        ids[1, t // 2:] = 1
+        ids[1, t // 2 - 1] = 2
+    return dict(input_ids=ids, attention_mask=(ids != 1).astype(np.int64))
+
+
+def errors(golden: np.ndarray, cand: np.ndarray) -> tuple[float, float, float]:
+    """-> (max abs, max rel over |g| >= 1e-3 max|g|, rms)."""
+    g = np.asarray(golden, np.float64)
+    d = np.abs(np.asarray(cand, np.float64) - g)
+    big = np.abs(g) >= 1e-3 * np.max(np.abs(g))
+    return float(d.max()), float((d[big] / np.abs(g[big])).max()), float(np.sqrt(np.mean(d * d)))
+
+
+def needed(golden: dict, cand: dict) -> tuple[float, str]:
+    """The smallest tol with |c - g| <= tol (1 + |g|) on every shared tensor, and where it is reached."""
+    worst, where = 0.0, ""
+    for name, g in golden.items():
+        if name not in cand:
+            continue
+        g64 = np.asarray(g, np.float64)
+        r = float(np.max(np.abs(np.asarray(cand[name], np.float64) - g64) / (1.0 + np.abs(g64))))
+        if r > worst:
+            worst, where = r, name
+    return worst, where
+
+
+def run_config(label: str, cfg: dict | None, std: float, bias_std: float, b: int, t: int, padding: bool, low: bool):
+    hf, model64 = build(cfg, std, bias_std) if cfg is not None else shipped()
+    inputs = make_inputs(model64.config.vocab_size, b, t, padding)
+    golden = trace(model64, **inputs)
+    rows = []
+    impls = [("refimpl float32", None), ("torch float32", torch.float32), ("torch float64", torch.float64)]
+    if low:
+        impls += [("torch bfloat16", torch.bfloat16), ("torch float16", torch.float16)]
+    for name, dt in impls:
+        t0 = time.perf_counter()
+        if dt is None:
+            cand = trace(model64.astype("float32"), **inputs)
+        else:
+            cand = capture(hf.to(dt), **torch_inputs(inputs, dt))
+            hf.double()
+        lg = errors(golden["logits"], cand["logits"])
+        hs = errors(golden["final_layer_norm"], cand["final_layer_norm"])[:2]
+        need, where = needed(golden, cand)
+        profile = {"refimpl float32": "float32", "torch float32": "float32", "torch float64": "float64",
+                   "torch bfloat16": "bfloat16", "torch float16": "float16"}[name]
+        ok = compare_ok(golden, cand, profile)
+        rows.append((label, name, *lg, *hs, need, where, profile, ok, time.perf_counter() - t0))
+    return rows
+
+
+def compare_ok(golden: dict, cand: dict, profile: str) -> str:
+    from refimpl.golden import Golden
+
+    report = compare(Golden(golden, {}, {}), cand, profile=profile)
+    return "pass" if report.passed else f"FAIL at {report.first_divergence.name}"
+
+
+def main() -> int:
+    torch.set_num_threads(os.cpu_count() or 1)
+    configs = [
+        ("tiny random (H16, L2, std 0.5), B2 T16", TINY, 0.5, 0.5, 2, 16, False, True),
+        ("tiny random, padded", TINY, 0.5, 0.5, 2, 16, True, True),
+        ("roberta-base-shaped L2 (std 0.02), B2 T64", BASE2, 0.02, 0.02, 2, 64, False, True),
+        ("roberta-base-shaped L2, padded", BASE2, 0.02, 0.02, 2, 64, True, False),
+        ("shipped `--model tiny` (H16, L2, std 0.02), padded", None, 0, 0, 2, 16, True, True),
+    ]
+    rows = []
+    for c in configs:
+        rows += run_config(*c)
+    print("| configuration | implementation | logits max abs | logits max rel | logits rms | last hidden max abs | "
+          "last hidden max rel | needed tol (where) | profile: result |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (label, name, la, lr, lrms, ha, hr, need, where, profile, ok, secs) in rows:
+        print(f"| {label} | {name} | {la:.1e} | {lr:.1e} | {lrms:.1e} | {ha:.1e} | {hr:.1e} | {need:.1e} ({where}) | "
+              f"{profile}: {ok} |")
+    print()
+    print("profiles: " + "; ".join(f"{k} rtol={v.rtol:g} atol={v.atol:g}" for k, v in PROFILES.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
