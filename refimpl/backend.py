@@ -114,3 +114,25 @@ def erf(x):
         return cupyx.scipy.special.erf(x)
     # Any other namespace (array_api_strict in CI): compute on the host, return in kind.
     return xp.asarray(_get_numba_erf()(to_numpy(x)), device=getattr(x, "device", None))
+
+
+def cupy_status() -> tuple[bool, str]:
+    """``(True, device name)`` when CuPy can allocate on a GPU, else ``(False, the reason)``.
+
+    CuPy imports fine on a machine without a driver and fails only at the first allocation, so
+    this allocates.
+    """
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install
+        return False, f"cupy is not importable ({type(e).__name__}: {e}); pip install 'refimpl[gpu]'"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "no CUDA device"
+        cupy.zeros(1).sum().item()
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return True, name
+    except Exception as e:  # no driver, no device, out of memory...
+        return False, f"CuPy cannot use a GPU here ({type(e).__name__}: {e})"
