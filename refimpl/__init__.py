@@ -15,15 +15,34 @@ from .golden import trace  # refimpl.trace(model, **inputs) -> {name: array}; sh
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, task=None, dtype="float32"):
-    """Load a model from a Hugging Face folder (``config.json`` + safetensors).
+def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None):
+    """Load a model from a local Hugging Face folder, ``"tiny"``, or a Hub id (downloaded and cached).
 
+    path_or_id: a folder with ``config.json`` and weights (``model.safetensors``, a sharded
+    ``model.safetensors.index.json``, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json``);
+    ``"tiny"`` (the random checkpoint shipped with refimpl); or a Hub id such as
+    ``"andreasmadsen/efficient_mlm_m0.40"``, resolved by :func:`refimpl.hub.resolve` (revision,
+    cache_dir and token go there; ``HF_HUB_OFFLINE=1`` reads from the cache only).
     task: None (from ``config.json``'s ``architectures``), a task name such as ``"masked-lm"``, or a
     transformers class name. dtype: ``"float32"`` or ``"float64"``.
+
+    safetensors is preferred when a folder has both formats. A ``.bin`` checkpoint is read by
+    ``conversion.torch_pickle`` (NumPy only: no torch, no code from the file runs; bfloat16 becomes
+    float32 exactly). This loader is an entry point and may use ``conversion``; the math modules of
+    refimpl never import it.
     """
+    from .hub import resolve, weight_files, weights_format
     from .model import load_folder
 
-    return load_folder(path, task=task, dtype=dtype)
+    folder = resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token)
+    if (weights_format(folder) or "").startswith("bin"):
+        from conversion.torch_pickle import load_state_dict  # entry point: allowed to use conversion
+
+        state = {}
+        for path in weight_files(folder):
+            state.update(load_state_dict(path))
+        return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes={})
+    return load_folder(folder, task=task, dtype=dtype)
 
 
 __all__ = [

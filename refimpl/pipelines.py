@@ -1,0 +1,785 @@
+"""One pipeline per task, text in and plain Python out, without torch or transformers.
+
+    from refimpl import pipelines
+    pipelines.fill_mask("tiny", "The capital of France is <mask>.", top_k=3)
+    clf = pipelines.TextClassification("path/to/classifier")     # load once, call many times
+    clf(["great film", "dull film"], top_k=None)
+
+Every pipeline is a class (load once, call many times) with a function of the same task for one-off
+use. ``model`` is a local folder, ``"tiny"``, a Hub id (see :func:`refimpl.hub.resolve`) or a
+:class:`refimpl.Model` (then pass ``tokenizer=``, a :class:`refimpl.tokenizer.Tokenizer` or a
+folder). Loading arguments: ``dtype``, ``revision``, ``cache_dir``, ``token``; running arguments:
+``batch_size`` (texts per forward pass), ``truncate`` (cut inputs longer than the model's limit
+``max_position_embeddings - pad_token_id - 1`` instead of raising), ``progress`` (a tqdm bar on
+stderr; None = only when stderr is a terminal and there is more than one batch).
+
+Outputs follow transformers' pipelines (``FillMaskPipeline``, ``TextClassificationPipeline``,
+``TokenClassificationPipeline``, and the ``QuestionAnsweringPipeline`` of transformers 4.x, which
+transformers 5 removed): the same keys, the same scores and the same character offsets, as
+Python floats, ints and strings. A string input gives one result, a list of strings a list of
+results. Where we differ, on purpose:
+
+- an input longer than the model's limit raises :class:`PipelineError` unless ``truncate=True``
+  (transformers' token classification truncates silently; its other pipelines crash in the model);
+- ``TextClassification`` always returns, per input, a list of ``{label, score}`` sorted by score
+  (``top_k`` long; ``None`` = every label); transformers' legacy call without ``top_k`` returns a
+  bare dict per input of a batch;
+- inputs are batched and padded (``batch_size``); transformers runs one text at a time by
+  default. Padding changes nothing but float rounding (masked keys get ``finfo.min``);
+- empty texts, a batch with no texts and a fill-mask text without ``<mask>`` raise
+  :class:`PipelineError` with the index of the input;
+- no warnings: the subword heuristic for first/average/max aggregation (RoBERTa's BPE has no
+  continuing-subword prefix) is used silently, as documented here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backend import to_numpy
+from .model import Model
+from .tokenizer import Tokenizer, max_length_for
+
+__all__ = [
+    "PipelineError", "Pipeline", "FillMask", "TextClassification", "TokenClassification",
+    "QuestionAnswering", "MultipleChoice", "Embedding", "TextGeneration", "pipeline", "load",
+    "fill_mask", "classify", "tag", "answer", "choose", "embed", "generate", "AGGREGATIONS",
+]
+
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+
+
+class PipelineError(ValueError):
+    """A bad pipeline input or a model that cannot do the task; the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=None, cache_dir=None,
+         token=None) -> tuple[Model, Tokenizer]:
+    """(Model for ``task``, Tokenizer) from a name/folder/Hub id, or from a Model plus a tokenizer.
+
+    A :class:`Model` for another task is accepted when ``task`` is ``"base"`` (its encoder is used).
+    """
+    from . import from_pretrained
+    from .config import Config
+    from .hub import resolve
+    from .params import task_from_architectures
+
+    if isinstance(model, Model):
+        if tokenizer is None:
+            raise PipelineError("a Model object needs tokenizer= (a refimpl Tokenizer or a tokenizer folder)")
+        if task == "base" and model.task != "base":
+            model = Model(model.config, model.params, "base", model.kernels)
+        elif model.task != task:
+            raise PipelineError(f"this pipeline needs a {task} model; the Model given is a {model.task} model")
+    else:
+        folder = resolve(model, revision=revision, cache_dir=cache_dir, token=token)
+        if task != "base":
+            found = task_from_architectures(Config.from_pretrained(folder).architectures)
+            if found not in (task, "base"):
+                raise PipelineError(
+                    f"{os.fspath(model)!r} is a {found} checkpoint (config.json architectures); this "
+                    f"pipeline needs a {task} checkpoint")
+        try:
+            model = from_pretrained(folder, task=task, dtype=dtype)
+        except ValueError as e:  # CheckpointError: keys missing for this task
+            raise PipelineError(" ".join(str(e).split())) from e
+        if tokenizer is None:
+            tokenizer = folder
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = Tokenizer.from_pretrained(tokenizer)
+    return model, tokenizer
+
+
+def _texts(inputs, name: str = "texts") -> tuple[list[str], bool]:
+    """(list of non-empty strings, whether a single string was given)."""
+    if isinstance(inputs, str):
+        items, single = [inputs], True
+    elif isinstance(inputs, (list, tuple)):
+        items, single = list(inputs), False
+    else:
+        raise PipelineError(f"{name} must be a string or a list of strings, got {type(inputs).__name__}")
+    if not items:
+        raise PipelineError(f"no input: {name} is empty")
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise PipelineError(f"{name}[{i}] is a {type(t).__name__}, not a string")
+        if not t.strip():
+            raise PipelineError(f"input {i + 1} is an empty text")
+    return items, single
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """transformers' numpy softmax over the last axis (max-shifted exp over its sum)."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class Pipeline:
+    """Holds a model and its tokenizer; subclasses implement ``__call__`` for one task."""
+
+    task = "base"  # the refimpl task the pipeline loads
+
+    def __init__(self, model, tokenizer=None, *, dtype: str = "float32", revision=None, cache_dir=None,
+                 token=None, batch_size: int = 8, truncate: bool = False, progress: bool | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PipelineError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.model, self.tokenizer = load(model, self.task, tokenizer, dtype=dtype, revision=revision,
+                                          cache_dir=cache_dir, token=token)
+        self.batch_size, self.truncate, self.progress = batch_size, bool(truncate), progress
+        c = self.model.config
+        limit = max_length_for(c.max_position_embeddings, c.pad_token_id if c.pad_token_id is not None else -1)
+        if self.tokenizer.model_max_length is not None:
+            limit = min(limit, self.tokenizer.model_max_length)
+        self.max_length = limit  # the longest input, special tokens included
+
+    # ---- helpers shared by the tasks ---------------------------------------------------------
+    def _batches(self, items: Sequence, desc: str) -> Iterator[tuple[int, list]]:
+        """(index of the first item, items) per batch, with a progress bar on stderr when wanted."""
+        n, bs = len(items), self.batch_size
+        show = self.progress
+        if show is None:
+            show = n > bs and sys.stderr.isatty()
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=desc, unit="input", file=sys.stderr, leave=False)
+        try:
+            for start in range(0, n, bs):
+                batch = list(items[start:start + bs])
+                yield start, batch
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _encode(self, texts: list[str], pairs: list[str] | None = None, first: int = 0, **kw) -> dict:
+        """Tokenize a batch (padded right); over-long rows raise unless ``truncate`` (longest_first)."""
+        tok = self.tokenizer
+        try:
+            enc = tok(texts, pairs, padding=True, max_length=2**31 - 1, **kw)  # no limit: we check below
+            lengths = enc["attention_mask"].sum(axis=1)
+            if int(lengths.max()) > self.max_length:
+                if not self.truncate:
+                    i = int(np.argmax(lengths > self.max_length))
+                    raise PipelineError(
+                        f"input {first + i + 1} is {int(lengths[i])} tokens long (special tokens included), "
+                        f"more than this model's limit of {self.max_length} (max_position_embeddings - "
+                        f"pad_token_id - 1); shorten it or allow truncation (truncate=True, --truncate)")
+                enc = tok(texts, pairs, padding=True, truncation=True, max_length=self.max_length, **kw)
+        except PipelineError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise PipelineError(str(e)) from e
+        return enc
+
+    def _forward(self, enc: dict, model: Model | None = None):
+        model = model or self.model
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+
+# ---------------------------------------------------------------------------------------------
+# fill-mask
+# ---------------------------------------------------------------------------------------------
+
+
+class FillMask(Pipeline):
+    """Masked-token prediction (transformers' ``FillMaskPipeline`` output).
+
+    ``__call__(texts, top_k=5, targets=None)``: per text with one ``<mask>``, a list of ``top_k``
+    ``{"score", "token", "token_str", "sequence"}`` (best first); with several masks, one such list
+    per mask (then ``sequence`` keeps the special tokens, as in transformers). ``targets``: restrict
+    the candidates to these tokens (a token not in the vocabulary is replaced by its first BPE
+    token, as transformers does).
+    """
+
+    task = "masked-lm"
+
+    def __call__(self, texts, top_k: int = 5, targets=None):
+        items, single = _texts(texts)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise PipelineError(f"top_k must be a positive integer, got {top_k!r}")
+        target_ids = self._target_ids(targets) if targets is not None else None
+        tok = self.tokenizer
+        mask_id, pad_id = tok.mask_token_id, tok.pad_token_id
+        results = []
+        for first, batch in self._batches(items, "fill-mask"):
+            enc = self._encode(batch, first=first)
+            ids, attn = enc["input_ids"], enc["attention_mask"]
+            for i in range(len(batch)):
+                if not np.any(ids[i] == mask_id):
+                    raise PipelineError(f"input {first + i + 1} has no {tok.mask_token}: fill-mask needs at least "
+                                        f"one (e.g. \"The capital of France is {tok.mask_token}.\")")
+            logits = to_numpy(self._forward(enc).logits)  # [B, T, V]
+            for i in range(len(batch)):
+                row = ids[i][attn[i] == 1]  # [T_i], the unpadded tokens
+                results.append(self._postprocess(row, logits[i][attn[i] == 1], top_k, target_ids, mask_id, pad_id))
+        return results[0] if single else results
+
+    def _postprocess(self, row, logits, top_k, target_ids, mask_id, pad_id):
+        tok = self.tokenizer
+        masked = np.nonzero(row == mask_id)[0]  # [M]
+        probs = _softmax(logits[masked])  # [M, V]
+        if target_ids is not None:
+            probs = probs[:, target_ids]
+        k = min(top_k, probs.shape[-1])
+        single_mask = len(masked) == 1
+        out = []
+        for m, p in zip(masked, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            props = []
+            for j in order:
+                token_id = int(target_ids[j]) if target_ids is not None else int(j)
+                tokens = row.copy()
+                tokens[m] = token_id
+                tokens = tokens[tokens != pad_id]
+                props.append({
+                    "score": float(p[j]), "token": token_id, "token_str": tok.decode([token_id]),
+                    "sequence": tok.decode(tokens, skip_special_tokens=single_mask),
+                })
+            out.append(props)
+        return out[0] if single_mask else out
+
+    def _target_ids(self, targets) -> np.ndarray:
+        if isinstance(targets, str):
+            targets = [targets]
+        vocab = self.tokenizer.get_vocab()
+        ids = []
+        for t in targets:
+            if t in vocab:
+                ids.append(vocab[t])
+                continue
+            pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"][0]
+            if len(pieces):
+                ids.append(int(pieces[0]))
+        if not ids:
+            raise PipelineError("none of the targets gives a token")
+        return np.array(sorted(set(ids)), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# classify
+# ---------------------------------------------------------------------------------------------
+
+
+class TextClassification(Pipeline):
+    """Sequence classification (transformers' ``TextClassificationPipeline`` scores).
+
+    ``__call__(texts, text_pairs=None, top_k=1, function_to_apply=None)``: per text, a list of
+    ``{"label", "score"}`` sorted by score, ``top_k`` long (None: every label). ``text_pairs``: a
+    second text per input (a string when ``texts`` is one string). ``function_to_apply``: None
+    chooses as transformers does: ``problem_type == "regression"`` -> ``"none"``; multi-label or
+    ``num_labels == 1`` -> ``"sigmoid"``; otherwise ``"softmax"``.
+    """
+
+    task = "sequence-classification"
+
+    def __call__(self, texts, text_pairs=None, top_k: int | None = 1, function_to_apply: str | None = None):
+        items, single = _texts(texts)
+        pairs = None
+        if text_pairs is not None:
+            pairs, pair_single = _texts(text_pairs, "text_pairs")
+            if pair_single != single or len(pairs) != len(items):
+                raise PipelineError(f"text_pairs must match texts: {len(items)} texts, {len(pairs)} pairs")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise PipelineError(f"top_k must be a positive integer or None, got {top_k!r}")
+        fn = function_to_apply or self.default_function()
+        if fn not in ("softmax", "sigmoid", "none"):
+            raise PipelineError(f"function_to_apply must be softmax, sigmoid or none, got {fn!r}")
+        id2label = self.model.config.id2label
+        results = []
+        for first, batch in self._batches(items, "classify"):
+            batch_pairs = pairs[first:first + len(batch)] if pairs is not None else None
+            enc = self._encode(batch, batch_pairs, first=first)
+            logits = to_numpy(self._forward(enc).logits)  # [B, K]
+            scores = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[fn](logits)
+            for row in scores:
+                ranked = sorted(({"label": id2label[k], "score": float(s)} for k, s in enumerate(row)),
+                                key=lambda d: d["score"], reverse=True)
+                results.append(ranked if top_k is None else ranked[:top_k])
+        return results[0] if single else results
+
+    def default_function(self) -> str:
+        c = self.model.config
+        if c.problem_type == "regression":
+            return "none"
+        if c.problem_type == "multi_label_classification" or c.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+
+# ---------------------------------------------------------------------------------------------
+# tag
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenClassification(Pipeline):
+    """Token classification / NER (transformers' ``TokenClassificationPipeline``).
+
+    ``__call__(texts, aggregation_strategy="none", ignore_labels=("O",))``: per text, a list of
+    entities. "none": ``{"entity", "score", "index", "word", "start", "end"}`` per token (``word``
+    is the raw BPE token, e.g. ``"ĠParis"``); "simple", "first", "average", "max":
+    ``{"entity_group", "score", "word", "start", "end"}`` per group of adjacent tokens (B-/I- tags
+    merged as transformers merges them; ``word`` decoded). ``start``/``end`` are character offsets
+    into the text. For first/average/max a token continues a word when the character before it is
+    not a space (transformers' fallback for tokenizers without a continuing-subword prefix).
+    """
+
+    task = "token-classification"
+
+    def __call__(self, texts, aggregation_strategy: str = "none", ignore_labels=("O",)):
+        items, single = _texts(texts)
+        strategy = (aggregation_strategy or "none").lower()
+        if strategy not in AGGREGATIONS:
+            raise PipelineError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}, got {aggregation_strategy!r}")
+        ignore = set(ignore_labels or ())
+        results = []
+        for first, batch in self._batches(items, "tag"):
+            enc = self._encode(batch, first=first, return_offsets_mapping=True, return_special_tokens_mask=True)
+            logits = to_numpy(self._forward(enc).logits)  # [B, T, K]
+            scores = _softmax(logits)
+            for i, sentence in enumerate(batch):
+                pre = self._gather(sentence, enc["input_ids"][i], scores[i], enc["offset_mapping"][i],
+                                   enc["special_tokens_mask"][i], strategy)
+                entities = self._aggregate(pre, strategy)
+                results.append([e for e in entities
+                                if e.get("entity") not in ignore and e.get("entity_group") not in ignore])
+        return results[0] if single else results
+
+    def _gather(self, sentence, input_ids, scores, offsets, special, strategy) -> list[dict]:
+        tok = self.tokenizer
+        word_aware = bool(getattr(tok.backend.model, "continuing_subword_prefix", None))
+        pre = []
+        for idx, token_scores in enumerate(scores):
+            if special[idx]:
+                continue  # <s>, </s> and padding
+            word = tok.convert_ids_to_tokens(int(input_ids[idx]))
+            start, end = int(offsets[idx][0]), int(offsets[idx][1])
+            word_ref = sentence[start:end]
+            if word_aware:
+                is_subword = len(word) != len(word_ref)
+            else:
+                is_subword = start > 0 and " " not in sentence[start - 1:start + 1]
+            if int(input_ids[idx]) == tok.unk_token_id:
+                word, is_subword = word_ref, False
+            pre.append({"word": word, "scores": token_scores, "start": start, "end": end, "index": idx,
+                        "is_subword": is_subword})
+        return pre
+
+    def _aggregate(self, pre: list[dict], strategy: str) -> list[dict]:
+        id2label = self.model.config.id2label
+        if strategy in ("none", "simple"):
+            entities = []
+            for p in pre:
+                k = int(p["scores"].argmax())
+                entities.append({"entity": id2label[k], "score": float(p["scores"][k]), "index": p["index"],
+                                 "word": p["word"], "start": p["start"], "end": p["end"]})
+        else:
+            entities = self._aggregate_words(pre, strategy)
+        if strategy == "none":
+            return entities
+        return self._group_entities(entities)
+
+    def _aggregate_word(self, group: list[dict], strategy: str) -> dict:
+        id2label = self.model.config.id2label
+        if strategy == "first":
+            scores = group[0]["scores"]
+        elif strategy == "max":
+            scores = max(group, key=lambda e: e["scores"].max())["scores"]
+        else:  # average
+            scores = np.nanmean(np.stack([e["scores"] for e in group]), axis=0)
+        k = int(scores.argmax())
+        return {"entity": id2label[k], "score": float(scores[k]), "word": self._to_string([e["word"] for e in group]),
+                "start": group[0]["start"], "end": group[-1]["end"]}
+
+    def _aggregate_words(self, pre: list[dict], strategy: str) -> list[dict]:
+        words, group = [], None
+        for p in pre:
+            if group is None:
+                group = [p]
+            elif p["is_subword"]:
+                group.append(p)
+            else:
+                words.append(self._aggregate_word(group, strategy))
+                group = [p]
+        if group is not None:
+            words.append(self._aggregate_word(group, strategy))
+        return words
+
+    @staticmethod
+    def _tag(name: str) -> tuple[str, str]:
+        if name.startswith("B-"):
+            return "B", name[2:]
+        if name.startswith("I-"):
+            return "I", name[2:]
+        return "I", name  # not in B-/I- form: a continuation
+
+    def _group(self, group: list[dict]) -> dict:
+        return {"entity_group": group[0]["entity"].split("-", 1)[-1],
+                "score": float(np.mean(np.nanmean([e["score"] for e in group]))),
+                "word": self._to_string([e["word"] for e in group]),
+                "start": group[0]["start"], "end": group[-1]["end"]}
+
+    def _group_entities(self, entities: list[dict]) -> list[dict]:
+        groups, current = [], []
+        for e in entities:
+            if not current:
+                current.append(e)
+                continue
+            bi, tag = self._tag(e["entity"])
+            _, last_tag = self._tag(current[-1]["entity"])
+            if tag == last_tag and bi != "B":
+                current.append(e)
+            else:
+                groups.append(self._group(current))
+                current = [e]
+        if current:
+            groups.append(self._group(current))
+        return groups
+
+    def _to_string(self, tokens: list[str]) -> str:
+        """BPE tokens -> text (transformers' ``convert_tokens_to_string``: the byte-level decoder)."""
+        return self.tokenizer.backend.decoder.decode(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# qa
+# ---------------------------------------------------------------------------------------------
+
+
+class QuestionAnswering(Pipeline):
+    """Extractive question answering (the scoring of transformers 4.x ``QuestionAnsweringPipeline``).
+
+    ``__call__(question, context, top_k=1, doc_stride=None, max_answer_len=15, max_seq_len=None,
+    handle_impossible_answer=False, align_to_words=True)``: per (question, context), the best span
+    ``{"score", "start", "end", "answer"}`` (character offsets into the context), or a list of the
+    ``top_k`` best. A context too long for ``max_seq_len`` (default ``min(384, model limit)``) is
+    cut into windows that overlap by ``doc_stride`` tokens (default ``min(max_seq_len // 2, 128)``).
+
+    Scoring, per window: start and end logits of every token that is not context (question,
+    separators, padding) are set to -10000 (``<s>`` is kept), both are softmaxed, ``<s>`` is then
+    zeroed (its product is the "no answer" score, reported only with handle_impossible_answer),
+    and a span scores ``p_start[s] * p_end[e]`` for ``s <= e < s + max_answer_len``. Spans are
+    widened to whole words (``align_to_words``); answers with the same text (ignoring case) found
+    in several windows add their scores; the best ``top_k`` are returned.
+    """
+
+    task = "question-answering"
+
+    def __call__(self, question, context, top_k: int = 1, doc_stride: int | None = None, max_answer_len: int = 15,
+                 max_seq_len: int | None = None, handle_impossible_answer: bool = False,
+                 align_to_words: bool = True):
+        questions, single = _texts(question, "question")
+        contexts, ctx_single = _texts(context, "context")
+        if len(contexts) != len(questions):
+            if ctx_single:
+                contexts = contexts * len(questions)
+            else:
+                raise PipelineError(f"{len(questions)} questions but {len(contexts)} contexts")
+        for name, v in (("top_k", top_k), ("max_answer_len", max_answer_len)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PipelineError(f"{name} must be a positive integer, got {v!r}")
+        if max_seq_len is None:
+            max_seq_len = min(self.max_length, 384)
+        if max_seq_len > self.max_length:
+            raise PipelineError(f"max_seq_len={max_seq_len} is more than this model's limit of {self.max_length}")
+        if doc_stride is None:
+            doc_stride = min(max_seq_len // 2, 128)
+        if doc_stride > max_seq_len:
+            raise PipelineError(f"doc_stride ({doc_stride}) is larger than max_seq_len ({max_seq_len})")
+        results = []
+        for first, batch in self._batches(list(zip(questions, contexts)), "qa"):
+            qs, cs = [q for q, _ in batch], [c for _, c in batch]
+            try:
+                enc = self.tokenizer(qs, cs, padding=True, truncation="only_second", max_length=max_seq_len,
+                                     stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                                     return_word_ids=True, return_sequence_ids=True)
+            except ValueError as e:
+                raise PipelineError(f"{e} (lower doc_stride or raise max_seq_len)") from e
+            windows = enc["overflow_to_sample_mapping"]
+            start_logits, end_logits = [], []
+            for w0 in range(0, len(windows), self.batch_size):  # windows, batch_size at a time
+                part = {k: enc[k][w0:w0 + self.batch_size] for k in ("input_ids", "attention_mask")}
+                out = self._forward(part)
+                start_logits.append(to_numpy(out.start_logits))
+                end_logits.append(to_numpy(out.end_logits))
+            starts, ends = np.concatenate(start_logits), np.concatenate(end_logits)  # [W, T]
+            for i, ctx in enumerate(cs):
+                rows = np.nonzero(windows == i)[0]
+                results.append(self._postprocess(enc, rows, starts, ends, ctx, top_k, handle_impossible_answer,
+                                                 max_answer_len, align_to_words))
+        return results[0] if single else results
+
+    def _postprocess(self, enc, rows, starts, ends, context, top_k, handle_impossible, max_answer_len, align):
+        min_null_score = 1000000.0
+        answers: list[dict] = []
+        for r in rows:
+            seq_ids, attn = enc["sequence_ids"][r], enc["attention_mask"][r]
+            # p_mask: 1 where a token cannot be part of the answer (anything but the context), <s> kept.
+            p_mask = np.array([s != 1 for s in seq_ids], dtype=np.int64)
+            p_mask[enc["input_ids"][r] == self.tokenizer.cls_token_id] = 0
+            undesired = np.abs(p_mask - 1) & attn  # 1 = may be part of the answer (inverse of its name)
+            start = np.where(undesired == 0, -10000.0, starts[r])[None]  # [1, T]
+            end = np.where(undesired == 0, -10000.0, ends[r])[None]
+            start = np.exp(start - start.max(axis=-1, keepdims=True))
+            start = start / start.sum()
+            end = np.exp(end - end.max(axis=-1, keepdims=True))
+            end = end / end.sum()
+            if handle_impossible:
+                min_null_score = min(min_null_score, float(start[0, 0] * end[0, 0]))
+            start[0, 0] = end[0, 0] = 0.0
+            for s, e, score in zip(*_decode_spans(start, end, top_k, max_answer_len, undesired)):
+                a, b = self._char_span(enc, r, int(s), int(e), align)
+                text = context[a:b]
+                same = next((x for x in answers if x["answer"].lower() == text.lower()), None)
+                if same is not None:
+                    same["score"] += float(score)
+                else:
+                    answers.append({"score": float(score), "start": a, "end": b, "answer": text})
+        if handle_impossible:
+            answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
+        answers = sorted(answers, key=lambda x: x["score"], reverse=True)[:top_k]
+        return answers[0] if len(answers) == 1 else answers
+
+    @staticmethod
+    def _char_span(enc, r: int, s: int, e: int, align: bool) -> tuple[int, int]:
+        """Character span of tokens s..e of window r in the context; whole words when ``align``.
+
+        ``tokenizers``' ``word_to_chars``: the first and last token of the word (in the context,
+        within this window) give its start and end; special tokens have no word: token offsets then.
+        """
+        offsets, words, seqs = enc["offset_mapping"][r], enc["word_ids"][r], enc["sequence_ids"][r]
+        if align and words[s] is not None and words[e] is not None:
+            def word_span(w):
+                toks = [t for t, (wi, si) in enumerate(zip(words, seqs)) if wi == w and si == 1]
+                return (int(offsets[toks[0]][0]), int(offsets[toks[-1]][1])) if toks else None
+
+            ws, we = word_span(words[s]), word_span(words[e])
+            if ws is not None and we is not None:
+                return ws[0], we[1]
+        return int(offsets[s][0]), int(offsets[e][1])
+
+
+def _decode_spans(start, end, top_k: int, max_answer_len: int, undesired):
+    """The ``top_k`` best (start, end, score) with ``start <= end < start + max_answer_len``.
+
+    start, end: [1, T] probabilities. Candidates are the outer product with the lower triangle and
+    everything beyond ``max_answer_len - 1`` above the diagonal zeroed, then kept only when both
+    ends may be part of the answer (transformers' ``decode_spans``).
+    """
+    outer = np.matmul(start[..., None], end[:, None, :])  # [1, T, T]
+    candidates = np.tril(np.triu(outer), max_answer_len - 1)
+    flat = candidates.flatten()
+    if top_k == 1:
+        idx = [np.argmax(flat)]
+    elif len(flat) < top_k:
+        idx = np.argsort(-flat)
+    else:
+        part = np.argpartition(-flat, top_k)[0:top_k]
+        idx = part[np.argsort(-flat[part])]
+    s, e = np.unravel_index(idx, candidates.shape)[1:]
+    allowed = undesired.nonzero()
+    keep = np.isin(s, allowed) & np.isin(e, allowed)
+    s, e = s[keep], e[keep]
+    return s, e, candidates[0, s, e]
+
+
+# ---------------------------------------------------------------------------------------------
+# choose
+# ---------------------------------------------------------------------------------------------
+
+
+class MultipleChoice(Pipeline):
+    """Multiple choice: a prompt and N candidate endings, scored by a ``...ForMultipleChoice`` head.
+
+    ``__call__(prompts, endings)``: ``endings`` is a list of strings for one prompt, or a list of
+    such lists for a list of prompts. Per prompt: ``[{"index", "ending", "score"}, ...]`` in the
+    order given, scores softmaxed over the endings. Each (prompt, ending) pair is encoded as
+    ``<s> prompt </s></s> ending </s>``, as ``tokenizer(prompt, ending)`` does.
+    """
+
+    task = "multiple-choice"
+
+    def __call__(self, prompts, endings):
+        items, single = _texts(prompts, "prompts")
+        groups = [endings] if single else list(endings)
+        if len(groups) != len(items):
+            raise PipelineError(f"{len(items)} prompts but {len(groups)} lists of endings")
+        checked = []
+        for i, g in enumerate(groups):
+            g, _ = _texts(g, f"endings of prompt {i + 1}")
+            if len(g) < 2:
+                raise PipelineError(f"prompt {i + 1} has {len(g)} ending; give at least two to choose from")
+            checked.append(g)
+        results = []
+        for first, batch in self._batches(list(zip(items, checked)), "choose"):
+            for j, (prompt, ends) in enumerate(batch):  # one [1, C, T] forward per prompt: C may differ
+                enc = self._encode([prompt] * len(ends), ends, first=first + j)
+                inputs = {k: enc[k][None] for k in ("input_ids", "attention_mask")}  # [1, C, T]
+                scores = _softmax(to_numpy(self._forward(inputs).logits))[0]  # [C]
+                results.append([{"index": c, "ending": e, "score": float(s)}
+                                for c, (e, s) in enumerate(zip(ends, scores))])
+        return results[0] if single else results
+
+
+# ---------------------------------------------------------------------------------------------
+# embed
+# ---------------------------------------------------------------------------------------------
+
+
+class Embedding(Pipeline):
+    """Sentence embeddings from ``last_hidden_state`` (any checkpoint: only the encoder is used).
+
+    ``__call__(texts, pooling="cls", normalize=False)``: an ``np.ndarray`` [N, H] (or [H] for one
+    string) in the model's dtype. pooling "cls": the first token (``<s>``); "mean": the average over
+    the attention mask. normalize: divide by the L2 norm (at least 1e-12, as torch's normalize).
+    """
+
+    task = "base"
+
+    def __call__(self, texts, pooling: str = "cls", normalize: bool = False) -> np.ndarray:
+        items, single = _texts(texts)
+        if pooling not in ("cls", "mean"):
+            raise PipelineError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        rows = []
+        for first, batch in self._batches(items, "embed"):
+            enc = self._encode(batch, first=first)
+            h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
+            if pooling == "cls":
+                v = h[:, 0]  # [B, H]
+            else:
+                m = enc["attention_mask"][..., None].astype(h.dtype)  # [B, T, 1]
+                v = (h * m).sum(axis=1) / m.sum(axis=1)  # [B, H]
+            if normalize:
+                v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+            rows.append(v)
+        out = np.concatenate(rows)
+        return out[0] if single else out
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+class TextGeneration(Pipeline):
+    """Text continuation with :func:`refimpl.generate` (a causal-LM checkpoint, ``is_decoder=True``).
+
+    ``__call__(texts, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+    seed=None)``: per text ``{"generated_text": text + continuation}`` (transformers'
+    text-generation output). A prompt is ``<s>`` + its tokens (no ``</s>``: that is the end-of-text
+    token), padded on the left within a batch; the continuation stops at ``</s>``.
+    """
+
+    task = "causal-lm"
+
+    def __call__(self, texts, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
+        try:
+            from .generate import generate as _generate
+        except ImportError as e:
+            raise PipelineError(f"text generation is not available in this version of refimpl ({e})") from e
+        items, single = _texts(texts)
+        tok = self.tokenizer
+        results = []
+        for first, batch in self._batches(items, "generate"):
+            enc = self._encode(batch, first=first, add_special_tokens=False)
+            rows = [[tok.bos_token_id] + [int(t) for t in ids[m == 1]]
+                    for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+            n = max(len(r) for r in rows)
+            ids = np.full((len(rows), n), tok.pad_token_id, dtype=np.int64)  # [B, T], padded on the left
+            mask = np.zeros((len(rows), n), dtype=np.int64)
+            for i, r in enumerate(rows):
+                ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                          top_k=top_k, top_p=top_p, seed=seed)
+            out = to_numpy(_generate(self.model, ids, attention_mask=mask, **kwargs))  # [B, T + new]
+            for i, text in enumerate(batch):
+                new = [int(t) for t in out[i, n:]]
+                if tok.eos_token_id in new:
+                    new = new[:new.index(tok.eos_token_id)]
+                results.append({"generated_text": text + tok.decode(new, skip_special_tokens=True)})
+        return results[0] if single else results
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions and the factory
+# ---------------------------------------------------------------------------------------------
+
+_CLASSES = {
+    "fill-mask": FillMask, "classify": TextClassification, "text-classification": TextClassification,
+    "sentiment-analysis": TextClassification, "tag": TokenClassification,
+    "token-classification": TokenClassification, "ner": TokenClassification, "qa": QuestionAnswering,
+    "question-answering": QuestionAnswering, "choose": MultipleChoice, "multiple-choice": MultipleChoice,
+    "embed": Embedding, "feature-extraction": Embedding, "generate": TextGeneration,
+    "text-generation": TextGeneration,
+}
+_LOAD_ARGS = ("tokenizer", "dtype", "revision", "cache_dir", "token", "batch_size", "truncate", "progress")
+
+
+def pipeline(task: str, model, **kwargs) -> Pipeline:
+    """The pipeline object for ``task`` (refimpl's command names or transformers' task names)."""
+    if task not in _CLASSES:
+        raise PipelineError(f"unknown task {task!r}; one of {', '.join(sorted(_CLASSES))}")
+    return _CLASSES[task](model, **kwargs)
+
+
+def _split(kwargs: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in kwargs.items() if k in _LOAD_ARGS},
+            {k: v for k, v in kwargs.items() if k not in _LOAD_ARGS})
+
+
+def fill_mask(model, texts, top_k: int = 5, **kwargs):
+    """``FillMask(model, **load_args)(texts, top_k=top_k, targets=...)``."""
+    load_args, call_args = _split(kwargs)
+    return FillMask(model, **load_args)(texts, top_k=top_k, **call_args)
+
+
+def classify(model, texts, text_pairs=None, top_k: int | None = 1, **kwargs):
+    """``TextClassification(model, **load_args)(texts, text_pairs, top_k, function_to_apply=...)``."""
+    load_args, call_args = _split(kwargs)
+    return TextClassification(model, **load_args)(texts, text_pairs, top_k=top_k, **call_args)
+
+
+def tag(model, texts, aggregation_strategy: str = "none", **kwargs):
+    """``TokenClassification(model, **load_args)(texts, aggregation_strategy, ignore_labels=...)``."""
+    load_args, call_args = _split(kwargs)
+    return TokenClassification(model, **load_args)(texts, aggregation_strategy, **call_args)
+
+
+def answer(model, question, context, **kwargs):
+    """``QuestionAnswering(model, **load_args)(question, context, top_k=..., doc_stride=..., ...)``."""
+    load_args, call_args = _split(kwargs)
+    return QuestionAnswering(model, **load_args)(question, context, **call_args)
+
+
+def choose(model, prompts, endings, **kwargs):
+    """``MultipleChoice(model, **load_args)(prompts, endings)``."""
+    load_args, _ = _split(kwargs)
+    return MultipleChoice(model, **load_args)(prompts, endings)
+
+
+def embed(model, texts, pooling: str = "cls", normalize: bool = False, **kwargs) -> np.ndarray:
+    """``Embedding(model, **load_args)(texts, pooling, normalize)``."""
+    load_args, _ = _split(kwargs)
+    return Embedding(model, **load_args)(texts, pooling=pooling, normalize=normalize)
+
+
+def generate(model, texts, **kwargs):
+    """``TextGeneration(model, **load_args)(texts, max_new_tokens=..., do_sample=..., ...)``."""
+    load_args, call_args = _split(kwargs)
+    return TextGeneration(model, **load_args)(texts, **call_args)

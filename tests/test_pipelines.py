@@ -1,0 +1,316 @@
+"""refimpl.pipelines against transformers' pipelines on tiny random checkpoints with the real tokenizer.
+
+Labels, tokens, words and character offsets must be equal; scores within the float32 tolerance
+(refimpl and transformers both compute in float32). transformers 5 has no extractive
+question-answering pipeline: the oracle below is transformers 4.53's QuestionAnsweringPipeline
+(fast-tokenizer path) rebuilt on transformers' own ``select_starts_ends``, which transformers 5
+still ships in its document-QA pipeline. Multiple choice has no pipeline: the oracle is the
+transformers model's softmax over the choices.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline_checkpoints
+from refimpl import pipelines as P
+from refimpl.tokenizer import Tokenizer
+from tolerances import TOL, assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
+
+FILL_TEXTS = [
+    "The capital of France is <mask>.",
+    "A <mask> walks into a <mask> and orders a drink.",
+    "Hugging Face makes <mask> for machine learning, mostly in Python and Rust.",
+]
+NER_TEXTS = [
+    "Wolfgang Amadeus Mozart lived in Salzburgerland, Austria.",
+    "Ada Lovelace met Charles Babbage in London in 1833; they corresponded for years.",
+    "Zxqwv Blorptown isn't a real place, but Pétursdóttir lives there.",
+]
+CLS_TEXTS = ["I loved this film.", "A dull, overlong and unbearably pretentious mess of a movie!", "Okay."]
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory):
+    return pipeline_checkpoints.get(tmp_path_factory)
+
+
+def hf_pipeline(task, model, tokenizer, **kwargs):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.pipeline(task, model=model, tokenizer=tokenizer, **kwargs)
+
+
+def flat_scores(x):
+    """Every 'score' in a nested result, in order."""
+    if isinstance(x, dict):
+        return [float(x["score"])]
+    return [s for item in x for s in flat_scores(item)]
+
+
+def strip_scores(x):
+    if isinstance(x, dict):
+        return {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in x.items() if k != "score"}
+    return [strip_scores(item) for item in x]
+
+
+def assert_same(ours, theirs, what):
+    """Equal apart from scores; scores within float32 tolerance. Returns the largest score difference."""
+    assert strip_scores(ours) == strip_scores(theirs), what
+    a, b = flat_scores(ours), flat_scores(theirs)
+    assert_close(np.array(a), np.array(b), "float32", what)
+    for s in a:
+        assert type(s) is float, f"{what}: scores must be Python floats"
+    return float(np.max(np.abs(np.array(a) - np.array(b)))) if a else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# fill-mask
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fill_mask_matches_transformers(ck):
+    model, folder = ck["mlm"]
+    hf = hf_pipeline("fill-mask", model, ck["tokenizer"])
+    pipe = P.FillMask(folder, batch_size=2)  # the last batch pads, the first does not
+    ours = pipe(FILL_TEXTS, top_k=4)
+    for text, got in zip(FILL_TEXTS, ours):
+        assert_same(got, hf(text, top_k=4), text)
+    assert isinstance(ours[1][0], list) and len(ours[1]) == 2  # two masks: one list per mask
+    assert pipe(FILL_TEXTS[0], top_k=4) == ours[0]  # a single string: one result
+    assert_same(P.fill_mask(folder, FILL_TEXTS[0], top_k=3, targets=[" Paris", " London", "Berlin", "xyzzy"]),
+                hf(FILL_TEXTS[0], top_k=3, targets=[" Paris", " London", "Berlin", "xyzzy"]), "targets")
+
+
+def test_fill_mask_errors(ck):
+    _, folder = ck["mlm"]
+    pipe = P.FillMask(folder)
+    with pytest.raises(P.PipelineError, match=r"input 2 has no <mask>"):
+        pipe(["a <mask>", "no mask here"])
+    with pytest.raises(P.PipelineError, match="no input"):
+        pipe([])
+    with pytest.raises(P.PipelineError, match="input 1 is an empty text"):
+        pipe("  ")
+    long = "word " * 600 + "<mask>."
+    with pytest.raises(P.PipelineError, match=r"input 1 is \d+ tokens long.*limit of 512.*truncate"):
+        pipe(long)
+
+
+# ---------------------------------------------------------------------------------------------
+# classify
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cls", "cls_multi", "cls_one"])
+def test_classify_matches_transformers(ck, name):
+    model, folder = ck[name]
+    hf = hf_pipeline("text-classification", model, ck["tokenizer"])
+    pipe = P.TextClassification(folder, batch_size=2)
+    assert pipe.default_function() == {"cls": "softmax", "cls_multi": "sigmoid", "cls_one": "sigmoid"}[name]
+    ours = pipe(CLS_TEXTS, top_k=None)
+    theirs = hf(CLS_TEXTS, top_k=None)
+    assert_same(ours, theirs, name)
+    assert_same(pipe(CLS_TEXTS, top_k=2), hf(CLS_TEXTS, top_k=2), f"{name} top_k=2")
+    assert_same(pipe(CLS_TEXTS[0], function_to_apply="none", top_k=None),
+                hf(CLS_TEXTS[0], function_to_apply="none", top_k=None), f"{name} none")
+
+
+def test_classify_pairs_and_truncation(ck):
+    model, folder = ck["cls"]
+    hf = hf_pipeline("text-classification", model, ck["tokenizer"])
+    pipe = P.TextClassification(folder)
+    a, b = "A man is playing a guitar.", "Somebody makes music."
+    assert_same(pipe(a, b, top_k=None), hf({"text": a, "text_pair": b}, top_k=None), "pair")
+    assert_same(pipe([a, b], [b, a], top_k=None)[1], hf({"text": b, "text_pair": a}, top_k=None), "pair batch")
+    long = "This film is long. " * 120  # ~600 tokens
+    with pytest.raises(P.PipelineError, match="truncate"):
+        pipe(long)
+    truncated = P.TextClassification(folder, truncate=True)(long, top_k=None)
+    assert_same(truncated, hf(long, top_k=None, truncation=True, max_length=512), "truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# tag
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", P.AGGREGATIONS)
+def test_tag_matches_transformers(ck, strategy):
+    model, folder = ck["ner"]
+    hf = hf_pipeline("token-classification", model, ck["tokenizer"], aggregation_strategy=strategy)
+    ours = P.TokenClassification(folder, batch_size=2)(NER_TEXTS, aggregation_strategy=strategy)
+    theirs = hf(NER_TEXTS)
+    for text, got, want in zip(NER_TEXTS, ours, theirs):
+        assert_same(got, want, f"{strategy}: {text}")
+        for e in got:  # offsets point into the text
+            assert 0 <= e["start"] <= e["end"] <= len(text)
+    labels = {e.get("entity_group", e.get("entity")) for r in ours for e in r}
+    assert len(labels) >= 2, f"the random model should predict several labels, got {labels}"
+    if strategy != "none":
+        assert any(" " in e["word"].strip() or len(e["word"]) > 6 for r in ours for e in r)  # groups span tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# qa
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_question_answering(model, tok, question, context, top_k=1, doc_stride=None, max_answer_len=15,
+                          max_seq_len=None, handle_impossible_answer=False, align_to_words=True):
+    """transformers 4.53 QuestionAnsweringPipeline (fast tokenizer, question first, batch size 1)."""
+    from transformers.pipelines.document_question_answering import select_starts_ends
+
+    if max_seq_len is None:
+        max_seq_len = min(tok.model_max_length, 384)
+    if doc_stride is None:
+        doc_stride = min(max_seq_len // 2, 128)
+    enc = tok(text=question, text_pair=context, padding="do_not_pad", truncation="only_second",
+              max_length=max_seq_len, stride=doc_stride, return_token_type_ids=True, return_overflowing_tokens=True,
+              return_offsets_mapping=True, return_special_tokens_mask=True)
+    min_null_score, answers = 1000000, []
+    for span in range(len(enc["input_ids"])):
+        ids = enc["input_ids"][span]
+        p_mask = np.array([[s != 1 for s in enc.sequence_ids(span)]], dtype=np.int64)
+        p_mask[0, np.array(ids) == tok.cls_token_id] = 0
+        attention = np.array([enc["attention_mask"][span]])
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), attention_mask=torch.tensor(attention))
+        starts, ends, scores, min_null_score = select_starts_ends(
+            out.start_logits.numpy(), out.end_logits.numpy(), p_mask, attention, min_null_score, top_k,
+            handle_impossible_answer, max_answer_len)
+        e_ = enc.encodings[span]
+        for s, e, score in zip(starts, ends, scores):
+            try:
+                assert align_to_words
+                start = e_.word_to_chars(e_.token_to_word(s), sequence_index=1)[0]
+                end = e_.word_to_chars(e_.token_to_word(e), sequence_index=1)[1]
+            except Exception:
+                start, end = e_.offsets[s][0], e_.offsets[e][1]
+            text = context[start:end]
+            same = next((a for a in answers if a["answer"].lower() == text.lower()), None)
+            if same:
+                same["score"] += score.item()
+            else:
+                answers.append({"score": score.item(), "start": start, "end": end, "answer": text})
+    if handle_impossible_answer:
+        answers.append({"score": min_null_score, "start": 0, "end": 0, "answer": ""})
+    answers = sorted(answers, key=lambda x: x["score"], reverse=True)[:top_k]
+    return answers[0] if len(answers) == 1 else answers
+
+
+QA = [
+    ("Where did Ada Lovelace meet Charles Babbage?",
+     "Ada Lovelace met Charles Babbage in London in 1833. They corresponded for years about the Analytical Engine."),
+    ("What is the capital of the country?",
+     " ".join(f"Sentence number {i} talks about Paris, Lyon, Marseille and the river Seine." for i in range(12))),
+]
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"top_k": 3, "max_seq_len": 48, "doc_stride": 16},  # the long context is cut into many windows
+    {"top_k": 2, "max_answer_len": 3, "handle_impossible_answer": True, "max_seq_len": 64},
+    {"top_k": 2, "align_to_words": False, "max_seq_len": 40, "doc_stride": 8},
+])
+def test_qa_matches_transformers_4x(ck, options):
+    model, folder = ck["qa"]
+    tok = ck["tokenizer"]
+    pipe = P.QuestionAnswering(folder, batch_size=3)
+    ours = pipe([q for q, _ in QA], [c for _, c in QA], **options)
+    for (q, c), got in zip(QA, ours):
+        want = hf_question_answering(model, tok, q, c, **options)
+        assert_same(got, want, f"{options}: {q}")
+        for a in got if isinstance(got, list) else [got]:
+            assert c[a["start"]:a["end"]] == a["answer"]
+    windows = tok(QA[1][0], QA[1][1], truncation="only_second", max_length=48, stride=16,
+                  return_overflowing_tokens=True)["input_ids"]
+    assert len(windows) > 3  # the stride case really has several windows
+
+
+def test_qa_errors(ck):
+    _, folder = ck["qa"]
+    pipe = P.QuestionAnswering(folder)
+    with pytest.raises(P.PipelineError, match="doc_stride"):
+        pipe("q?", "some context", max_seq_len=32, doc_stride=40)
+    with pytest.raises(P.PipelineError, match="limit of 512"):
+        pipe("q?", "some context", max_seq_len=600)
+    with pytest.raises(P.PipelineError, match="2 questions but 3 contexts"):
+        pipe(["a?", "b?"], ["x", "y", "z"])
+
+
+# ---------------------------------------------------------------------------------------------
+# choose, embed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_choose_matches_transformers_softmax(ck):
+    model, folder = ck["mc"]
+    tok = ck["tokenizer"]
+    prompts = ["The chef opened the oven", "She picked up the phone"]
+    endings = [["and took out the bread.", "and flew to the moon on a bicycle.", "and sang."],
+               ["and called her mother.", "and ate it."]]
+    ours = P.MultipleChoice(folder)(prompts, endings)
+    for p, ends, got in zip(prompts, endings, ours):
+        enc = tok([p] * len(ends), ends, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=enc["input_ids"][None], attention_mask=enc["attention_mask"][None]).logits
+        want = torch.softmax(logits, -1)[0].numpy()
+        assert [d["ending"] for d in got] == ends and [d["index"] for d in got] == list(range(len(ends)))
+        assert_close(np.array([d["score"] for d in got]), want, "float32", p)
+    with pytest.raises(P.PipelineError, match="at least two"):
+        P.choose(folder, "prompt", ["only one"])
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_embed_matches_transformers_features(ck, pooling):
+    model, folder = ck["mlm"]  # the encoder of the masked-LM checkpoint
+    hf = hf_pipeline("feature-extraction", model.roberta_prelayernorm, ck["tokenizer"])
+    ours = P.Embedding(folder, batch_size=2)(CLS_TEXTS, pooling=pooling)
+    assert ours.shape == (3, 32) and ours.dtype == np.float32
+    for text, got in zip(CLS_TEXTS, ours):
+        h = np.array(hf(text))[0]  # [T, H] last_hidden_state
+        want = h[0] if pooling == "cls" else h.mean(axis=0)
+        assert_close(got, want, "float32", f"{pooling}: {text}")
+    unit = P.embed(folder, CLS_TEXTS, pooling=pooling, normalize=True)
+    assert_close(np.linalg.norm(unit, axis=1), np.ones(3), "float32", "norms")
+    assert_close(unit, ours / np.linalg.norm(ours, axis=1, keepdims=True), "float32", "normalized")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_object_and_float64(ck):
+    import refimpl
+
+    model, folder = ck["cls"]
+    hf = hf_pipeline("text-classification", model, ck["tokenizer"])
+    loaded = refimpl.from_pretrained(folder, dtype="float64")
+    with pytest.raises(P.PipelineError, match="tokenizer="):
+        P.TextClassification(loaded)
+    ours = P.TextClassification(loaded, Tokenizer.from_pretrained(folder))(CLS_TEXTS[0], top_k=None)
+    err = assert_same(ours, hf(CLS_TEXTS[0], top_k=None), "float64 model")
+    assert err < 5e-6  # float64 refimpl vs float32 transformers: float32 rounding only
+    with pytest.raises(P.PipelineError, match="sequence-classification model"):
+        P.TokenClassification(loaded, folder)
+    with pytest.raises(P.PipelineError, match="is a masked-lm checkpoint"):
+        P.TextClassification(ck["mlm"][1])
+    assert P.Embedding(loaded, folder)("hello").shape == (32,)  # any task's encoder embeds
+
+
+def test_pipeline_factory_and_shipped_model():
+    pipe = P.pipeline("fill-mask", "tiny")
+    assert isinstance(pipe, P.FillMask)
+    out = pipe("Hello <mask>!", top_k=2)
+    assert [sorted(d) for d in out] == [["score", "sequence", "token", "token_str"]] * 2
+    with pytest.raises(P.PipelineError, match="unknown task"):
+        P.pipeline("summarize", "tiny")
