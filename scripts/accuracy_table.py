@@ -3,12 +3,16 @@
 refimpl float64 golden? Prints the Markdown table pasted into docs/golden.md, which justifies the
 tolerance profiles of ``refimpl.golden.PROFILES``.
 
-    .venv/bin/python scripts/accuracy_table.py            # ~1 minute on 2 cores
+    .venv/bin/python scripts/accuracy_table.py            # ~1.5 minutes on 2 cores
+    .venv/bin/python scripts/accuracy_table.py --ops      # each operation alone (the "why" table)
 
 For each configuration and implementation: the error on the logits and on the last hidden state
 (max abs; max rel over elements with |g| >= 1e-3 max|g|, since relative errors of values that
 cancel to ~0 say nothing; rms for the logits), and "needed", the smallest tol for which every traced tensor passes
-|c - g| <= tol + tol*|g| (the comparison's rule with rtol = atol = tol). Needs torch + transformers.
+|c - g| <= tol + tol*|g| (the comparison's rule with rtol = atol = tol). refimpl runs with the
+reference NumPy kernels and with the Numba fast paths (the CPU default; when tracing, its FFN
+activation takes the reference path, so its logits/last-hidden columns come from an untraced call).
+Needs torch + transformers.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ sys.path.insert(0, HERE)
 import refimpl  # noqa: E402
 from refimpl.config import Config  # noqa: E402
 from refimpl.golden import PROFILES, compare, trace  # noqa: E402
+from refimpl.kernels import numba_kernels  # noqa: E402
+from refimpl.ops import REFERENCE  # noqa: E402
 
 from dump_transformers_golden import capture, torch_inputs  # noqa: E402
 
@@ -115,21 +121,26 @@ def run_config(label: str, cfg: dict | None, std: float, bias_std: float, b: int
     inputs = make_inputs(model64.config.vocab_size, b, t, padding)
     golden = trace(model64, **inputs)
     rows = []
-    impls = [("refimpl float32", None), ("torch float32", torch.float32), ("torch float64", torch.float64)]
+    impls = [("refimpl float32", "numpy"), ("refimpl float32 (Numba kernels)", "numba"),
+             ("torch float32", torch.float32), ("torch float64", torch.float64)]
     if low:
         impls += [("torch bfloat16", torch.bfloat16), ("torch float16", torch.float16)]
     for name, dt in impls:
         t0 = time.perf_counter()
-        if dt is None:
-            cand = trace(model64.astype("float32"), **inputs)
+        if isinstance(dt, str):  # refimpl: outputs from an untraced call (the fast paths run there)
+            m32 = model64.astype("float32")
+            m32 = refimpl.Model(m32.config, m32.params, m32.task, numba_kernels() if dt == "numba" else REFERENCE)
+            cand = trace(m32, **inputs)
+            out = m32(**inputs, output_hidden_states=True)
+            logits, hidden = out.logits, out.hidden_states[-1]
         else:
             cand = capture(hf.to(dt), **torch_inputs(inputs, dt))
             hf.double()
-        lg = errors(golden["logits"], cand["logits"])
-        hs = errors(golden["final_layer_norm"], cand["final_layer_norm"])[:2]
+            logits, hidden = cand["logits"], cand["final_layer_norm"]
+        lg = errors(golden["logits"], logits)
+        hs = errors(golden["final_layer_norm"], hidden)[:2]
         need, where = needed(golden, cand)
-        profile = {"refimpl float32": "float32", "torch float32": "float32", "torch float64": "float64",
-                   "torch bfloat16": "bfloat16", "torch float16": "float16"}[name]
+        profile = name.split()[1]
         ok = compare_ok(golden, cand, profile)
         rows.append((label, name, *lg, *hs, need, where, profile, ok, time.perf_counter() - t0))
     return rows
@@ -142,8 +153,52 @@ def compare_ok(golden: dict, cand: dict, profile: str) -> str:
     return "pass" if report.passed else f"FAIL at {report.first_divergence.name}"
 
 
+def ops_table() -> None:
+    """Each operation alone on identical float32 inputs, vs the same operation in float64."""
+    from refimpl import ops
+
+    rng = np.random.default_rng(0)
+    kern = numba_kernels()
+
+    def err(ref, y):
+        d = np.asarray(y, np.float64) - ref
+        scale = np.max(np.abs(ref))
+        return f"{np.max(np.abs(d)) / scale:.1e} / {np.sqrt(np.mean(d * d)) / scale:.1e}"
+
+    def row(name, f_np, f_numba, f_torch, *args):
+        a32 = [a.astype(np.float32) for a in args]
+        ref = f_np(*[a.astype(np.float64) for a in a32])
+        numba = err(ref, f_numba(*a32)) if f_numba else "same GEMM"
+        print(f"| {name} | {err(ref, f_np(*a32))} | {numba} | {err(ref, f_torch(*[torch.from_numpy(a) for a in a32]).numpy())} |")
+
+    F = torch.nn.functional
+    x = rng.standard_normal((128, 768))
+    w1, b1 = 0.02 * rng.standard_normal((3072, 768)), 0.02 * rng.standard_normal(3072)
+    h = rng.standard_normal((128, 3072))
+    w2, b2 = 0.02 * rng.standard_normal((768, 3072)), 0.02 * rng.standard_normal(768)
+    emb = 0.02 * rng.standard_normal((50265, 768))
+    g, b = 1 + 0.1 * rng.standard_normal(768), 0.02 * rng.standard_normal(768)
+    print("| operation (roberta-base shapes) | refimpl (NumPy) max / rms | refimpl (Numba) max / rms | torch max / rms |")
+    print("|---|---|---|---|")
+    row("linear 768 -> 3072", ops.linear, None, F.linear, x, w1, b1)
+    row("linear 768 -> 3072 + GELU", lambda x, w, b: ops.linear_act(x, w, b, "gelu"),
+        lambda x, w, b: kern.linear_act(x, w, b, "gelu"), lambda x, w, b: F.gelu(F.linear(x, w, b)), x, w1, b1)
+    row("linear 3072 -> 768", ops.linear, None, F.linear, h, w2, b2)
+    row("logits 768 -> 50265", ops.linear, None, F.linear, x[:32], emb)
+    row("LayerNorm (768)", lambda x, g, b: ops.layer_norm(x, g, b, 1e-5), lambda x, g, b: kern.layer_norm(x, g, b, 1e-5),
+        lambda x, g, b: F.layer_norm(x, (768,), g, b, 1e-5), 3 * rng.standard_normal((128, 768)) + 0.5, g, b)
+    eye = np.eye(3072)
+    row("GELU (erf)", ops.gelu, lambda z: kern.linear_act(z, eye.astype(np.float32), np.zeros(3072, np.float32), "gelu"),
+        F.gelu, 3 * rng.standard_normal((128, 3072)))
+    row("softmax (64 keys)", ops.softmax, lambda s: kern.scaled_masked_softmax(s, None, 1.0), lambda s: torch.softmax(s, -1),
+        4 * rng.standard_normal((2, 12, 64, 64)))
+
+
 def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
+    if "--ops" in sys.argv[1:]:
+        ops_table()
+        return 0
     configs = [
         ("tiny random (H16, L2, std 0.5), B2 T16", TINY, 0.5, 0.5, 2, 16, False, True),
         ("tiny random, padded", TINY, 0.5, 0.5, 2, 16, True, True),
