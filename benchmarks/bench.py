@@ -1,0 +1,165 @@
+"""The CPU benchmark suite: refimpl (numpy and numba backends) vs transformers (eager, sdpa) and
+onnxruntime on the same weights, interleaved in one process.
+
+    python benchmarks/bench.py                       # base config, float32, all shapes
+    python benchmarks/bench.py --config large --dtype float64 --repeats 5 --json out.json
+
+For each shape it prints the median time of every implementation, the ratio refimpl / torch
+(lower is faster for refimpl), and refimpl's achieved GFLOP/s next to the machine's measured float32
+GEMM throughput at the same matrix shapes (a NumPy matmul of [B*T, H] x [H, I]). Not a test: the
+numbers depend on the machine; quote ratios from one run, never bare times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+CONFIGS = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+SHAPES = [(1, 16), (1, 128), (8, 128), (32, 128), (4, 512)]
+
+
+def forward_flops(cfg: dict, b: int, t: int) -> float:
+    """Multiply-adds x 2 of the encoder's matmuls (projections, FFN, attention scores and context)."""
+    h, i, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    per_layer = 2 * b * t * (4 * h * h + 2 * h * i) + 2 * 2 * b * t * t * h
+    return L * per_layer
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
+    a = np.random.default_rng(0).standard_normal((m, k)).astype(dtype)
+    w = np.random.default_rng(1).standard_normal((n, k)).astype(dtype)
+    a @ w.T
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ w.T
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def onnx_session(hf, folder: str, dtype: str):
+    """An onnxruntime session for the same model, or ``(None, reason)``."""
+    try:
+        import onnxruntime as ort
+        import torch
+    except ImportError as e:
+        return None, f"not installed ({e}); pip install '.[bench]'"
+    if dtype != "float32":
+        return None, "float32 only"
+    path = os.path.join(folder, "model.onnx")
+    try:
+        class LastHidden(torch.nn.Module):  # a positional-only signature for the exporter
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids):
+                return self.model(input_ids=input_ids).last_hidden_state
+
+        ids = torch.ones((1, 8), dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                LastHidden(hf), (ids,), path, input_names=["input_ids"], output_names=["last_hidden_state"],
+                dynamic_axes={"input_ids": {0: "b", 1: "t"}}, dynamo=False,
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = os.cpu_count() or 1
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]), "ok"
+    except Exception as e:  # export or load failed: report, do not abort the suite
+        return None, f"export failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=list(CONFIGS), default="base")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="e.g. 1x16,8x128")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    import refimpl
+
+    cfg = CONFIGS[args.config]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    config = transformers.RobertaPreLayerNormConfig(vocab_size=50265, max_position_embeddings=514, layer_norm_eps=1e-5, **cfg)
+    tdtype = getattr(torch, args.dtype)
+    folder = tempfile.mkdtemp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        base = transformers.RobertaPreLayerNormModel(config).eval()
+        base.save_pretrained(folder)
+        eager = transformers.RobertaPreLayerNormModel.from_pretrained(folder, attn_implementation="eager", dtype=tdtype).eval()
+        sdpa = transformers.RobertaPreLayerNormModel.from_pretrained(folder, attn_implementation="sdpa", dtype=tdtype).eval()
+    numba_model = refimpl.from_pretrained(folder, task="base", dtype=args.dtype, backend="numba")
+    numpy_model = numba_model.to("numpy")
+    session, ort_status = onnx_session(sdpa.float(), folder, args.dtype)
+    sdpa.to(tdtype)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
+    print(f"# {args.config} config, {args.dtype}; {machine}; onnxruntime: {ort_status}")
+    header = f"{'shape':>7} {'numba ms':>9} {'numpy ms':>9} {'eager ms':>9} {'sdpa ms':>8} {'ort ms':>7} {'nb/eager':>8} {'nb/sdpa':>7} {'nb/ort':>7} {'GFLOP/s':>8} {'GEMM':>6}"
+    print(header)
+    results = []
+    for b, t in shapes:
+        ids = np.random.default_rng(0).integers(3, 50265, size=(b, t))
+        ids[:, 0] = 0
+        ids_t = torch.from_numpy(ids)
+
+        def torch_run(m):
+            with torch.no_grad():
+                m(ids_t)
+
+        fns = {
+            "numba": lambda: numba_model(input_ids=ids),
+            "numpy": lambda: numpy_model(input_ids=ids),
+            "eager": lambda: torch_run(eager),
+            "sdpa": lambda: torch_run(sdpa),
+        }
+        if session is not None:
+            fns["ort"] = lambda: session.run(None, {"input_ids": ids})
+        for f in fns.values():  # warm-up (JIT, allocator, caches)
+            f()
+        times = {k: [] for k in fns}
+        for _ in range(args.repeats):  # interleaved
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        gflops = forward_flops(cfg, b, t) / med["numba"] / 1e9
+        gemm = gemm_gflops(b * t, cfg["hidden_size"], cfg["intermediate_size"], np.dtype(args.dtype))
+        row = {"shape": [b, t], "median_s": med, "gflops": gflops, "gemm_gflops": gemm}
+        results.append(row)
+        ort = med.get("ort")
+        print(
+            f"{b:>3}x{t:<4}{med['numba'] * 1e3:9.1f} {med['numpy'] * 1e3:9.1f} {med['eager'] * 1e3:9.1f} {med['sdpa'] * 1e3:8.1f} "
+            f"{(ort or float('nan')) * 1e3:7.1f} {med['numba'] / med['eager']:8.2f} {med['numba'] / med['sdpa']:7.2f} "
+            f"{(med['numba'] / ort) if ort else float('nan'):7.2f} {gflops:8.1f} {gemm:6.1f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "dtype": args.dtype, "machine": machine, "onnxruntime": ort_status, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
