@@ -1,9 +1,11 @@
 """Micro-benchmark: refimpl.kernels vs the NumPy definitions (refimpl.ops) vs torch, float32.
 
-Shapes are roberta-base's (H=768, I=3072, N=12) at batch 8 x 128 tokens, plus 4 x 512 for the
-softmax. Every case runs its candidates interleaved (A, B, C, A, B, C, ...) so that drifting machine
-load hits all of them alike, and reports medians. Kernels write into preallocated outputs, as the
-forward pass will; torch runs with as many threads as NumPy's BLAS would use (2 here).
+Shapes are roberta-base's (H=768, I=3072, N=12, D=64) at batch 8 x 128 tokens, plus 4 x 512 for
+the softmax and the attention context. Every case runs its candidates interleaved (A, B, C, A, B,
+C, ...) so that drifting machine load hits all of them alike, and reports medians. Kernels write
+into preallocated outputs, as the forward pass will; the kernels are single-threaded, torch runs
+with --threads intra-op threads (1 compares per core; 2 is this machine's best for torch). On a
+machine shared with other jobs, prefer --threads 1: spinning thread pools degrade worst.
 
     python benchmarks/kernels_micro.py [--repeats 21] [--dtype float32] [--threads 2]
     python benchmarks/kernels_micro.py --jit    # first-call (compile) times, cold and warm cache
@@ -157,7 +159,9 @@ def main() -> None:
         "residual_layer_norm [8,128,768]",
         lambda: (lambda h: (h, ops.layer_norm(h, w, bb, 1e-5)))(x + r),
         lambda: kernels.residual_layer_norm(x, r, w, bb, 1e-5, h_out=hout, out=out),
-        (lambda: (lambda h: (h, F.layer_norm(h, (768,), tw, tbb, 1e-5)))(tx + tr)) if torch else None,
+        (lambda: (lambda h: (h, F.layer_norm(h, (768,), tw, tbb, 1e-5)))(tx + tr))
+        if torch
+        else None,
     )
 
     # scale + mask + softmax on [8, 12, 128, 128] and [4, 12, 512, 512], a quarter of keys masked
@@ -174,6 +178,31 @@ def main() -> None:
             lambda s=s, mask=mask, out=out: kernels.masked_softmax(s, mask, scale, out=out),
             (lambda ts_=ts_, tm=tm: torch.softmax(ts_ * scale + tm, dim=-1)) if torch else None,
         )
+
+    # attention context at T = S = 512: batched NumPy reference vs the two kernel schedules
+    bsz, t, d = 4, 512, 64
+    q, k, v = rng.standard_normal((3, bsz, 12, t, d)).astype(dtype)
+    mask = np.zeros((bsz, 1, 1, t), dtype)
+    mask[:, :, :, (3 * t) // 4 :] = np.finfo(dtype).min
+    scale = 1.0 / math.sqrt(d)
+    ctx = np.empty_like(q)
+
+    def reference():
+        return ops.softmax((q @ k.swapaxes(-1, -2)) * dtype.type(scale) + mask) @ v
+
+    def batched():
+        s = q @ k.swapaxes(-1, -2)
+        kernels.masked_softmax(s, mask, scale, out=s)
+        return s @ v
+
+    tq, tk, tv, tm = as_t(q), as_t(k), as_t(v), as_t(mask)
+    sdpa = None
+    if torch is not None:
+        def sdpa():
+            return F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tm, scale=scale)
+    case(f"attention [{bsz},12,{t},{d}] batched+softmax", reference, batched, sdpa)
+    case(f"attention [{bsz},12,{t},{d}] kernels.attention", reference,
+         lambda: kernels.attention(q, k, v, mask, scale, out=ctx), sdpa)  # fmt: skip
 
 
 if __name__ == "__main__":

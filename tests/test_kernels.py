@@ -108,7 +108,8 @@ def test_bias_gelu_dense_grid_and_special_values(dtype):
         _assert_gelu_close(kernels.bias_gelu(y), y, None, dtype)
     special = np.array([np.inf, -np.inf, np.nan], dtype)
     with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(kernels.bias_gelu(special), ops.gelu(special))  # inf, nan, nan
+        want = ops.gelu(special)  # inf, nan, nan
+        np.testing.assert_array_equal(kernels.bias_gelu(special), want)
 
 
 def test_bias_gelu_in_place_and_out():
@@ -212,8 +213,9 @@ def test_layer_norm_is_bitwise_ops_layer_norm(dtype, lead, h, offset, noise, eps
 
 @SETTINGS
 @given(dtype=DTYPES, lead=leading(), h=ROW, with_bias=st.booleans(),
-       offset=st.sampled_from([0.0, 1e4]), layout=LAYOUTS, seed=st.integers(0, 2**32 - 1))  # fmt: skip
-def test_residual_layer_norm_is_bitwise_add_then_ops(dtype, lead, h, with_bias, offset, layout, seed):
+       offset=st.sampled_from([0.0, 1e4]), layout=LAYOUTS,
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_residual_layer_norm_is_bitwise(dtype, lead, h, with_bias, offset, layout, seed):
     rng = np.random.default_rng(seed)
     x = (offset + rng.standard_normal(lead + (h,))).astype(dtype)
     r = rng.standard_normal(lead + (h,)).astype(dtype)
@@ -332,6 +334,48 @@ def test_masked_softmax_nan_and_inf_follow_numpy():
     got = kernels.masked_softmax(s)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_max_ulp(got[2], want[2], maxulp=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (per-head schedule around BLAS GEMMs and the softmax kernel)
+# ---------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(dtype=DTYPES, b=st.sampled_from([1, 2]), n=st.sampled_from([1, 3]),
+       t=st.sampled_from([1, 4, 33]), s_len=st.sampled_from([1, 8, 40, 129]),
+       d=st.sampled_from([1, 8, 16]), mask_kind=st.sampled_from(["none", "keys", "rows", "full"]),
+       merged_out=st.booleans(), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_attention_matches_inline_reference(dtype, b, n, t, s_len, d, mask_kind, merged_out, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, n, t, d)).astype(dtype)
+    k = (3 * rng.standard_normal((b, n, s_len, d))).astype(dtype)
+    v = rng.standard_normal((b, n, s_len, d)).astype(dtype)
+    mask = _make_mask(mask_kind, b, t, s_len, dtype, rng)
+    scale = 1 / math.sqrt(d)
+    # The reference, written out: scores, scale, mask, ops.softmax, context.
+    scores = (q @ k.swapaxes(-1, -2)) * dtype.type(scale)
+    probs = ops.softmax(scores + mask if mask is not None else scores)
+    want = probs @ v
+    out = np.empty((b, t, n, d), dtype).transpose(0, 2, 1, 3) if merged_out else None
+    got = kernels.attention(q, k, v, mask, scale, out=out)
+    assert got.shape == want.shape and got.dtype == dtype and (out is None or got is out)
+    # probs differ by <= ULPS ulps; the GEMM then rounds each side differently by <= S ulps.
+    bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
+    assert np.all(np.abs(got - want) <= bound)
+    # and bitwise equal to the batched schedule with the softmax kernel
+    batched = q @ k.swapaxes(-1, -2)
+    kernels.masked_softmax(batched, mask, scale, out=batched)
+    np.testing.assert_array_equal(got, batched @ v)
+
+
+def test_attention_bad_shapes():
+    q = np.ones((1, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"\[B, N, S, D\]"):
+        kernels.attention(q, np.ones((1, 2, 5, 3)), np.ones((1, 2, 5, 3)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.attention(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), np.zeros((1, 1, 2, 5)))
+    assert np.all(kernels.attention(q, np.ones((1, 2, 0, 4)), np.ones((1, 2, 0, 4))) == 0)
 
 
 # ---------------------------------------------------------------------------------------------
