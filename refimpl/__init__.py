@@ -5,7 +5,9 @@
     out = model(input_ids=[[0, 31414, 232, 2]], output_hidden_states=True)
 """
 
+from .cache import KVCache
 from .config import Config, ConfigError
+from .generate import generate
 from .model import InputError, Model, params_from_state_dict, state_dict
 from .params import TASKS, Params
 from .safetensors_io import CheckpointError
@@ -47,5 +49,5 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
 
 __all__ = [
     "Config", "ConfigError", "InputError", "CheckpointError", "Model", "Params", "TASKS", "Trace",
-    "from_pretrained", "params_from_state_dict", "trace", "state_dict", "__version__",
+    "from_pretrained", "params_from_state_dict", "trace", "state_dict", "__version__", "generate", "KVCache",
 ]

@@ -8,6 +8,7 @@ eager attention does.
 from __future__ import annotations
 
 from .backend import finfo_min, namespace
+from .cache import LayerCache, append, has_cross, set_cross
 from .ops import REFERENCE, Kernels, linear
 from .params import Attention
 from .trace import Trace, record
@@ -116,7 +117,7 @@ def attention_block(
     num_heads: int,
     eps: float,
     key_value_states=None,
-    past_key_value=None,
+    cache: LayerCache | None = None,
     cross: bool = False,
     kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
@@ -125,23 +126,24 @@ def attention_block(
 
     x: [B, T, H]. For self-attention keys and values come from ``LayerNorm(x)``; for
     cross-attention (``cross=True``, ``key_value_states`` [B, S, H], the encoder output) they come
-    from those states as given, with no LayerNorm, as transformers does. ``past_key_value`` is
-    ``(k, v)``: for self-attention the cached [B, N, P, D] keys/values that precede this step's;
-    for cross-attention the complete [B, N, S, D] encoder keys/values from an earlier step.
+    from those states as given, with no LayerNorm, as transformers does. ``cache`` is this layer's
+    :class:`~refimpl.cache.LayerCache`: for self-attention this step's [B, N, T, D] keys/values are
+    appended to the P cached ones and attention runs over all S = P + T; for cross-attention the
+    encoder keys/values [B, N, S, D] are computed on the first call, stored, and reused after.
     -> (output [B, T, H], probabilities [B, N, T, S], (k, v) each [B, N, S, D]).
     """
-    xp = namespace(x)
     h = record(trace, "layer_norm", kernels.layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps))  # [B, T, H]
     q = record(trace, "q", split_heads(linear(h, p.query.weight, p.query.bias), num_heads))  # [B, N, T, D]
-    if cross and past_key_value is not None:
-        k, v = past_key_value  # cross-attention: reuse the encoder's keys/values, [B, N, S, D]
+    if cross and cache is not None and has_cross(cache):
+        k, v = cache.cross_keys, cache.cross_values  # cross-attention: reuse the encoder's keys/values, [B, N, S, D]
     else:
         source = key_value_states if cross else h  # [B, S, H] or [B, T, H]
         k = split_heads(linear(source, p.key.weight, p.key.bias), num_heads)  # [B, N, T|S, D]
         v = split_heads(linear(source, p.value.weight, p.value.bias), num_heads)  # [B, N, T|S, D]
-        if not cross and past_key_value is not None:  # self-attention with a cache: [B, N, P, D] ++ [B, N, T, D]
-            k = xp.concat([past_key_value[0], k], axis=2)  # [B, N, S, D]
-            v = xp.concat([past_key_value[1], v], axis=2)  # [B, N, S, D]
+        if cache is not None and cross:
+            set_cross(cache, k, v)  # computed once, reused by every later step
+        elif cache is not None:  # self-attention with a cache: write [B, N, T, D] after the P cached
+            k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
     record(trace, "k", k)
     record(trace, "v", v)
     context, probs = scaled_dot_product_attention(q, k, v, bias, kernels=kernels, trace=trace)

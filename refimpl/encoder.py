@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .attention import attention_block
+from .cache import KVCache, LayerCache, has_cross
 from .config import Config
 from .ops import REFERENCE, Kernels, activation, linear
 from .params import Layer, Params
@@ -52,21 +53,22 @@ def transformer_layer(
     *,
     encoder_hidden_states=None,
     encoder_bias=None,
-    past=None,
+    cache: LayerCache | None = None,
     kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
 ) -> LayerOutput:
     """One pre-LN block. x: [B, T, H] -> LayerOutput with hidden [B, T, H].
 
-    ``past`` is ``((k, v), cross (k, v) or None)`` from a previous step, or None.
+    ``cache`` is this layer's :class:`~refimpl.cache.LayerCache` (updated in place), or None. With a
+    cache that already holds cross-attention keys/values, cross-attention runs on those even when
+    ``encoder_hidden_states`` is not passed again.
     """
     heads, eps = config.num_attention_heads, config.layer_norm_eps
-    past_self, past_cross = past if past is not None else (None, None)
     x, self_probs, self_kv = attention_block(
-        x, p.attention, bias, num_heads=heads, eps=eps, past_key_value=past_self, kernels=kernels, trace=scope(trace, "attention")
+        x, p.attention, bias, num_heads=heads, eps=eps, cache=cache, kernels=kernels, trace=scope(trace, "attention")
     )
     cross_probs, cross_kv = None, None
-    if encoder_hidden_states is not None or past_cross is not None:
+    if encoder_hidden_states is not None or (cache is not None and has_cross(cache)):
         if p.crossattention is None:
             raise ValueError(
                 "encoder_hidden_states were given but the model has no cross-attention layers; "
@@ -79,7 +81,7 @@ def transformer_layer(
             num_heads=heads,
             eps=eps,
             key_value_states=encoder_hidden_states,
-            past_key_value=past_cross,
+            cache=cache,
             cross=True,
             kernels=kernels,
             trace=scope(trace, "crossattention"),
@@ -105,7 +107,7 @@ def encode(
     *,
     encoder_hidden_states=None,
     encoder_bias=None,
-    past=None,
+    cache: KVCache | None = None,
     kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
 ) -> EncoderOutput:
@@ -126,7 +128,7 @@ def encode(
             config,
             encoder_hidden_states=encoder_hidden_states,
             encoder_bias=encoder_bias,
-            past=None if past is None else past[i],
+            cache=None if cache is None else cache.layers[i],
             kernels=kernels,
             trace=scope(trace, f"layers.{i}"),
         )

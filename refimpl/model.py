@@ -20,6 +20,7 @@ from .attention import attention_bias
 from .backend import namespace, to_numpy
 from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
+from .cache import KVCache, empty_cache, has_cross
 from .encoder import EncoderOutput, encode
 from .ops import REFERENCE, Kernels
 from .outputs import (
@@ -121,8 +122,17 @@ class Model:
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         logits_to_keep: int | Any = 0,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        cache=None,
         trace: Trace | None = None,
     ):
+        """The forward pass. Decoders (``config.is_decoder``, tasks base and causal-lm) also take
+        ``use_cache`` (default ``config.use_cache``) and a cache from an earlier call as
+        ``past_key_values=`` or ``cache=`` (transformers 5.x's name); they return the updated cache
+        in ``past_key_values``. With a cache, pass only the new ids and a 2-D ``attention_mask``
+        covering the cached and the new positions, [B, P + T]. See docs/decoder.md.
+        """
         task = self.task
         if logits_to_keep is None:
             logits_to_keep = 0
@@ -141,10 +151,14 @@ class Model:
                 input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, labels,
                 output_hidden_states, output_attentions, trace,
             )
+        kv, return_cache = self._resolve_cache(
+            input_ids if input_ids is not None else inputs_embeds, past_key_values, cache, use_cache, labels
+        )
         base = self._base(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            encoder_hidden_states, encoder_attention_mask, trace,
+            encoder_hidden_states, encoder_attention_mask, trace, cache=kv,
         )
+        kv = kv if return_cache else None
         extras = dict(
             hidden_states=tuple(base.hidden_states) if output_hidden_states else None,
             attentions=tuple(base.attentions) if output_attentions else None,
@@ -154,7 +168,7 @@ class Model:
         if task == "base":
             pooled = heads.pooler(seq, self.params.pooler, trace=t) if self.params.pooler is not None else None
             return BaseModelOutputWithPoolingAndCrossAttentions(
-                last_hidden_state=seq, pooler_output=pooled,
+                last_hidden_state=seq, pooler_output=pooled, past_key_values=kv,
                 cross_attentions=self._cross(base, output_attentions), **extras,
             )
         if task == "masked-lm":
@@ -174,7 +188,7 @@ class Model:
                 lab = self._labels(labels, seq.shape[:2], "labels")
                 loss = losses.causal_lm_loss(logits, lab)
             return CausalLMOutputWithCrossAttentions(
-                loss=record(trace, "loss", loss), logits=logits,
+                loss=record(trace, "loss", loss), logits=logits, past_key_values=kv,
                 cross_attentions=self._cross(base, output_attentions), **extras,
             )
         if task == "sequence-classification":
@@ -204,6 +218,36 @@ class Model:
                 loss = losses.span_loss(start, end, sp, ep)
             return QuestionAnsweringModelOutput(loss=record(trace, "loss", loss), start_logits=start, end_logits=end, **extras)
         raise AssertionError(task)  # pragma: no cover
+
+    def _resolve_cache(self, ref, past_key_values, cache, use_cache, labels):
+        """-> (the cache this call reads and extends, or None; whether to return it).
+
+        As transformers: only decoders use a cache (``use_cache`` is ignored otherwise), it defaults
+        to ``config.use_cache``, and a call with labels returns none (but still reads one passed in).
+        """
+        if past_key_values is not None and cache is not None:
+            raise InputError("pass the cache as cache= or as past_key_values=, not both")
+        passed = past_key_values if past_key_values is not None else cache
+        if passed is not None and not isinstance(passed, KVCache):
+            raise InputError(
+                f"past_key_values must be a refimpl KVCache (returned by a call with use_cache=True); got {type(passed).__name__}"
+            )
+        if self.task not in ("base", "causal-lm"):
+            if passed is not None:
+                raise InputError(f"a KV cache is for the base and causal-lm tasks, not {self.task!r}")
+            return None, False
+        if not self.config.is_decoder:
+            if passed is not None:
+                raise InputError("a KV cache needs a decoder: this config has is_decoder=False")
+            return None, False
+        use_cache = self.config.use_cache if use_cache is None else bool(use_cache)
+        if labels is not None:
+            use_cache = False
+        if passed is None and use_cache:
+            batch = ref.shape[0] if hasattr(ref, "shape") else len(ref) if ref is not None else 0
+            device = getattr(self.params.embeddings.word, "device", None)
+            passed = empty_cache(self.config, batch, self.dtype, self.xp, device)
+        return passed, use_cache
 
     def _cross(self, base: EncoderOutput, output_attentions: bool):
         if not output_attentions or not self.config.add_cross_attention or base.cross_attentions[0] is None:
@@ -258,10 +302,15 @@ class Model:
 
     def _base(
         self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-        encoder_hidden_states, encoder_attention_mask, trace, past=None, past_length: int = 0,
+        encoder_hidden_states, encoder_attention_mask, trace, cache: KVCache | None = None,
     ) -> EncoderOutput:
-        """Validate and resolve the inputs, then embeddings -> blocks -> final LayerNorm."""
+        """Validate and resolve the inputs, then embeddings -> blocks -> final LayerNorm.
+
+        ``cache`` (decoders): the :class:`~refimpl.cache.KVCache` holding P earlier positions; it is
+        updated in place with this call's T positions.
+        """
         c, xp, dtype = self.config, self.xp, self.dtype
+        past_length = 0 if cache is None else cache.length
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
         device = getattr(self.params.embeddings.word, "device", None)
@@ -281,6 +330,8 @@ class Model:
             b, t = inputs_embeds.shape[:2]
         if b == 0 or t == 0:
             raise InputError(f"the inputs are empty (batch {b}, length {t})")
+        if cache is not None:
+            self._check_cache(cache, b)
         s = past_length + t
         # Position ids: RoBERTa's, from the ids (pads get pad_token_id), or sequential from embeddings.
         if position_ids is None:
@@ -302,13 +353,30 @@ class Model:
         else:
             token_type_ids = self._shaped_ints(token_type_ids, (b, t), "token_type_ids")
             _check_range(xp, token_type_ids, 0, c.type_vocab_size, "token_type_ids", f"[0, type_vocab_size={c.type_vocab_size})")
+        if past_length and attention_mask is not None:
+            attention_mask = _to_array(attention_mask, xp, "attention_mask", allow_float=True)
+        if past_length and attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] == t:
+            raise InputError(
+                f"with a cache holding {past_length} positions, attention_mask covers the cached and the new "
+                f"positions: shape [{b}, {s}] (the previous mask with {t} columns appended), not [{b}, {t}]"
+            )
         bias = attention_bias(
             self._mask(attention_mask, b, t, s, "attention_mask"),
             batch=b, query_length=t, key_length=s, dtype=dtype, xp=xp, device=device,
             causal=c.is_decoder, past_length=past_length,
         )
         encoder_bias = None
-        if encoder_hidden_states is not None:
+        cached_cross = cache is not None and has_cross(cache.layers[0])
+        if cached_cross and encoder_hidden_states is None:
+            # Cross-attention keys/values come from the cache; the mask given on the first call is reused.
+            s_enc = cache.layers[0].cross_keys.shape[2]
+            mask = encoder_attention_mask if encoder_attention_mask is not None else cache.encoder_attention_mask
+            if mask is not None:
+                encoder_bias = attention_bias(
+                    self._mask(mask, b, t, s_enc, "encoder_attention_mask"),
+                    batch=b, query_length=t, key_length=s_enc, dtype=dtype, xp=xp, device=device,
+                )
+        elif encoder_hidden_states is not None:
             if not c.add_cross_attention:
                 raise InputError("encoder_hidden_states need cross-attention layers: this config has add_cross_attention=False")
             encoder_hidden_states = _to_array(encoder_hidden_states, xp, "encoder_hidden_states", dtype)
@@ -317,11 +385,19 @@ class Model:
                     f"encoder_hidden_states must have shape [{b}, source_length, {c.hidden_size}]; got {tuple(encoder_hidden_states.shape)}"
                 )
             s_enc = encoder_hidden_states.shape[1]
+            if cached_cross and s_enc != cache.layers[0].cross_keys.shape[2]:
+                raise InputError(
+                    f"the cache holds cross-attention keys for {cache.layers[0].cross_keys.shape[2]} encoder positions; "
+                    f"these encoder_hidden_states have {s_enc} (start a new cache for a new source)"
+                )
             if encoder_attention_mask is not None:
+                encoder_attention_mask = self._mask(encoder_attention_mask, b, t, s_enc, "encoder_attention_mask")
                 encoder_bias = attention_bias(
-                    self._mask(encoder_attention_mask, b, t, s_enc, "encoder_attention_mask"),
+                    encoder_attention_mask,
                     batch=b, query_length=t, key_length=s_enc, dtype=dtype, xp=xp, device=device,
                 )
+            if cache is not None and not cached_cross:
+                cache.encoder_attention_mask = encoder_attention_mask  # reused by later calls that omit it
         elif encoder_attention_mask is not None:
             raise InputError("encoder_attention_mask was given without encoder_hidden_states")
         emb = embed(
@@ -330,8 +406,18 @@ class Model:
         )  # [B, T, H]
         return encode(
             emb, self.params, c, bias, encoder_hidden_states=encoder_hidden_states, encoder_bias=encoder_bias,
-            past=past, kernels=self.kernels, trace=trace,
+            cache=cache, kernels=self.kernels, trace=trace,
         )
+
+    def _check_cache(self, cache, b: int) -> None:
+        """A cache passed back must come from this model's kind of call: same layers, batch, dtype."""
+        if len(cache.layers) != self.config.num_hidden_layers:
+            raise InputError(f"the cache has {len(cache.layers)} layers; this model has {self.config.num_hidden_layers}")
+        k = cache.layers[0].keys
+        if k is not None and (k.shape[0] != b or k.dtype != self.dtype):
+            raise InputError(
+                f"the cache holds batch {k.shape[0]} in {k.dtype}; this call has batch {b} in {self.dtype}"
+            )
 
     # ---- input helpers -----------------------------------------------------------------------
     def _shaped_ints(self, x, shape: tuple, name: str):

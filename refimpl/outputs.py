@@ -27,6 +27,11 @@ class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
     cross_attentions: tuple | None = None  # L x [B, N, T, S_enc]
     past_key_values: Any = None  # the KV cache (decoders with use_cache=True)
 
+    @property
+    def cache(self):
+        """transformers 5.x's name for ``past_key_values``."""
+        return self.past_key_values
+
 
 @dataclass
 class MaskedLMOutput(ModelOutput):
@@ -40,10 +45,15 @@ class MaskedLMOutput(ModelOutput):
 class CausalLMOutputWithCrossAttentions(ModelOutput):
     loss: Any = None
     logits: Any = None  # [B, T', V] (T' = T, or what logits_to_keep keeps)
-    past_key_values: Any = None
+    past_key_values: Any = None  # the KV cache (refimpl.cache.KVCache) when use_cache
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     cross_attentions: tuple | None = None
+
+    @property
+    def cache(self):
+        """transformers 5.x's name for ``past_key_values``."""
+        return self.past_key_values
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Decode throughput: refimpl.generate vs transformers' model.generate, greedy, float32, on the CPU.
+
+A roberta-base-sized causal LM (hidden 768, 12 layers, 12 heads, vocab 50265) with random weights
+(transformers' initialisation), the same weights in both. The same left-padded prompts go through
+both, greedy, ``max_new_tokens`` new tokens, EOS disabled so every run produces exactly that many.
+refimpl runs with ``position_style="zero-based"`` so that both compute the same thing (and the
+script reports whether the tokens agree). Runs are interleaved (A, B, A, B, ...) and medians taken.
+
+Reported per batch size: end-to-end tokens/s (prefill included) and decode-only tokens/s, from
+``(time(n new) - time(1 new)) / (n - 1)`` per step, and the ratio refimpl / transformers.
+
+    python benchmarks/decode.py [--new 32] [--prompt 16] [--batches 1 8] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def build(threads: int):
+    import torch
+    import transformers
+
+    import refimpl
+    from refimpl.model import params_from_state_dict
+
+    torch.set_num_threads(threads)
+    cfg = transformers.RobertaPreLayerNormConfig(
+        vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, layer_norm_eps=1e-5, is_decoder=True, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.RobertaPreLayerNormForCausalLM(cfg).eval()
+    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    config = refimpl.Config.from_dict(cfg.to_dict())
+    ours = refimpl.Model(config, params_from_state_dict(config, "causal-lm", state, "float32"), "causal-lm")
+    return hf, ours
+
+
+def prompts(batch: int, length: int, rng):
+    ids = np.full((batch, length), 1, dtype=np.int64)
+    mask = np.zeros((batch, length), dtype=np.int64)
+    for b in range(batch):
+        n = length if b == 0 else int(rng.integers(length // 2, length + 1))
+        ids[b, length - n :] = rng.integers(3, 50265, size=n)
+        ids[b, length - n] = 0
+        mask[b, length - n :] = 1
+    return ids, mask
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    import torch
+
+    import refimpl
+
+    hf, ours = build(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"threads {args.threads}, torch {torch.__version__}, attention {hf.config._attn_implementation}, "
+          f"prompt {args.prompt}, new {args.new}, float32")
+
+    def run_ours(ids, mask, n):
+        return refimpl.generate(ours, ids, mask, max_new_tokens=n, eos_token_id=None, position_style="zero-based")
+
+    def run_hf(ids, mask, n):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return hf.generate(
+                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=n,
+                min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1,
+            ).numpy()
+
+    for batch in args.batches:
+        ids, mask = prompts(batch, args.prompt, rng)
+        same = np.array_equal(run_ours(ids, mask, args.new), run_hf(ids, mask, args.new))  # also warms up
+        times = {("refimpl", n): [] for n in (1, args.new)} | {("transformers", n): [] for n in (1, args.new)}
+        for _ in range(args.repeats):
+            for n in (1, args.new):
+                for name, fn in (("refimpl", run_ours), ("transformers", run_hf)):
+                    t0 = time.perf_counter()
+                    fn(ids, mask, n)
+                    times[(name, n)].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = {}
+        for name in ("refimpl", "transformers"):
+            e2e = batch * args.new / med[(name, args.new)]
+            step = (med[(name, args.new)] - med[(name, 1)]) / (args.new - 1)
+            row[name] = (e2e, batch / step, step)
+            print(f"batch {batch:2d}  {name:12s}  end-to-end {e2e:8.1f} tok/s   decode {batch / step:8.1f} tok/s "
+                  f"({step * 1e3:6.1f} ms/step)   prefill+1 {med[(name, 1)] * 1e3:6.1f} ms")
+        print(f"batch {batch:2d}  ratio refimpl/transformers: end-to-end {row['refimpl'][0] / row['transformers'][0]:.2f}x, "
+              f"decode {row['refimpl'][1] / row['transformers'][1]:.2f}x; same tokens: {same}")
+
+
+if __name__ == "__main__":
+    main()
