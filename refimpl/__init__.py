@@ -17,7 +17,7 @@ from .golden import trace  # refimpl.trace(model, **inputs) -> {name: array}; sh
 __version__ = "0.1.0"
 
 
-def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None):
+def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None, backend="numba"):
     """Load a model from a local Hugging Face folder, ``"tiny"``, or a Hub id (downloaded and cached).
 
     path_or_id: a folder with ``config.json`` and weights (``model.safetensors``, a sharded
@@ -26,7 +26,9 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
     ``"andreasmadsen/efficient_mlm_m0.40"``, resolved by :func:`refimpl.hub.resolve` (revision,
     cache_dir and token go there; ``HF_HUB_OFFLINE=1`` reads from the cache only).
     task: None (from ``config.json``'s ``architectures``), a task name such as ``"masked-lm"``, or a
-    transformers class name. dtype: ``"float32"`` or ``"float64"``.
+    transformers class name. dtype: ``"float32"`` or ``"float64"``. backend: ``"numba"`` (the CPU
+    default: NumPy arrays with the Numba kernels), ``"numpy"`` (the pure NumPy reference) or
+    ``"cupy"`` (the GPU); see :meth:`refimpl.Model.to`.
 
     safetensors is preferred when a folder has both formats. A ``.bin`` checkpoint is read by
     ``conversion.torch_pickle`` (NumPy only: no torch, no code from the file runs; bfloat16 becomes
@@ -43,8 +45,8 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
         state = {}
         for path in weight_files(folder):
             state.update(load_state_dict(path))
-        return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes={})
-    return load_folder(folder, task=task, dtype=dtype)
+        return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes={}).to(backend)
+    return load_folder(folder, task=task, dtype=dtype).to(backend)
 
 
 __all__ = [

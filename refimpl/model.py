@@ -17,7 +17,7 @@ import numpy as np
 
 from . import heads, losses
 from .attention import attention_bias
-from .backend import namespace, to_numpy
+from .backend import is_cupy, namespace, to_numpy
 from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .cache import KVCache, empty_cache, has_cross
@@ -49,6 +49,7 @@ from .safetensors_io import CheckpointError, read_hf_safetensors_folder, to_comp
 from .trace import Trace, record, scope
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
+BACKENDS = ("numba", "numpy", "cupy")
 # Buffers some checkpoints carry that hold no parameters.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -97,6 +98,45 @@ class Model:
             return cache[id(a)]
 
         return Model(self.config, map_leaves(convert, self.params), self.task, self.kernels)
+
+    @property
+    def backend(self) -> str:
+        """``numba`` (NumPy arrays, Numba kernels), ``numpy`` (the pure reference) or ``cupy``."""
+        return "cupy" if is_cupy(self.xp) else self.kernels.name
+
+    def to(self, backend: str) -> "Model":
+        """The same model on another backend (:data:`BACKENDS`); parameters move once, ties kept.
+
+        ``numpy`` is the pure NumPy reference; ``numba`` (the CPU default) runs the Numba kernels
+        of :mod:`refimpl.kernels` for LayerNorm, masked softmax and bias+GELU, each tested against
+        its NumPy definition; ``cupy`` moves the parameters to the GPU and runs the same math
+        functions through the Array API namespace. Outputs stay on the model's device.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if backend == "cupy":
+            try:
+                import cupy
+            except ImportError:
+                raise ImportError("backend='cupy' needs CuPy: pip install 'refimpl[gpu]'") from None
+            move = cupy.asarray
+            kernels = REFERENCE
+        else:
+            move = to_numpy
+            if backend == "numba":
+                from .kernels import numba_kernels
+
+                kernels = numba_kernels()
+            else:
+                kernels = REFERENCE
+        cache: dict[int, Any] = {}
+
+        def convert(a):
+            if id(a) not in cache:
+                cache[id(a)] = move(a)
+            return cache[id(a)]
+
+        return Model(self.config, map_leaves(convert, self.params), self.task, kernels)
 
     def __repr__(self) -> str:
         c = self.config
