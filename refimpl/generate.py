@@ -227,7 +227,7 @@ def generate(
             count = count + 1
             pos = count
         step_ids, step_pos = tok[:, None], pos[:, None]  # [B, 1] each
-    return out[:, : t + n]
+    return np.ascontiguousarray(out[:, : t + n])
 
 
 # ---------------------------------------------------------------------------------------------
