@@ -78,6 +78,8 @@ def onnx_session(hf, folder: str, dtype: str):
             )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = os.cpu_count() or 1
+        # Spinning worker threads would steal the cores from whatever runs next in the interleave.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]), "ok"
     except Exception as e:  # export or load failed: report, do not abort the suite
         return None, f"export failed: {type(e).__name__}: {str(e)[:120]}"
@@ -139,8 +141,10 @@ def main(argv=None) -> int:
         for f in fns.values():  # warm-up (JIT, allocator, caches)
             f()
         times = {k: [] for k in fns}
-        for _ in range(args.repeats):  # interleaved
-            for k, f in fns.items():
+        order = list(fns)
+        for r in range(args.repeats):  # interleaved, rotating who runs first (threads left spinning
+            for k in order[r % len(order):] + order[: r % len(order)]:  # by one run slow the next)
+                f = fns[k]
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)

@@ -783,7 +783,9 @@ def _linear_act(x, weight, bias, act_name: str):
 
     if act_name in ("gelu", "gelu_python"):
         y = ops.linear(x, weight)  # [..., I], no bias yet
-        return bias_gelu(y, bias, out=y)  # gelu(y + b), in place
+        # gelu(y + b) into a new array: with out=y the kernel cannot prove its input and output
+        # distinct and LLVM leaves the loop scalar (measured 6x slower on [1024, 3072] float32).
+        return bias_gelu(y, bias)
     return ops.linear_act(x, weight, bias, act_name)
 
 

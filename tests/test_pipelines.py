@@ -85,7 +85,9 @@ def test_fill_mask_matches_transformers(ck):
     for text, got in zip(FILL_TEXTS, ours):
         assert_same(got, hf(text, top_k=4), text)
     assert isinstance(ours[1][0], list) and len(ours[1]) == 2  # two masks: one list per mask
-    assert pipe(FILL_TEXTS[0], top_k=4) == ours[0]  # a single string: one result
+    # A single string gives one result (the same, up to float32 rounding: a batch of one takes a
+    # different GEMM schedule than a padded batch of two, see ops.linear).
+    assert_same(pipe(FILL_TEXTS[0], top_k=4), ours[0], "single string")
     assert_same(P.fill_mask(folder, FILL_TEXTS[0], top_k=3, targets=[" Paris", " London", "Berlin", "xyzzy"]),
                 hf(FILL_TEXTS[0], top_k=3, targets=[" Paris", " London", "Berlin", "xyzzy"]), "targets")
 
