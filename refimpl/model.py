@@ -8,9 +8,7 @@ LayerNorm, in :mod:`refimpl.embeddings` / :mod:`refimpl.encoder`) and then its h
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -755,11 +753,3 @@ def state_dict(model: Model, task: str | None = None) -> dict[str, Any]:
     if "lm_head.bias" in out and not model.config.tie_word_embeddings:
         out["lm_head.decoder.bias"] = out["lm_head.bias"]  # untied, transformers 5.x reads the decoder's own bias
     return out
-
-
-def replace_params(model: Model, **changes) -> Model:
-    return Model(model.config, dataclasses.replace(model.params, **changes), model.task, model.kernels)
-
-
-def warn(msg: str) -> None:
-    warnings.warn(msg, stacklevel=3)

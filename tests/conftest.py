@@ -119,3 +119,46 @@ def hf_factory(tmp_path):
         return model, folder
 
     return make
+
+
+ALL_TASKS = list(TASK_CLASSES)
+
+
+def task_inputs(task: str, config, rng: np.random.Generator) -> dict:
+    """Inputs (and labels) for ``task``: a batch of 3 rows of 11 tokens, one full, one right-padded,
+    one left-padded, with token types; multiple choice stacks two choices into [3, 2, 11]."""
+    b, t = 3, 11
+    ids = rng.integers(3, config.vocab_size, size=(b, t))
+    ids[:, 0] = 0
+    mask = np.ones((b, t), dtype=np.int64)
+    ids[1, 7:] = config.pad_token_id  # right padding
+    mask[1, 7:] = 0
+    ids[2, :4] = config.pad_token_id  # left padding
+    mask[2, :4] = 0
+    types = (np.arange(t) >= 5).astype(np.int64)[None].repeat(b, 0) * mask * int(config.type_vocab_size > 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    if task in ("masked-lm", "causal-lm", "token-classification"):
+        k = config.vocab_size if task != "token-classification" else config.num_labels
+        inputs["labels"] = np.where(mask == 1, rng.integers(0, k, size=(b, t)), -100)
+    elif task == "sequence-classification":
+        inputs["labels"] = rng.integers(0, config.num_labels, size=(b,))
+    elif task == "question-answering":  # 30 lies past the end: clamped to T and ignored
+        inputs["start_positions"], inputs["end_positions"] = np.array([1, 2, 30]), np.array([3, 2, 5])
+    elif task == "multiple-choice":
+        inputs = {k: np.stack([v, v[::-1]], axis=1) for k, v in inputs.items()}  # [B, C=2, T]
+        inputs["labels"] = np.array([1, 0, 1])
+    return inputs
+
+
+def assert_outputs_close(got, want, dtype: str, module_prefix: str) -> None:
+    """Every field of ``want`` (a NumPy-backed output) in ``got``, whose arrays must belong to the
+    library named by ``module_prefix`` (``array_api_strict``, ``cupy``): values within TOL[dtype]."""
+    from refimpl.backend import to_numpy
+    from tolerances import assert_close
+
+    for name, value in want.to_dict().items():
+        items = zip(got[name], value) if isinstance(value, tuple) else [(got[name], value)]
+        for i, (a, b) in enumerate(items):
+            label = f"{name}[{i}]" if isinstance(value, tuple) else name
+            assert type(a).__module__.startswith(module_prefix), f"{label} left {module_prefix}"
+            assert_close(to_numpy(a), b, dtype, label)

@@ -12,56 +12,23 @@ import pytest
 
 import refimpl
 from refimpl.backend import cupy_status, to_numpy
+from conftest import ALL_TASKS, assert_outputs_close, task_inputs
 from tolerances import assert_close
 
 OK, WHY = cupy_status()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not OK, reason=f"no usable GPU: {WHY}")]
 
-TASKS = ["base", "masked-lm", "causal-lm", "sequence-classification", "token-classification", "question-answering", "multiple-choice"]
-
-
-def inputs_for(task, config, rng):
-    b, t = 3, 11
-    ids = rng.integers(3, config.vocab_size, size=(b, t))
-    ids[:, 0] = 0
-    mask = np.ones((b, t), dtype=np.int64)
-    ids[1, 7:] = config.pad_token_id
-    mask[1, 7:] = 0
-    ids[2, :4] = config.pad_token_id  # left padding
-    mask[2, :4] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if task in ("masked-lm", "causal-lm", "token-classification"):
-        k = config.vocab_size if task != "token-classification" else config.num_labels
-        inputs["labels"] = np.where(mask == 1, rng.integers(0, k, size=(b, t)), -100)
-    elif task == "sequence-classification":
-        inputs["labels"] = rng.integers(0, config.num_labels, size=(b,))
-    elif task == "question-answering":
-        inputs["start_positions"], inputs["end_positions"] = np.array([1, 2, 30]), np.array([3, 2, 5])
-    elif task == "multiple-choice":
-        inputs = {k: np.stack([v, v[::-1]], axis=1) for k, v in inputs.items()}
-        inputs["labels"] = np.array([1, 0, 1])
-    return inputs
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", ALL_TASKS)
 def test_cupy_matches_numpy_float64(hf_factory, task, dtype):
     _, folder = hf_factory(task, seed=21, **({"is_decoder": True} if task == "causal-lm" else {}))
     reference = refimpl.from_pretrained(folder, dtype="float64", backend="numpy")
     gpu = refimpl.from_pretrained(folder, dtype=dtype, backend="cupy")
     assert gpu.backend == "cupy"
-    inputs = inputs_for(task, reference.config, np.random.default_rng(0))
+    inputs = task_inputs(task, reference.config, np.random.default_rng(0))
     want = reference(**inputs, output_hidden_states=True, output_attentions=True)
     got = gpu(**inputs, output_hidden_states=True, output_attentions=True)
-    for name, value in want.to_dict().items():
-        g = got[name]
-        if isinstance(value, tuple):
-            for i, (a, b) in enumerate(zip(g, value)):
-                assert type(a).__module__.startswith("cupy"), f"{name}[{i}] left the GPU"
-                assert_close(to_numpy(a), b, dtype, f"{name}[{i}]")
-        else:
-            assert type(g).__module__.startswith("cupy"), f"{name} left the GPU"
-            assert_close(to_numpy(g), value, dtype, name)
+    assert_outputs_close(got, want, dtype, "cupy")
 
 
 def test_cupy_to_and_back(hf_factory):
