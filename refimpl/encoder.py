@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .attention import attention_block
 from .cache import KVCache, LayerCache, has_cross
 from .config import Config
-from .ops import REFERENCE, Kernels, activation, linear
+from .ops import REFERENCE, Kernels, activation
 from .params import Layer, Params
 from .trace import Trace, record, scope
 
@@ -31,9 +31,9 @@ def feed_forward_block(x, p: Layer, *, act: str, eps: float, kernels: Kernels = 
     if trace is None:
         a = kernels.linear_act(h, p.intermediate.weight, p.intermediate.bias, act)  # [B, T, I]
     else:  # the same definition in two recorded steps (linear_act's reference is exactly this)
-        pre = record(trace, "pre_activation", linear(h, p.intermediate.weight, p.intermediate.bias))  # [B, T, I]
+        pre = record(trace, "pre_activation", kernels.linear(h, p.intermediate.weight, p.intermediate.bias))  # [B, T, I]
         a = record(trace, "activation", activation(act)(pre))  # [B, T, I]
-    out = record(trace, "output", linear(a, p.output.weight, p.output.bias))  # [B, T, H]
+    out = record(trace, "output", kernels.linear(a, p.output.weight, p.output.bias))  # [B, T, H]
     return record(trace, "residual", x + out)
 
 
@@ -56,16 +56,19 @@ def transformer_layer(
     cache: LayerCache | None = None,
     kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
+    need_probs: bool = True,
 ) -> LayerOutput:
     """One pre-LN block. x: [B, T, H] -> LayerOutput with hidden [B, T, H].
 
     ``cache`` is this layer's :class:`~refimpl.cache.LayerCache` (updated in place), or None. With a
     cache that already holds cross-attention keys/values, cross-attention runs on those even when
-    ``encoder_hidden_states`` is not passed again.
+    ``encoder_hidden_states`` is not passed again. With ``need_probs=False`` the attention
+    probabilities are not returned (None), which lets the kernels skip materialising them.
     """
     heads, eps = config.num_attention_heads, config.layer_norm_eps
     x, self_probs, self_kv = attention_block(
-        x, p.attention, bias, num_heads=heads, eps=eps, cache=cache, kernels=kernels, trace=scope(trace, "attention")
+        x, p.attention, bias, num_heads=heads, eps=eps, cache=cache, kernels=kernels, trace=scope(trace, "attention"),
+        need_probs=need_probs,
     )
     cross_probs, cross_kv = None, None
     if encoder_hidden_states is not None or (cache is not None and has_cross(cache)):
@@ -85,6 +88,7 @@ def transformer_layer(
             cross=True,
             kernels=kernels,
             trace=scope(trace, "crossattention"),
+            need_probs=need_probs,
         )
     x = feed_forward_block(x, p, act=config.hidden_act, eps=eps, kernels=kernels, trace=scope(trace, "ffn"))
     return LayerOutput(x, self_probs, cross_probs, (self_kv, cross_kv))
@@ -110,13 +114,15 @@ def encode(
     cache: KVCache | None = None,
     kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
+    need_probs: bool = True,
 ) -> EncoderOutput:
     """The stack of L blocks and the final LayerNorm. embeddings: [B, T, H] -> EncoderOutput.
 
     ``hidden_states`` follows transformers 5.x: the embedding output, then the outputs of blocks
     0 .. L-2, then the final-LayerNorm output (equal to ``last_hidden_state``) in place of block
     L-1's raw output. fairseq's ``inner_states`` instead end with the raw output of the last block;
-    the trace records it as ``layers.{L-1}.ffn.residual``.
+    the trace records it as ``layers.{L-1}.ffn.residual``. ``need_probs=False``: the
+    ``attentions``/``cross_attentions`` entries are None (callers that do not return them).
     """
     x = embeddings
     hidden, attentions, crosses, presents = [x], [], [], []
@@ -131,6 +137,7 @@ def encode(
             cache=None if cache is None else cache.layers[i],
             kernels=kernels,
             trace=scope(trace, f"layers.{i}"),
+            need_probs=need_probs,
         )
         x = out.hidden
         hidden.append(x)

@@ -8,6 +8,8 @@ NumPy definition (:mod:`refimpl.ops`)                   fast path here
 ``h = x + (r + rb); ops.layer_norm(h, w, b, eps)``      :func:`residual_layer_norm` ``-> (h, ln)``
 ``ops.softmax(scores * scale + mask)``                  :func:`masked_softmax`
 ``ops.softmax(q @ k^T * scale + mask) @ v``             :func:`attention` (per-head schedule)
+``ops.linear(x, w, b)``                                 ``_linear`` (bias added in place)
+``ops.attention_context(q, k, v, mask, scale)``         ``_attention_context`` (no probs kept)
 ======================================================  ======================================
 
 The functions in ``ops`` stay the definitions; ``tests/test_kernels.py`` holds each fast path to its
@@ -439,6 +441,25 @@ def _bias_gelu_kernel(y, b, has_bias, out):  # y, out: [R, H]; b: [H]
 
 
 @numba.njit(**_JIT)
+def _bias_gelu_inplace_kernel(y, b, has_bias):  # y: [R, H], updated in place; b: [H]
+    # Each row goes through a scratch row: with y read and written in one loop, LLVM cannot rule
+    # out that b aliases y and keeps the loop scalar (~6x slower); the scratch loop vectorises,
+    # and the copy back is from L1.
+    rows, h = y.shape
+    tmp = np.empty(h, y.dtype)
+    for i in range(rows):
+        yr = y[i]
+        if has_bias:
+            for j in range(h):
+                tmp[j] = _gelu(yr[j] + b[j])
+        else:
+            for j in range(h):
+                tmp[j] = _gelu(yr[j])
+        for j in range(h):
+            yr[j] = tmp[j]
+
+
+@numba.njit(**_JIT)
 def _layer_norm_row(xr, w, b, eps, n, outr):  # xr, outr: [H] (may alias); n = H in the dtype
     mean = _pairwise_sum(xr) / n
     var = _pairwise_sum_centred_sq(xr, mean) / n
@@ -561,7 +582,10 @@ def bias_gelu(y, b=None, *, out=None):
         return res
     has_bias = b is not None
     bv = _vector("b", b, h) if has_bias else np.zeros(1, dtype)
-    _bias_gelu_kernel(_rows(y), bv, has_bias, res.reshape(-1, h))
+    if res is y:  # in place (a fresh GEMM output): no new [R, H] array to fault in
+        _bias_gelu_inplace_kernel(res.reshape(-1, h), bv, has_bias)
+    else:
+        _bias_gelu_kernel(_rows(y), bv, has_bias, res.reshape(-1, h))
     return res
 
 
@@ -706,6 +730,7 @@ def warmup(dtype=np.float32) -> None:
     x = np.ones((2, 8), dtype)
     v = np.ones(8, dtype)
     bias_gelu(x, v)
+    bias_gelu(x, v, out=x)  # the in-place kernel
     layer_norm(x, v, v, 1e-5)
     residual_layer_norm(x, x, v, v, 1e-5, r_bias=v)
     masked_softmax(np.ones((1, 1, 2, 8), dtype), np.zeros((1, 1, 1, 8), dtype), 0.5)
@@ -776,6 +801,43 @@ def _scaled_masked_softmax(scores, bias, scale: float):
     return masked_softmax(scores, bias, scale)
 
 
+def _linear(x, weight, bias=None):
+    """``ops.linear`` with the bias added in place to the fresh GEMM output (bitwise the same
+    sums; one [R, out] array fewer to allocate and fault in)."""
+    from . import ops
+
+    y = ops.linear(x, weight)  # [..., out], a new array (or a transposed view of one)
+    if bias is None:
+        return y
+    if isinstance(y, np.ndarray) and y.flags.writeable and y.dtype == bias.dtype:
+        np.add(y, bias, out=y)
+        return y
+    return y + bias
+
+
+PER_HEAD_FROM = 256  # query length from which _attention_context runs attention() per head
+
+
+def _attention_context(q, k, v, bias, scale: float):
+    """``ops.attention_context``: no probabilities to keep, so the softmax runs in place on the
+    fresh score GEMM output, and the context is written straight into a [B, T, N, D] buffer (the
+    heads then merge without a copy). From ``PER_HEAD_FROM`` query positions up, :func:`attention`'s
+    per-head schedule (faster there: a hot [T, S] block, 2-D GEMMs); below it, batched matmuls.
+    -> [B, N, T, D] (a view of the C-contiguous [B, T, N, D] buffer).
+    """
+    nb, nh, nt, nd = q.shape
+    buf = np.empty((nb, nt, nh, nd), q.dtype)
+    ctx = buf.transpose(0, 2, 1, 3)  # [B, N, T, D] view
+    if nt >= PER_HEAD_FROM:
+        attention(q, k, v, bias, scale, out=ctx)
+    else:
+        scores = np.empty((nb, nh, nt, k.shape[2]), q.dtype)  # (matmul may pick another layout)
+        np.matmul(q, np.swapaxes(k, -1, -2), out=scores)  # [B, N, T, S], fresh: softmax in place
+        masked_softmax(scores, bias, scale, out=scores)
+        np.matmul(scores, v, out=ctx)
+    return ctx
+
+
 def _linear_act(x, weight, bias, act_name: str):
     """``ops.linear_act``: the exact GELU is fused with the bias add; other activations use the
     NumPy definitions."""
@@ -783,9 +845,11 @@ def _linear_act(x, weight, bias, act_name: str):
 
     if act_name in ("gelu", "gelu_python"):
         y = ops.linear(x, weight)  # [..., I], no bias yet
-        # gelu(y + b) into a new array: with out=y the kernel cannot prove its input and output
-        # distinct and LLVM leaves the loop scalar (measured 6x slower on [1024, 3072] float32).
-        return bias_gelu(y, bias)
+        if y.flags.c_contiguous and y.flags.writeable:
+            # always a fresh GEMM output (or a view of one): GELU in place (no second [R, I] array; from ~32 MB glibc maps
+            # every new array afresh and the page faults cost more than the GELU itself)
+            return bias_gelu(y, bias, out=y)
+        return bias_gelu(y, bias)  # (W x^T)^T for a few rows is a transposed view: a new array
     return ops.linear_act(x, weight, bias, act_name)
 
 
@@ -793,4 +857,7 @@ def numba_kernels():
     """The :class:`refimpl.ops.Kernels` whose steps run these Numba kernels (NumPy arrays only)."""
     from .ops import Kernels
 
-    return Kernels("numba", layer_norm=layer_norm, scaled_masked_softmax=_scaled_masked_softmax, linear_act=_linear_act)
+    return Kernels(
+        "numba", linear=_linear, layer_norm=layer_norm, scaled_masked_softmax=_scaled_masked_softmax, linear_act=_linear_act,
+        attention_context=_attention_context,
+    )

@@ -194,7 +194,7 @@ class Model:
         )
         base = self._base(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            encoder_hidden_states, encoder_attention_mask, trace, cache=kv,
+            encoder_hidden_states, encoder_attention_mask, trace, cache=kv, need_probs=output_attentions,
         )
         kv = kv if return_cache else None
         extras = dict(
@@ -326,6 +326,7 @@ class Model:
         base = self._base(
             flat(input_ids, "input_ids"), flat(attention_mask, "attention_mask", allow_float=True), flat(token_type_ids, "token_type_ids"),
             flat(position_ids, "position_ids"), flat(inputs_embeds, "inputs_embeds", 2, self.dtype), None, None, trace,
+            need_probs=output_attentions,
         )
         pooled = heads.pooler(base.last_hidden_state, self.params.pooler, trace=scope(trace, "head"))  # [B*C, H]
         logits = record(trace, "logits", heads.multiple_choice_head(pooled, self.params.choice_classifier, c))  # [B, C]
@@ -341,11 +342,13 @@ class Model:
     def _base(
         self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
         encoder_hidden_states, encoder_attention_mask, trace, cache: KVCache | None = None,
+        need_probs: bool = True,
     ) -> EncoderOutput:
         """Validate and resolve the inputs, then embeddings -> blocks -> final LayerNorm.
 
         ``cache`` (decoders): the :class:`~refimpl.cache.KVCache` holding P earlier positions; it is
-        updated in place with this call's T positions.
+        updated in place with this call's T positions. ``need_probs``: whether the attention
+        probabilities are kept (``output_attentions``); without them the kernels may skip them.
         """
         c, xp, dtype = self.config, self.xp, self.dtype
         past_length = 0 if cache is None else cache.length
@@ -444,7 +447,7 @@ class Model:
         )  # [B, T, H]
         return encode(
             emb, self.params, c, bias, encoder_hidden_states=encoder_hidden_states, encoder_bias=encoder_bias,
-            cache=cache, kernels=self.kernels, trace=trace,
+            cache=cache, kernels=self.kernels, trace=trace, need_probs=need_probs,
         )
 
     def _check_cache(self, cache, b: int) -> None:

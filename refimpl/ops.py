@@ -241,6 +241,17 @@ def scaled_masked_softmax(scores, bias, scale: float):
     return softmax(scores, axis=-1)
 
 
+def attention_context(q, k, v, bias, scale: float):
+    """``softmax(q k^T * scale + bias) v`` when the probabilities themselves are not needed.
+
+    q: [B, N, T, D]; k, v: [B, N, S, D]; bias as in :func:`scaled_masked_softmax`.
+    -> context [B, N, T, D]. The same steps as ``attention.scaled_dot_product_attention``.
+    """
+    xp = namespace(q, k)
+    probs = scaled_masked_softmax(xp.matmul(q, xp.matrix_transpose(k)), bias, scale)  # [B, N, T, S]
+    return xp.matmul(probs, v)  # [B, N, T, D]
+
+
 def linear_act(x, weight, bias, act_name: str):
     """``act(x @ W.T + b)``: the FFN's first projection and its activation."""
     return activation(act_name)(linear(x, weight, bias))
@@ -255,9 +266,12 @@ class Kernels:
     """
 
     name: str
+    linear: Callable = linear  # (x, weight, bias) -> [..., out]
     layer_norm: Callable = layer_norm  # (x, weight, bias, eps) -> [..., H]
     scaled_masked_softmax: Callable = scaled_masked_softmax  # (scores, bias, scale) -> probs
     linear_act: Callable = linear_act  # (x, weight, bias, act_name) -> [..., out]
+    # (q, k, v, bias, scale) -> context [B, N, T, D], used when no one asks for the probabilities
+    attention_context: Callable = attention_context
 
 
 REFERENCE = Kernels("numpy")

@@ -439,6 +439,7 @@ def test_warmup_compiles_one_specialisation_per_kernel(dtype):
 
 _KERNELS = [
     kernels._bias_gelu_kernel,
+    kernels._bias_gelu_inplace_kernel,
     kernels._layer_norm_kernel,
     kernels._residual_layer_norm_kernel,
     kernels._masked_softmax_kernel,
@@ -454,3 +455,62 @@ def test_import_compiles_nothing():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of numba_kernels() that schedule BLAS and the kernels (no kernel of their own)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("h", [1, 7, 128, 300, 3072])
+def test_bias_gelu_in_place_is_bitwise_out_of_place(dtype, h):
+    rng = np.random.default_rng(h)
+    y = (3 * rng.standard_normal((5, h))).astype(dtype)
+    b = rng.standard_normal(h).astype(dtype)
+    for bias in (b, None):
+        want = kernels.bias_gelu(y, bias)
+        got = y.copy()
+        assert kernels.bias_gelu(got, bias, out=got) is got
+        np.testing.assert_array_equal(got, want)
+        _assert_gelu_close(got, y, bias, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (64,), (65,), (2, 100)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_is_bitwise_ops_linear(dtype, lead, with_bias):
+    rng = np.random.default_rng(len(lead))
+    x = rng.standard_normal(lead + (24,)).astype(dtype)
+    w = rng.standard_normal((40, 24)).astype(dtype)
+    b = rng.standard_normal(40).astype(dtype) if with_bias else None
+    got = kernels.numba_kernels().linear(x, w, b)
+    want = ops.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "rows", "full"])
+@pytest.mark.parametrize("b,n,t,s_len", [(1, 1, 1, 1), (2, 3, 5, 5), (2, 3, 4, 9), (1, 2, 33, 40)])
+def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, b, n, t, s_len):
+    monkeypatch.setattr(kernels, "PER_HEAD_FROM", 1 if per_head else 10**9)
+    rng = np.random.default_rng(t * s_len)
+    d = 8
+    # q, k, v as the model makes them: [B, N, T, D] views of [B, T, H] projections
+    q = rng.standard_normal((b, t, n * d)).astype(dtype).reshape(b, t, n, d).transpose(0, 2, 1, 3)
+    k = (3 * rng.standard_normal((b, s_len, n * d))).astype(dtype).reshape(b, s_len, n, d).transpose(0, 2, 1, 3)
+    v = rng.standard_normal((b, s_len, n * d)).astype(dtype).reshape(b, s_len, n, d).transpose(0, 2, 1, 3)
+    mask = _make_mask(mask_kind, b, t, s_len, dtype, rng)
+    scale = d**-0.5
+    got = kernels.numba_kernels().attention_context(q, k, v, mask, scale)
+    want = ops.attention_context(q, k, v, mask, scale)
+    assert got.shape == want.shape == (b, n, t, d) and got.dtype == dtype
+    probs = ops.scaled_masked_softmax(q @ k.swapaxes(-1, -2), mask, scale)
+    bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
+    assert np.all(np.abs(got - want) <= bound)
+    # the heads merge without a copy: [B, N, T, D] -> [B, T, N, D] is C-contiguous
+    assert got.transpose(0, 2, 1, 3).flags.c_contiguous
+    # and bitwise the schedule that keeps the probabilities (softmax kernel, then @ v)
+    np.testing.assert_array_equal(got, kernels.masked_softmax(q @ k.swapaxes(-1, -2), mask, scale) @ v)

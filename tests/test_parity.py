@@ -72,16 +72,18 @@ def cast_inputs(inputs, dtype):
     return {k: (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in inputs.items()}
 
 
-def compare_outputs(ours, theirs, dtype, task):
-    fields = {
-        "base": ["last_hidden_state", "pooler_output"],
-        "masked-lm": ["logits", "loss"],
-        "causal-lm": ["logits"],  # loss: see test_causal_lm_loss_is_computed_in_model_dtype
-        "sequence-classification": ["logits", "loss"],
-        "token-classification": ["logits", "loss"],
-        "question-answering": ["start_logits", "end_logits", "loss"],
-        "multiple-choice": ["logits", "loss"],
-    }[task]
+MAIN_FIELDS = {
+    "base": ["last_hidden_state", "pooler_output"],
+    "masked-lm": ["logits", "loss"],
+    "causal-lm": ["logits"],  # loss: see test_causal_lm_loss_is_computed_in_model_dtype
+    "sequence-classification": ["logits", "loss"],
+    "token-classification": ["logits", "loss"],
+    "question-answering": ["start_logits", "end_logits", "loss"],
+    "multiple-choice": ["logits", "loss"],
+}
+
+
+def compare_main_outputs(ours, theirs, dtype, fields):
     for f in fields:
         t = getattr(theirs, f)
         if t is None:
@@ -91,6 +93,10 @@ def compare_outputs(ours, theirs, dtype, task):
         assert isinstance(o, np.ndarray) or np.isscalar(o) or np.ndim(o) == 0, f
         assert np.asarray(o).dtype == np.dtype(dtype), f"{f}: dtype {np.asarray(o).dtype}"
         assert_close(o, t.numpy(), dtype, f)
+
+
+def compare_outputs(ours, theirs, dtype, task):
+    compare_main_outputs(ours, theirs, dtype, MAIN_FIELDS[task])
     assert len(ours.hidden_states) == len(theirs.hidden_states) == TINY["num_hidden_layers"] + 1
     for i, (o, t) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
         assert_close(o, t.numpy(), dtype, f"hidden_states[{i}]")
@@ -122,6 +128,10 @@ def test_task_parity(hf_factory, task, kind, dtype, backend):
     assert model.task == task and model.backend == backend
     ours = model(**inputs, output_hidden_states=True, output_attentions=True)
     compare_outputs(ours, theirs, dtype, task)
+    # without output_attentions the kernels may skip the probabilities (numba: attention_context)
+    plain = model(**inputs)
+    assert plain.attentions is None
+    compare_main_outputs(plain, theirs, dtype, MAIN_FIELDS[task])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,9 +147,13 @@ def test_multiple_choice_parity(hf_factory, kind, dtype, backend):
     inputs["labels"] = np.array([2, 0])
     inputs = cast_inputs(inputs, dtype)
     theirs = torch_forward(hf, dtype, **inputs, output_hidden_states=True, output_attentions=True)
-    ours = refimpl.from_pretrained(folder, dtype=dtype, backend=backend)(**inputs, output_hidden_states=True, output_attentions=True)
+    model = refimpl.from_pretrained(folder, dtype=dtype, backend=backend)
+    ours = model(**inputs, output_hidden_states=True, output_attentions=True)
     assert ours.logits.shape == (b, c)
     compare_outputs(ours, theirs, dtype, "multiple-choice")
+    plain = model(**inputs)  # no probabilities kept
+    assert plain.attentions is None
+    compare_main_outputs(plain, theirs, dtype, MAIN_FIELDS["multiple-choice"])
 
 
 @pytest.mark.parametrize("problem", ["regression", "single_label_classification", "multi_label_classification", None])
@@ -262,3 +276,17 @@ def test_backends_agree_and_switch(hf_factory):
     assert_close(fast(input_ids=ids).logits, ref(input_ids=ids).logits, "float64", "numba vs numpy")
     with pytest.raises(ValueError, match="backend must be one of"):
         fast.to("torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["right", "left"])
+def test_numba_per_head_attention_schedule_parity(hf_factory, monkeypatch, kind, dtype):
+    """The per-(batch, head) schedule that the Numba backend uses for long inputs, forced on."""
+    from refimpl import kernels
+
+    monkeypatch.setattr(kernels, "PER_HEAD_FROM", 1)
+    hf, folder = hf_factory("base", seed=hash(("per-head", kind)) % 1000)
+    inputs = cast_inputs(make_inputs(kind, np.random.default_rng(1)), dtype)
+    theirs = torch_forward(hf, dtype, **inputs)
+    ours = refimpl.from_pretrained(folder, dtype=dtype, backend="numba")(**inputs)
+    compare_main_outputs(ours, theirs, dtype, MAIN_FIELDS["base"])
