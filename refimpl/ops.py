@@ -272,6 +272,9 @@ class Kernels:
     linear_act: Callable = linear_act  # (x, weight, bias, act_name) -> [..., out]
     # (q, k, v, bias, scale) -> context [B, N, T, D], used when no one asks for the probabilities
     attention_context: Callable = attention_context
+    # (fn, n) -> [fn(slice), ...] over consecutive slices covering range(n), possibly concurrent;
+    # None: the encoder runs the whole batch at once (see encoder.encode)
+    split_batch: Callable | None = None
 
 
 REFERENCE = Kernels("numpy")

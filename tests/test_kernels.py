@@ -514,3 +514,45 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
     assert got.transpose(0, 2, 1, 3).flags.c_contiguous
     # and bitwise the schedule that keeps the probabilities (softmax kernel, then @ v)
     np.testing.assert_array_equal(got, kernels.masked_softmax(q @ k.swapaxes(-1, -2), mask, scale) @ v)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("batch", [2, 3, 5])
+def test_split_batch_forward_is_bitwise_the_whole_batch(dtype, batch):
+    """numba_kernels().split_batch runs the batch as two halves on two threads (single-threaded
+    OpenBLAS); every sequence is computed on its own either way, so the outputs are identical."""
+    import dataclasses
+
+    import refimpl
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    split = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype)
+    assert split.kernels.split_batch is not None
+    whole = refimpl.Model(split.config, split.params, split.task, dataclasses.replace(split.kernels, split_batch=None))
+    rng = np.random.default_rng(batch)
+    ids = rng.integers(3, split.config.vocab_size, size=(batch, 11))
+    mask = np.ones_like(ids)
+    mask[0, 7:] = 0  # a padded row: the per-row attention bias is sliced with the batch
+    ids[0, 7:] = split.config.pad_token_id
+    for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
+        a = split(input_ids=ids, attention_mask=mask, **kwargs)
+        b = whole(input_ids=ids, attention_mask=mask, **kwargs)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        for name in ("hidden_states", "attentions"):
+            if kwargs:
+                assert len(getattr(a, name)) == len(getattr(b, name))
+                for x, y in zip(getattr(a, name), getattr(b, name)):
+                    np.testing.assert_array_equal(x, y)
+            else:
+                assert getattr(a, name) is None
+
+
+def test_split_batch_restores_blas_threads_and_covers_the_batch():
+    blas = kernels._openblas_threads()
+    before = blas[0]() if blas else None
+    seen = []
+    parts = kernels._split_batch(lambda rows: seen.append(rows) or rows, 5)
+    assert sorted((s.start, s.stop) for s in seen) == [(0, 3), (3, 5)] or parts == [slice(0, 5)]
+    assert kernels._split_batch(lambda rows: rows, 1) == [slice(0, 1)]
+    if blas:
+        assert blas[0]() == before
