@@ -960,7 +960,7 @@ def _load_legacy(path: str, *, mmap: bool, bfloat16: str, unknown_globals: str) 
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise TorchCheckpointError(
                 f"{path}: a big-endian legacy torch file is not supported; re-save it on a "
-                "little-endian machine with a current torch (torch.save(torch.load(path), path))"
+                "little-endian machine with a current torch (load it with torch, then torch.save it again)"
             )
         # The storages follow the object pickle, so tensors cannot be built on a first read.
         # Pass 1 reads the object pickle with inert stand-ins to learn each storage's element
@@ -1040,8 +1040,8 @@ def _sniff(path: str) -> str:
     if len(head) >= 262 and head[257:262] == b"ustar":
         raise TorchCheckpointError(
             f"{path}: a tar archive: the legacy torch<0.4 tar format is not supported. Re-save it "
-            "with a current torch: torch.save(torch.load(path, weights_only=False), new_path) "
-            "(only on a trusted file)"
+            "with a current torch: load it with weights_only=False (only a trusted file!) and torch.save "
+            "the result to a new path"
         )
     if len(head) >= 10:
         (header_len,) = struct.unpack("<Q", head[:8])
