@@ -165,24 +165,3 @@ def copy_cache(cache: KVCache) -> KVCache:
             )
         )
     return KVCache(layers, cache.batch, cache.dtype, cache.encoder_attention_mask, xp=xp, device=cache.device)
-
-
-def select_rows(cache: KVCache, rows) -> KVCache:
-    """A new cache holding only batch ``rows`` (an int array [B']) of every buffer."""
-    xp = cache.xp
-    layers = []
-    for lc in cache.layers:
-        k, v = filled(lc)
-        layers.append(
-            LayerCache(
-                None if k is None else xp.take(k, rows, axis=0),
-                None if v is None else xp.take(v, rows, axis=0),
-                lc.length,
-                None if lc.cross_keys is None else xp.take(lc.cross_keys, rows, axis=0),
-                None if lc.cross_values is None else xp.take(lc.cross_values, rows, axis=0),
-            )
-        )
-    mask = cache.encoder_attention_mask
-    if mask is not None and mask.shape[0] != 1:
-        mask = xp.take(mask, rows, axis=0)
-    return KVCache(layers, int(rows.shape[0]), cache.dtype, mask, xp=xp, device=cache.device)

@@ -37,24 +37,13 @@ from refimpl.ops import REFERENCE  # noqa: E402
 
 from dump_transformers_golden import capture, torch_inputs  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+from conftest import randomize_  # noqa: E402  (the tests' weight randomiser)
+
 TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
             max_position_embeddings=40, type_vocab_size=2, layer_norm_eps=1e-5)
 BASE2 = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072,
              max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
-
-
-def randomize_(model, seed: int, std: float, bias_std: float) -> None:
-    """Weights ~ N(0, std^2), biases ~ N(0, bias_std^2), LayerNorm scales ~ 1 + N(0, 0.1^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "LayerNorm.weight" in name or "layer_norm.weight" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(bias_std * noise)
-            else:
-                p.copy_(std * noise)
 
 
 def build(cfg: dict, std: float, bias_std: float, seed: int = 0):

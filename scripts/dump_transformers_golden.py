@@ -24,15 +24,10 @@ import warnings
 import numpy as np
 import torch
 
-TASK_CLASSES = {
-    "base": "RobertaPreLayerNormModel",
-    "masked-lm": "RobertaPreLayerNormForMaskedLM",
-    "causal-lm": "RobertaPreLayerNormForCausalLM",
-    "sequence-classification": "RobertaPreLayerNormForSequenceClassification",
-    "token-classification": "RobertaPreLayerNormForTokenClassification",
-    "question-answering": "RobertaPreLayerNormForQuestionAnswering",
-    "multiple-choice": "RobertaPreLayerNormForMultipleChoice",
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's refimpl
+from refimpl.params import TASKS  # noqa: E402  (refimpl's one task table)
+
+TASK_CLASSES = {task: cls for task, (cls, _, _) in TASKS.items()}
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "loss")
 
 
@@ -197,5 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from refimpl.params import TASKS
+
 settings.register_profile(
     "ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -22,15 +24,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-TASK_CLASSES = {
-    "base": "RobertaPreLayerNormModel",
-    "masked-lm": "RobertaPreLayerNormForMaskedLM",
-    "causal-lm": "RobertaPreLayerNormForCausalLM",
-    "sequence-classification": "RobertaPreLayerNormForSequenceClassification",
-    "token-classification": "RobertaPreLayerNormForTokenClassification",
-    "question-answering": "RobertaPreLayerNormForQuestionAnswering",
-    "multiple-choice": "RobertaPreLayerNormForMultipleChoice",
-}
+# task -> transformers class name, from refimpl's one task table
+TASK_CLASSES = {task: cls for task, (cls, _, _) in TASKS.items()}
 
 TINY = dict(
     vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
@@ -38,8 +33,9 @@ TINY = dict(
 )
 
 
-def randomize_(model, seed: int, std: float = 0.5) -> None:
-    """Weights ~ N(0, std^2); LayerNorm scales ~ 1 + N(0, 0.1^2) so that no parameter is trivial."""
+def randomize_(model, seed: int, std: float = 0.5, bias_std: float | None = None) -> None:
+    """Weights ~ N(0, std^2) (biases ~ N(0, bias_std^2) when given); LayerNorm scales
+    ~ 1 + N(0, 0.1^2), so that no parameter is trivial."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -48,6 +44,8 @@ def randomize_(model, seed: int, std: float = 0.5) -> None:
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
             if "LayerNorm.weight" in name or "layer_norm.weight" in name:
                 p.copy_(1.0 + 0.1 * noise)
+            elif bias_std is not None and name.endswith("bias"):
+                p.copy_(bias_std * noise)
             else:
                 p.copy_(std * noise)
 
