@@ -6,6 +6,8 @@ Formats (``--from``):
 * ``bin``: a Hugging Face folder with ``config.json`` + ``pytorch_model.bin`` (or its sharded index);
 * ``original``: the original efficient_mlm layout (``roberta.`` prefix, unused
   ``attention.self.LayerNorm``), in safetensors or ``.bin``: see :mod:`conversion.original`;
+
+A post-LayerNorm RoBERTa (such as roberta-base) is refused in every format, with the reason.
 * ``fairseq``: a fairseq ``.pt`` file, or a folder with ``model.pt`` (+ ``dict.txt``): see
   :mod:`conversion.fairseq`.
 """
@@ -21,7 +23,7 @@ from refimpl.params import BASE_PREFIX, TIED_ALIASES, hf_key_table, normalize_ta
 from .fairseq import load_fairseq
 from .hf import dominant_dtype, read_folder, weights_kind
 from .keymap import ConversionError, Loaded, describe_keys
-from .original import convert_original_state_dict, is_original_layout, original_to_hf_key
+from .original import convert_original_layout, is_original_layout, refuse_post_layernorm
 
 FORMATS = ("auto", "hf", "bin", "original", "fairseq")
 
@@ -41,6 +43,7 @@ def detect_format(src: str) -> str:
     kind = weights_kind(src)
     if kind is not None and os.path.isfile(os.path.join(src, "config.json")):
         state, _, _ = read_folder(src, kind)
+        refuse_post_layernorm(state, src)
         if is_original_layout(state):
             return "original"
         return "hf" if kind == "safetensors" else "bin"
@@ -80,17 +83,15 @@ def load(src: str, fmt: str = "auto", task: str | None = None, head: str | None 
         raise ConversionError(f"{src!r} is not a folder: the {fmt} format is a folder with config.json and weights")
     kind = {"hf": "safetensors", "bin": "bin"}.get(fmt)
     state, dtypes, kind = read_folder(src, kind)
+    refuse_post_layernorm(state, src)
     notes: list[str] = []
     if fmt == "original":
         if not is_original_layout(state):
             raise ConversionError(
                 f"{src!r} is not in the original efficient_mlm layout (no 'roberta.' keys, no attention.self.LayerNorm)"
             )
-        renamed, dropped = convert_original_state_dict(state)
-        dtypes = {original_to_hf_key(k): v for k, v in dtypes.items() if original_to_hf_key(k) is not None}
-        state = renamed
-        if dropped:
-            notes.append(f"dropped {len(dropped)} unused attention.self.LayerNorm tensors (as transformers' conversion script does)")
+        state, dtypes, note = convert_original_layout(state, dtypes)
+        notes.append(note)
     elif is_original_layout(state):
         raise ConversionError(f"{src!r} is in the original efficient_mlm layout ('roberta.' prefix): use --from original or auto")
     config = Config.from_pretrained(src)

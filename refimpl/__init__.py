@@ -32,21 +32,30 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
 
     safetensors is preferred when a folder has both formats. A ``.bin`` checkpoint is read by
     ``conversion.torch_pickle`` (NumPy only: no torch, no code from the file runs; bfloat16 becomes
-    float32 exactly). This loader is an entry point and may use ``conversion``; the math modules of
-    refimpl never import it.
+    float32 exactly). Checkpoints in the original efficient_mlm layout (``roberta.`` instead of
+    ``roberta_prelayernorm.``, an unused ``attention.self.LayerNorm`` per layer, a config.json that
+    may say ``"model_type": "roberta"`` and ``RobertaForMaskedLM``), as the Hub's
+    ``andreasmadsen/efficient_mlm_*`` repositories ship them, are converted in memory as
+    transformers' conversion script does (no tensor is copied) and one line is logged (INFO) to
+    the ``"refimpl"`` logger. A post-LayerNorm RoBERTa (such as ``roberta-base``) is refused with a
+    :class:`CheckpointError`: refimpl implements RoBERTa-PreLayerNorm only. This loader is an entry
+    point and may use ``conversion``; the math modules of refimpl never import it.
     """
+    from conversion.original import normalize_layout  # entry point: allowed to use conversion
+
     from .hub import resolve, weight_files, weights_format
     from .model import load_folder
 
     folder = resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token)
+    state = source_dtypes = None  # safetensors: load_folder memory-maps the file
     if (weights_format(folder) or "").startswith("bin"):
-        from conversion.torch_pickle import load_state_dict  # entry point: allowed to use conversion
+        from conversion.torch_pickle import load_state_dict
 
-        state = {}
+        state, source_dtypes = {}, {}
         for path in weight_files(folder):
             state.update(load_state_dict(path))
-        return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes={}).to(backend)
-    return load_folder(folder, task=task, dtype=dtype).to(backend)
+    return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes=source_dtypes,
+                       layout=normalize_layout).to(backend)
 
 
 __all__ = [

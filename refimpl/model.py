@@ -8,6 +8,7 @@ LayerNorm, in :mod:`refimpl.embeddings` / :mod:`refimpl.encoder`) and then its h
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -46,6 +47,7 @@ from .params import (
 from .safetensors_io import CheckpointError, read_hf_safetensors_folder, to_compute_dtype
 from .trace import Trace, record, scope
 
+logger = logging.getLogger("refimpl")
 DTYPES = {"float32": np.float32, "float64": np.float64}
 BACKENDS = ("numba", "numpy", "cupy")
 # Buffers some checkpoints carry that hold no parameters.
@@ -723,15 +725,23 @@ def params_from_state_dict(
             f"{source} does not match a RoBERTa-PreLayerNorm {task} model with this config:\n  "
             + "\n  ".join(parts)
             + "\nCheck that config.json belongs to these weights and that the task is right"
-            + (" (original efficient_mlm checkpoints use the 'roberta.' prefix: convert them with refimpl-convert)" if any(k.startswith("roberta.") for k in state) else "")
+            + (" (the original efficient_mlm layout uses the 'roberta.' prefix: refimpl.from_pretrained and refimpl-convert "
+               "convert it, conversion.original.convert_original_layout converts a state dict)"
+               if any(k.startswith("roberta.") for k in state) else "")
         )
     return build_params(config, task, leaves)
 
 
-def load_folder(folder: str | os.PathLike, task: str | None = None, dtype="float32", state=None, source_dtypes=None) -> Model:
+def load_folder(
+    folder: str | os.PathLike, task: str | None = None, dtype="float32", state=None, source_dtypes=None, layout=None
+) -> Model:
     """A model from a local Hugging Face folder: ``config.json`` + safetensors (single or sharded).
 
-    ``state``/``source_dtypes`` let a caller pass tensors it read from another format.
+    ``state``/``source_dtypes`` let a caller pass tensors it read from another format. ``layout``
+    (``(state, source_dtypes, source) -> (state, source_dtypes, note or None)``) may refuse or rename
+    the tensors before they are checked: :func:`refimpl.from_pretrained` passes
+    ``conversion.original.normalize_layout`` (this module never imports ``conversion``). Its note,
+    one line saying what was changed, is logged to the ``"refimpl"`` logger.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -740,7 +750,17 @@ def load_folder(folder: str | os.PathLike, task: str | None = None, dtype="float
     task = normalize_task(task) if task is not None else task_from_architectures(config.architectures)
     if state is None:
         state, source_dtypes = read_hf_safetensors_folder(folder)
-    params = params_from_state_dict(config, task, state, dtype, source_dtypes, source=folder)
+    note = None
+    if layout is not None:
+        state, source_dtypes, note = layout(state, source_dtypes, folder)
+        if note is not None:
+            logger.info("%s: %s", folder, note)
+    try:
+        params = params_from_state_dict(config, task, state, dtype, source_dtypes, source=folder)
+    except CheckpointError as e:
+        if note is None:
+            raise
+        raise CheckpointError(f"{e}\n(the names above are after loading did this: {note})") from None
     return Model(config, params, task)
 
 

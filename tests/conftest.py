@@ -70,6 +70,21 @@ def build_hf(task: str, seed: int = 0, **config_kwargs):
     return model.eval().double()
 
 
+def build_post_ln_roberta(seed: int = 0):
+    """transformers' RobertaForMaskedLM (post-LayerNorm, as roberta-base) with random weights: the
+    architecture refimpl refuses."""
+    import torch
+    import transformers
+
+    config = transformers.RobertaConfig(**TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = transformers.RobertaForMaskedLM(config)
+    randomize_(model, seed)
+    return model.eval().double()
+
+
 def save_hf(model, folder, dtype=None, **kwargs) -> str:
     """``save_pretrained`` (in ``dtype`` if given) and return the folder."""
     import torch

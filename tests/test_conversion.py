@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -23,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
-from conftest import TASK_CLASSES, build_hf, save_hf  # noqa: E402
+from conftest import TASK_CLASSES, build_hf, build_post_ln_roberta, save_hf  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 import conversion  # noqa: E402
@@ -294,17 +296,32 @@ def original_layout(hf, folder, fmt: str, seed: int = 0) -> str:
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-def test_original_layout(fmt, hf_models, tmp_path, capsys):
+def test_original_layout(fmt, hf_models, tmp_path, capsys, caplog):
     hf = hf_models("masked-lm")
     src = original_layout(hf, tmp_path / "orig", fmt)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    assert cfg["model_type"] == "roberta" and cfg["architectures"] == ["RobertaForMaskedLM"]  # as the Hub repos ship it
     assert detect_format(src) == "original"
-    with pytest.raises(refimpl.CheckpointError, match="refimpl-convert"):
-        refimpl.from_pretrained(src)
-    loaded = load(src, dtype="float64")
-    assert loaded.format == "original" and loaded.model.task == "masked-lm"
-    assert any("attention.self.LayerNorm" in n for n in loaded.notes)
     inputs = inputs_for("masked-lm")
     expected = run_torch(copy.deepcopy(hf).float().double(), inputs)
+    L = hf.config.num_hidden_layers
+    # every roberta_prelayernorm.* tensor and the position_ids buffer were written as roberta.*
+    renamed = len({k for k in hf.state_dict() if k.startswith("roberta_prelayernorm.")} | {"roberta_prelayernorm.embeddings.position_ids"})
+
+    # refimpl.from_pretrained converts it in memory: the task from "RobertaForMaskedLM", one log line
+    with caplog.at_level(logging.INFO, logger="refimpl"):
+        model = refimpl.from_pretrained(src, dtype="float64")
+    records = [r for r in caplog.records if r.name == "refimpl"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    line = records[0].getMessage()
+    assert "\n" not in line and "original efficient_mlm layout" in line
+    assert f"renamed {renamed} 'roberta.' keys" in line and f"dropped {2 * L} unused attention.self.LayerNorm tensors" in line
+    assert model.task == "masked-lm" and model.config.to_dict()["model_type"] == "roberta-prelayernorm"
+    assert_outputs_close(run_refimpl(model, inputs), expected, "float64", "original layout, from_pretrained")
+
+    loaded = load(src, dtype="float64")
+    assert loaded.format == "original" and loaded.model.task == "masked-lm"
+    assert loaded.notes == [line.split(": ", 1)[1]]  # refimpl-convert's note is the same line
     assert_outputs_close(run_refimpl(loaded.model, inputs), expected, "float64", "original layout")
 
     assert cli.main([src, str(tmp_path / "dst")]) == 0
@@ -319,6 +336,59 @@ def test_original_layout(fmt, hf_models, tmp_path, capsys):
     written = set(read_safetensors(os.path.join(tmp_path / "dst", "model.safetensors"))[0])
     want = set(hf.state_dict()) - {"lm_head.decoder.weight", "lm_head.decoder.bias"}
     assert written == want
+
+
+def test_original_layout_safetensors_stays_memory_mapped(hf_models, tmp_path):
+    src = original_layout(hf_models("masked-lm"), tmp_path / "orig", "safetensors")
+    model = refimpl.from_pretrained(src, dtype="float32")
+    for path, leaf in refimpl.params.iter_leaves(model.params):
+        a = leaf
+        while isinstance(a, np.ndarray):  # down the .base chain to the file's mmap: renamed, not copied
+            a = a.base
+        assert isinstance(a, mmap.mmap) and not leaf.flags.owndata and not leaf.flags.writeable, path
+
+
+def post_ln_roberta(folder, fmt: str) -> str:
+    """transformers' post-LayerNorm RobertaForMaskedLM (roberta-base's architecture), written as ``fmt``."""
+    hf = build_post_ln_roberta(seed=7)
+    folder = save_hf(hf, folder, dtype="float32")
+    if fmt == "bin":  # transformers 5 writes safetensors only: the .bin as older versions wrote it
+        os.remove(os.path.join(folder, "model.safetensors"))
+        torch.save(hf.float().state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_post_layernorm_roberta_refused_by_convert(fmt, tmp_path, capsys):
+    src = post_ln_roberta(tmp_path / "roberta", fmt)
+    assert json.load(open(os.path.join(src, "config.json")))["architectures"] == ["RobertaForMaskedLM"]
+    what = r"is a post-LayerNorm RoBERTa \(such as roberta-base.*RoBERTa-PreLayerNorm only.*transformers' RobertaForMaskedLM"
+    with pytest.raises(ConversionError, match=what):
+        detect_format(src)
+    for from_ in ("auto", "hf" if fmt == "safetensors" else "bin", "original"):
+        with pytest.raises(ConversionError, match=what):
+            load(src, fmt=from_)
+    with pytest.raises(refimpl.CheckpointError, match=what):  # the same refusal as from_pretrained's
+        load(src)
+    capsys.readouterr()
+    assert cli.main([src, str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "post-LayerNorm RoBERTa" in err and "RobertaForMaskedLM" in err, err
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_layernorm_placement_from_key_names(hf_models):
+    from conversion.original import is_post_layernorm, layernorm_placement
+
+    pre = list(hf_models("masked-lm").state_dict())
+    post = list(build_post_ln_roberta().state_dict())
+    base_post = [k[len("roberta."):] for k in post if k.startswith("roberta.")]  # RobertaModel: no prefix
+    original = [k.replace("roberta_prelayernorm.", "roberta.") for k in pre] + ["roberta.encoder.layer.0.attention.self.LayerNorm.weight"]
+    assert layernorm_placement(pre) == layernorm_placement(original) == {"pre-LN"}
+    assert layernorm_placement(post) == layernorm_placement(base_post) == {"post-LN"}
+    assert is_post_layernorm(post) and is_post_layernorm(base_post)
+    assert not is_post_layernorm(pre) and not is_post_layernorm(original) and not is_post_layernorm(["roberta.foo"])
+    assert not is_post_layernorm(pre + post)  # both: not a post-LN model; the key check lists what is wrong
 
 
 def test_original_layout_refused_as_hf(hf_models, tmp_path):

@@ -9,6 +9,7 @@ what is wrong and where.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import refimpl
-from conftest import TINY, build_hf, save_hf, torch_forward
+from conftest import TINY, build_hf, build_post_ln_roberta, save_hf, torch_forward
 from refimpl import CheckpointError
 from tolerances import assert_close
 
@@ -301,12 +302,103 @@ def test_one_error_lists_missing_unexpected_and_wrongly_shaped(mlm, tmp_path):
     assert "unexpected (2)" in msg and "something.else" in msg and "encoder.layer.7.output.dense.weight" in msg
 
 
-def test_original_prefix_hint(mlm, tmp_path):
-    _, src = mlm
+def to_original(state: dict) -> dict:
+    """The original efficient_mlm layout: ``roberta.`` prefix, an unused attention.self.LayerNorm per layer."""
+    out = {k.replace("roberta_prelayernorm.", "roberta."): v for k, v in state.items()}
+    for i in range(TINY["num_hidden_layers"]):
+        for wb in ("weight", "bias"):
+            out[f"roberta.encoder.layer.{i}.attention.self.LayerNorm.{wb}"] = np.full(16, 7.0, np.float32)
+    return out
+
+
+def rewrite_config(folder: str, **changes) -> None:
+    path = os.path.join(folder, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("config_style", ["prelayernorm", "roberta"])
+def test_original_prefix_loads(config_style, mlm, tmp_path, caplog):
+    model, src = mlm
     folder = copy_folder(src, tmp_path / "prefixed")
-    edit_weights(folder, lambda s: {k.replace("roberta_prelayernorm.", "roberta."): v for k, v in s.items()})
-    with pytest.raises(CheckpointError, match="convert them with refimpl-convert"):
+    edit_weights(folder, to_original)
+    if config_style == "roberta":  # what the Hub's efficient_mlm repos may say
+        rewrite_config(folder, model_type="roberta", architectures=["RobertaForMaskedLM"])
+    with caplog.at_level(logging.INFO, logger="refimpl"):
+        ours = refimpl.from_pretrained(folder, dtype="float64")  # the task from architectures
+    [record] = [r for r in caplog.records if r.name == "refimpl"]
+    assert "original efficient_mlm layout" in record.getMessage() and "dropped 4 unused attention.self.LayerNorm" in record.getMessage()
+    assert ours.task == "masked-lm" and ours.config.to_dict()["model_type"] == "roberta-prelayernorm"
+    ref = torch_forward(model, "float64", input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    out = ours(input_ids=IDS, attention_mask=MASK, labels=LABELS)
+    assert_close(out.logits, ref.logits.numpy(), "float64", "logits")
+    assert_close(out.loss, ref.loss.numpy(), "float64", "loss")
+
+
+def test_prelayernorm_checkpoint_logs_nothing(mlm, caplog):
+    with caplog.at_level(logging.DEBUG, logger="refimpl"):
+        refimpl.from_pretrained(mlm[1])
+    assert not [r for r in caplog.records if r.name == "refimpl"]
+
+
+def test_roberta_prefix_with_wrong_keys_lists_them(mlm, tmp_path):
+    _, src = mlm
+    folder = copy_folder(src, tmp_path / "garbage")
+
+    def damage(state):
+        state = to_original(state)
+        del state["roberta.encoder.layer.1.intermediate.dense.weight"]
+        state["roberta.encoder.layer.1.intermediate.dense.kernel"] = np.zeros((32, 16), np.float32)
+        state["roberta.something.else"] = np.zeros(3, np.float32)
+        return state
+
+    edit_weights(folder, damage)
+    with pytest.raises(CheckpointError) as e:
         refimpl.from_pretrained(folder)
+    msg = str(e.value)
+    assert "missing (1): roberta_prelayernorm.encoder.layer.1.intermediate.dense.weight" in msg
+    assert "unexpected (2)" in msg and "roberta_prelayernorm.something.else" in msg
+    assert "roberta_prelayernorm.encoder.layer.1.intermediate.dense.kernel" in msg
+    assert "after loading did this: converted the original efficient_mlm layout" in msg  # why the names changed
+
+
+def test_garbage_roberta_keys_are_not_a_layout(tmp_path):
+    """Keys under ``roberta.`` that are neither layout: every tensor missing, every key unexpected."""
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    with open(folder / "config.json", "w") as f:
+        json.dump(refimpl.Config(**TINY, architectures=["RobertaForMaskedLM"]).to_dict(), f)
+    save_file({"roberta.foo.weight": np.zeros(3, np.float32), "roberta.bar": np.zeros(2, np.float32)},
+              str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"masked-lm model with this config:\n  missing \(\d+\): ") as e:
+        refimpl.from_pretrained(str(folder))
+    msg = str(e.value)
+    assert "roberta_prelayernorm.embeddings.word_embeddings.weight" in msg
+    assert "unexpected (2): " in msg and "roberta_prelayernorm.foo.weight" in msg and "roberta_prelayernorm.bar" in msg
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_post_layernorm_roberta_refused(fmt, tmp_path):
+    hf = build_post_ln_roberta(seed=8)
+    folder = save_hf(hf, tmp_path / "roberta-base-like", dtype="float32")
+    if fmt == "bin":  # transformers 5 writes safetensors only: the .bin as older versions wrote it
+        os.remove(os.path.join(folder, "model.safetensors"))
+        torch.save(hf.float().state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(CheckpointError) as e:
+        refimpl.from_pretrained(folder)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder} is a post-LayerNorm RoBERTa (such as roberta-base")
+    assert "refimpl is RoBERTa-PreLayerNorm only" in msg and "transformers' RobertaForMaskedLM" in msg
+    assert "\n" not in msg
+
+
+def test_plain_roberta_class_names_map_to_the_same_tasks():
+    for task, (cls, _, _) in refimpl.TASKS.items():
+        plain = cls.replace("RobertaPreLayerNorm", "Roberta")
+        assert refimpl.params.task_from_architectures([plain]) == task
+        assert refimpl.params.normalize_task(plain) == task
 
 
 # ---------------------------------------------------------------------------------------------
