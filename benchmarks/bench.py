@@ -5,9 +5,17 @@ onnxruntime on the same weights, interleaved in one process.
     python benchmarks/bench.py --config large --dtype float64 --repeats 5 --json out.json
 
 For each shape it prints the median time of every implementation, the ratio refimpl / torch
-(lower is faster for refimpl), and refimpl's achieved GFLOP/s next to the machine's measured float32
-GEMM throughput at the same matrix shapes (a NumPy matmul of [B*T, H] x [H, I]). Not a test: the
-numbers depend on the machine; quote ratios from one run, never bare times.
+(lower is faster for refimpl), and refimpl's achieved GFLOP/s next to the machine's GEMM throughput:
+
+* ``GEMM``: the GEMMs of the forward pass alone, at its matrix shapes, on its weights, with NumPy's
+  BLAS at its default thread count (:func:`forward_gemms`: per layer the four [B*T, H] x [H, H]
+  projections, [B*T, H] x [H, I], [B*T, I] x [I, H], and the batched attention products
+  [B, N, T, D] x [B, N, D, T] and [B, N, T, T] x [B, N, T, D]), run as one more interleaved
+  candidate. ``%GEMM`` is its time over refimpl's (numba): the share of the forward that would
+  remain if everything but the GEMMs cost nothing.
+* ``FFN GEMM``: one [B*T, H] x [H, I] matmul, the most BLAS-friendly shape of the forward.
+
+Not a test: the numbers depend on the machine; quote ratios from one run, never bare times.
 """
 
 from __future__ import annotations
@@ -48,6 +56,42 @@ def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
         a @ w.T
         times.append(time.perf_counter() - t0)
     return 2 * m * k * n / statistics.median(times) / 1e9
+
+
+def forward_gemms(model, b: int, t: int):
+    """A function that runs the GEMMs of ``model``'s forward on [b, t] inputs, and nothing else.
+
+    The same shapes, the same weights and the same scheduling rule as ``refimpl.ops.linear``
+    (few rows: ``(W x^T)^T``); activations are random (GEMM time does not depend on values).
+    """
+    from refimpl.ops import THIN_ROWS
+
+    cfg, dtype = model.config, model.dtype
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b * t, h)).astype(dtype)  # [B*T, H]
+    a = rng.standard_normal((b * t, i)).astype(dtype)  # [B*T, I]
+    q = rng.standard_normal((b, n, t, h // n)).astype(dtype)  # [B, N, T, D]
+    probs = rng.standard_normal((b, n, t, t)).astype(dtype)  # [B, N, T, T]
+    layers = [
+        (lp.attention.query.weight, lp.attention.key.weight, lp.attention.value.weight,
+         lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)
+        for lp in model.params.layers
+    ]  # fmt: skip
+
+    def mm(rows, w):
+        return (w @ rows.T).T if rows.shape[0] <= THIN_ROWS else rows @ w.T
+
+    def run():
+        for wq, wk, wv, wo, w1, w2 in layers:
+            for w in (wq, wk, wv, wo):
+                mm(x, w)
+            mm(x, w1)
+            mm(a, w2)
+            q @ np.swapaxes(q, -1, -2)
+            probs @ q
+
+    return run
 
 
 def onnx_session(hf, folder: str, dtype: str):
@@ -118,7 +162,8 @@ def main(argv=None) -> int:
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
     print(f"# {args.config} config, {args.dtype}; {machine}; onnxruntime: {ort_status}")
-    header = f"{'shape':>7} {'numba ms':>9} {'numpy ms':>9} {'eager ms':>9} {'sdpa ms':>8} {'ort ms':>7} {'nb/eager':>8} {'nb/sdpa':>7} {'nb/ort':>7} {'GFLOP/s':>8} {'GEMM':>6}"
+    header = (f"{'shape':>7} {'numba ms':>9} {'numpy ms':>9} {'eager ms':>9} {'sdpa ms':>8} {'ort ms':>7} {'GEMM ms':>8} "
+              f"{'nb/eager':>8} {'nb/sdpa':>7} {'nb/ort':>7} {'GFLOP/s':>8} {'GEMM':>6} {'%GEMM':>6} {'FFN GEMM':>8}")
     print(header)
     results = []
     for b, t in shapes:
@@ -138,6 +183,7 @@ def main(argv=None) -> int:
         }
         if session is not None:
             fns["ort"] = lambda: session.run(None, {"input_ids": ids})
+        fns["gemm"] = forward_gemms(numba_model, b, t)
         for f in fns.values():  # warm-up (JIT, allocator, caches)
             f()
         times = {k: [] for k in fns}
@@ -149,15 +195,18 @@ def main(argv=None) -> int:
                 f()
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
-        gflops = forward_flops(cfg, b, t) / med["numba"] / 1e9
-        gemm = gemm_gflops(b * t, cfg["hidden_size"], cfg["intermediate_size"], np.dtype(args.dtype))
-        row = {"shape": [b, t], "median_s": med, "gflops": gflops, "gemm_gflops": gemm}
+        flops = forward_flops(cfg, b, t)
+        gflops = flops / med["numba"] / 1e9
+        gemm = flops / med["gemm"] / 1e9  # the same matrix shapes, GEMMs only
+        ffn_gemm = gemm_gflops(b * t, cfg["hidden_size"], cfg["intermediate_size"], np.dtype(args.dtype))
+        row = {"shape": [b, t], "median_s": med, "gflops": gflops, "gemm_gflops": gemm,
+               "share_of_gemm": med["gemm"] / med["numba"], "ffn_gemm_gflops": ffn_gemm}
         results.append(row)
         ort = med.get("ort")
         print(
             f"{b:>3}x{t:<4}{med['numba'] * 1e3:9.1f} {med['numpy'] * 1e3:9.1f} {med['eager'] * 1e3:9.1f} {med['sdpa'] * 1e3:8.1f} "
-            f"{(ort or float('nan')) * 1e3:7.1f} {med['numba'] / med['eager']:8.2f} {med['numba'] / med['sdpa']:7.2f} "
-            f"{(med['numba'] / ort) if ort else float('nan'):7.2f} {gflops:8.1f} {gemm:6.1f}"
+            f"{(ort or float('nan')) * 1e3:7.1f} {med['gemm'] * 1e3:8.1f} {med['numba'] / med['eager']:8.2f} {med['numba'] / med['sdpa']:7.2f} "
+            f"{(med['numba'] / ort) if ort else float('nan'):7.2f} {gflops:8.1f} {gemm:6.1f} {100 * row['share_of_gemm']:5.1f}% {ffn_gemm:8.1f}"
         )
     if args.json:
         with open(args.json, "w") as f:

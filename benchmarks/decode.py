@@ -9,7 +9,14 @@ script reports whether the tokens agree). Runs are interleaved (A, B, A, B, ...)
 Reported per batch size: end-to-end tokens/s (prefill included) and decode-only tokens/s, from
 ``(time(n new) - time(1 new)) / (n - 1)`` per step, and the ratio refimpl / transformers.
 
-    python benchmarks/decode.py [--new 32] [--prompt 16] [--batches 1 8] [--repeats 3] [--threads 2]
+Also measured, interleaved with both: the **GEMV floor**, the time of one step's matrix products
+alone (every projection of every layer, the LM head's dense layer and its [V, H] decoder, on the
+model's own weights, B rows, scheduled as ``refimpl.ops.linear`` does). At batch 1 a step streams
+all ~500 MB of float32 weights once, so this is what memory bandwidth allows any implementation
+that computes the full logits in float32; ``transformers ms/step / floor ms/step`` is the largest
+speed-up over transformers this machine permits.
+
+    python benchmarks/decode.py [--new 32] [--prompt 16] [--batches 1 8] [--repeats 3] [--threads 2] [--backend numba]
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def build(threads: int):
+def build(threads: int, backend: str = "numba"):
     import torch
     import transformers
 
@@ -45,7 +52,27 @@ def build(threads: int):
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     config = refimpl.Config.from_dict(cfg.to_dict())
     ours = refimpl.Model(config, params_from_state_dict(config, "causal-lm", state, "float32"), "causal-lm")
-    return hf, ours
+    return hf, ours.to(backend)
+
+
+def step_gemvs(model, batch: int):
+    """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix."""
+    from refimpl.ops import THIN_ROWS
+
+    p = model.params
+    mats = [w for lp in p.layers for w in (
+        lp.attention.query.weight, lp.attention.key.weight, lp.attention.value.weight, lp.attention.output.weight,
+        lp.intermediate.weight, lp.output.weight)]  # fmt: skip
+    mats += [p.lm_head.dense.weight, p.lm_head.decoder_weight]
+    rng = np.random.default_rng(0)
+    xs = {n: rng.standard_normal((batch, n)).astype(model.dtype) for n in {w.shape[1] for w in mats}}
+
+    def run():
+        for w in mats:
+            x = xs[w.shape[1]]
+            (w @ x.T).T if batch <= THIN_ROWS else x @ w.T
+
+    return run, sum(w.nbytes for w in mats)
 
 
 def prompts(batch: int, length: int, rng):
@@ -66,15 +93,16 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--backend", default="numba", choices=["numba", "numpy"], help="refimpl's CPU backend (default: numba, as from_pretrained)")
     args = ap.parse_args()
 
     import torch
 
     import refimpl
 
-    hf, ours = build(args.threads)
+    hf, ours = build(args.threads, args.backend)
     rng = np.random.default_rng(0)
-    print(f"threads {args.threads}, torch {torch.__version__}, attention {hf.config._attn_implementation}, "
+    print(f"refimpl backend {args.backend}, threads {args.threads}, torch {torch.__version__}, attention {hf.config._attn_implementation}, "
           f"prompt {args.prompt}, new {args.new}, float32")
 
     def run_ours(ids, mask, n):
@@ -91,14 +119,22 @@ def main() -> None:
     for batch in args.batches:
         ids, mask = prompts(batch, args.prompt, rng)
         same = np.array_equal(run_ours(ids, mask, args.new), run_hf(ids, mask, args.new))  # also warms up
+        floor_fn, floor_bytes = step_gemvs(ours, batch)
+        floor_fn()
         times = {("refimpl", n): [] for n in (1, args.new)} | {("transformers", n): [] for n in (1, args.new)}
+        floor_times = []
         for _ in range(args.repeats):
             for n in (1, args.new):
                 for name, fn in (("refimpl", run_ours), ("transformers", run_hf)):
                     t0 = time.perf_counter()
                     fn(ids, mask, n)
                     times[(name, n)].append(time.perf_counter() - t0)
+            for _ in range(5):
+                t0 = time.perf_counter()
+                floor_fn()
+                floor_times.append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        floor = statistics.median(floor_times)
         row = {}
         for name in ("refimpl", "transformers"):
             e2e = batch * args.new / med[(name, args.new)]
@@ -106,6 +142,9 @@ def main() -> None:
             row[name] = (e2e, batch / step, step)
             print(f"batch {batch:2d}  {name:12s}  end-to-end {e2e:8.1f} tok/s   decode {batch / step:8.1f} tok/s "
                   f"({step * 1e3:6.1f} ms/step)   prefill+1 {med[(name, 1)] * 1e3:6.1f} ms")
+        print(f"batch {batch:2d}  GEMV floor   {floor * 1e3:6.1f} ms/step ({floor_bytes / floor / 1e9:.1f} GB/s of weights): "
+              f"refimpl's step is {row['refimpl'][2] / floor:.2f}x the floor; transformers/floor = {row['transformers'][2] / floor:.2f}x "
+              f"(the largest decode speed-up this machine allows)")
         print(f"batch {batch:2d}  ratio refimpl/transformers: end-to-end {row['refimpl'][0] / row['transformers'][0]:.2f}x, "
               f"decode {row['refimpl'][1] / row['transformers'][1]:.2f}x; same tokens: {same}")
 
