@@ -12,11 +12,9 @@ After the last block comes one final LayerNorm (in :func:`encode`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from .attention import attention_block
-from .backend import namespace
 from .cache import KVCache, LayerCache, has_cross
 from .config import Config
 from .ops import REFERENCE, Kernels, activation
@@ -126,14 +124,6 @@ def encode(
     the trace records it as ``layers.{L-1}.ffn.residual``. ``need_probs=False``: the
     ``attentions``/``cross_attentions`` entries are None (callers that do not return them).
     """
-    if (
-        kernels.split_batch is not None
-        and embeddings.shape[0] >= 2
-        and trace is None
-        and cache is None
-        and encoder_hidden_states is None
-    ):
-        return _encode_in_parts(embeddings, params, config, bias, kernels=kernels, need_probs=need_probs)
     x = embeddings
     hidden, attentions, crosses, presents = [x], [], [], []
     for i, layer in enumerate(params.layers):
@@ -158,71 +148,3 @@ def encode(
     last = record(trace, "final_layer_norm", kernels.layer_norm(x, fl.weight, fl.bias, config.layer_norm_eps))  # [B, T, H]
     hidden[-1] = last
     return EncoderOutput(last, hidden, attentions, crosses, presents)
-
-
-def _encode_in_parts(embeddings, params: Params, config: Config, bias, *, kernels: Kernels, need_probs: bool):
-    """:func:`encode` over slices of the batch (``kernels.split_batch`` may run them concurrently),
-    joined along the batch axis. Every sequence is computed on its own in either case, so the
-    result is the same (bitwise, with the same GEMM kernels)."""
-    xp = namespace(embeddings)
-    whole = dataclasses.replace(kernels, split_batch=None)
-
-    def part(rows):
-        b = bias if bias is None or bias.shape[0] == 1 else bias[rows]  # [B|1, 1|N, T|1, S]
-        return encode(embeddings[rows], params, config, b, kernels=whole, need_probs=need_probs)
-
-    parts = kernels.split_batch(part, embeddings.shape[0])
-    if len(parts) == 1:
-        return parts[0]
-
-    def cat(arrays):
-        return None if arrays[0] is None else xp.concat(arrays, axis=0)
-
-    def cat_kv(kvs):
-        return None if kvs[0] is None else (cat([kv[0] for kv in kvs]), cat([kv[1] for kv in kvs]))
-
-    def cat_presents(per_part):
-        return (cat_kv([p[0] for p in per_part]), cat_kv([p[1] for p in per_part]))
-
-    n = len(parts[0].hidden_states)
-    last = cat([p.last_hidden_state for p in parts])
-    return EncoderOutput(
-        last,
-        _LazyParts([[p.hidden_states[i] for p in parts] for i in range(n - 1)] + [last], cat, joined_tail=1),
-        [cat([p.attentions[i] for p in parts]) for i in range(n - 1)],
-        [cat([p.cross_attentions[i] for p in parts]) for i in range(n - 1)],
-        _LazyParts([[p.presents[i] for p in parts] for i in range(n - 1)], cat_presents),
-    )
-
-
-class _LazyParts(list):
-    """A list whose entries are joined from their per-part pieces on first access (hidden states
-    and keys/values of a split batch are rarely read: only with output_hidden_states)."""
-
-    def __init__(self, pieces, join, joined_tail: int = 0):
-        super().__init__(pieces)
-        self._join = join
-        self._done = [False] * (len(pieces) - joined_tail) + [True] * joined_tail
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = range(len(self))[i]
-        if not self._done[i]:
-            super().__setitem__(i, self._join(super().__getitem__(i)))
-            self._done[i] = True
-        return super().__getitem__(i)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def __setitem__(self, i, value):
-        i = range(len(self))[i]
-        super().__setitem__(i, value)
-        self._done[i] = True
-
-    def __add__(self, other):
-        return list(self) + list(other)
-
-    def copy(self):
-        return list(self)

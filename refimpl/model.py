@@ -20,7 +20,8 @@ from .backend import is_cupy, namespace, to_numpy
 from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .cache import KVCache, empty_cache, has_cross
-from .encoder import EncoderOutput, encode
+from .encoder import EncoderOutput
+from .split import encode_maybe_split
 from .ops import REFERENCE, Kernels
 from .outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -447,7 +448,8 @@ class Model:
             self.params.embeddings, position_ids, token_type_ids, eps=c.layer_norm_eps,
             input_ids=input_ids, inputs_embeds=inputs_embeds, trace=scope(trace, "embeddings"),
         )  # [B, T, H]
-        return encode(
+        # encode(...) itself, or the same over the two halves of the batch on two threads (numba backend)
+        return encode_maybe_split(
             emb, self.params, c, bias, encoder_hidden_states=encoder_hidden_states, encoder_bias=encoder_bias,
             cache=cache, kernels=self.kernels, trace=trace, need_probs=need_probs,
         )

@@ -273,7 +273,7 @@ class Kernels:
     # (q, k, v, bias, scale) -> context [B, N, T, D], used when no one asks for the probabilities
     attention_context: Callable = attention_context
     # (fn, n) -> [fn(slice), ...] over consecutive slices covering range(n), possibly concurrent;
-    # None: the encoder runs the whole batch at once (see encoder.encode)
+    # None: the whole batch runs at once (see refimpl.split.encode_maybe_split)
     split_batch: Callable | None = None
 
 

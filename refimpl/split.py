@@ -1,0 +1,99 @@
+"""Scheduling, not math: :func:`refimpl.encoder.encode` over slices of the batch.
+
+``Kernels.split_batch`` (the numba backend's) runs the halves of a batch on two threads, each with
+single-threaded BLAS, so that the GEMMs *and* the Numba kernels use both cores. Every sequence is
+computed on its own either way, so the result is the same (bitwise, with the same GEMM kernels).
+:class:`refimpl.model.Model` calls :func:`encode_maybe_split`; the encoder itself knows nothing of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .backend import namespace
+from .config import Config
+from .encoder import EncoderOutput, encode
+from .ops import Kernels
+from .params import Params
+
+
+def encode_maybe_split(embeddings, params: Params, config: Config, bias, *, kernels: Kernels, need_probs: bool = True,
+                       **kw) -> EncoderOutput:
+    """:func:`~refimpl.encoder.encode`, over parts of the batch when ``kernels.split_batch`` is set
+    and the call allows it (2+ sequences, no cache, no trace, no cross-attention); ``kw`` goes to
+    ``encode`` as it is."""
+    if (
+        kernels.split_batch is None
+        or embeddings.shape[0] < 2
+        or any(kw.get(k) is not None for k in ("trace", "cache", "encoder_hidden_states"))
+    ):
+        return encode(embeddings, params, config, bias, kernels=kernels, need_probs=need_probs, **kw)
+    return _encode_in_parts(embeddings, params, config, bias, kernels=kernels, need_probs=need_probs)
+
+
+def _encode_in_parts(embeddings, params: Params, config: Config, bias, *, kernels: Kernels, need_probs: bool):
+    """:func:`~refimpl.encoder.encode` over slices of the batch (``kernels.split_batch`` may run them concurrently),
+    joined along the batch axis. Every sequence is computed on its own in either case, so the
+    result is the same (bitwise, with the same GEMM kernels)."""
+    xp = namespace(embeddings)
+    whole = dataclasses.replace(kernels, split_batch=None)
+
+    def part(rows):
+        b = bias if bias is None or bias.shape[0] == 1 else bias[rows]  # [B|1, 1|N, T|1, S]
+        return encode(embeddings[rows], params, config, b, kernels=whole, need_probs=need_probs)
+
+    parts = kernels.split_batch(part, embeddings.shape[0])
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(arrays):
+        return None if arrays[0] is None else xp.concat(arrays, axis=0)
+
+    def cat_kv(kvs):
+        return None if kvs[0] is None else (cat([kv[0] for kv in kvs]), cat([kv[1] for kv in kvs]))
+
+    def cat_presents(per_part):
+        return (cat_kv([p[0] for p in per_part]), cat_kv([p[1] for p in per_part]))
+
+    n = len(parts[0].hidden_states)
+    last = cat([p.last_hidden_state for p in parts])
+    return EncoderOutput(
+        last,
+        _LazyParts([[p.hidden_states[i] for p in parts] for i in range(n - 1)] + [last], cat, joined_tail=1),
+        [cat([p.attentions[i] for p in parts]) for i in range(n - 1)],
+        [cat([p.cross_attentions[i] for p in parts]) for i in range(n - 1)],
+        _LazyParts([[p.presents[i] for p in parts] for i in range(n - 1)], cat_presents),
+    )
+
+
+class _LazyParts(list):
+    """A list whose entries are joined from their per-part pieces on first access (hidden states
+    and keys/values of a split batch are rarely read: only with output_hidden_states)."""
+
+    def __init__(self, pieces, join, joined_tail: int = 0):
+        super().__init__(pieces)
+        self._join = join
+        self._done = [False] * (len(pieces) - joined_tail) + [True] * joined_tail
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]
+        if not self._done[i]:
+            super().__setitem__(i, self._join(super().__getitem__(i)))
+            self._done[i] = True
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, i, value):
+        i = range(len(self))[i]
+        super().__setitem__(i, value)
+        self._done[i] = True
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def copy(self):
+        return list(self)
