@@ -32,6 +32,20 @@ definition. The rules every kernel keeps:
 
   The polynomials use fused multiply-adds (``llvm.fma``, a correctly rounded operation, not a
   fast-math contraction); there is no ``fastmath`` anywhere.
+- **Vector code two ways.** Element-wise loops are written as scalar code that LLVM's loop
+  vectoriser turns into SIMD (branch-free helpers, inlined). Reductions cannot go that way without
+  fast-math (and Numba runs no SLP vectoriser), so NumPy's eight interleaved accumulators are
+  written as the eight lanes of one LLVM vector (``_Vec``, ``_v_add``...): the same IEEE
+  operations in the same order, one instruction for all eight.
+- **Cost only where it is needed.** A softmax row takes three passes: scale, mask and maximum in
+  one; exp; the sum, which carries the previous row's division along (one latency-bound chain of
+  adds beside a throughput-bound divider). GELU evaluates erf's second branch (its tail) only for
+  blocks of a row that hold an element beyond its first (|z| >= 3.5 in float32, 2.8 in float64:
+  next to none at initialisation, a few in a hundred in a trained model), and the float64 ``exp``
+  does no subnormal arithmetic where its result is 0 (a ~150-cycle microcode assist per
+  instruction, and the masked keys of an attention are all there). Every value stays the one the
+  plain formulas give; ``tests/test_kernels.py`` holds both kernels bitwise to a frozen copy of
+  them.
 - **Serial kernels, parallel batches.** On a 2-core machine, ``prange`` kernels alternating with
   OpenBLAS GEMMs starve each other's spinning threads; every kernel here is single-threaded and
   releases the GIL. Parallelism comes from :func:`_split_batch` instead: the encoder runs the two
@@ -61,7 +75,8 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
     "attention", "bias_gelu", "layer_norm", "masked_softmax", "residual_layer_norm", "warmup",
@@ -102,6 +117,170 @@ def _f64_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.DoubleType())
 
     return types.float64(types.int64), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanes in one LLVM vector, for the reductions. NumPy's pairwise sum keeps eight interleaved
+# accumulators, and a row maximum can be taken as eight interleaved maxima: lane k of an 8-lane
+# _Vec is accumulator k, so one vector add (or max) advances all eight, in exactly their scalar
+# order. LLVM's loop vectoriser leaves floating-point reductions alone without fast-math, and
+# Numba runs no SLP vectoriser (off since numba#8705), so eight scalar accumulators would stay
+# eight scalar chains; these intrinsics say it. The arithmetic is IEEE lane by lane, as scalar.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Vec(types.Type):
+    """``lanes`` values of a float type, as one LLVM ``<lanes x float|double>``."""
+
+    def __init__(self, dtype, lanes):
+        self.dtype, self.lanes = dtype, lanes
+        super().__init__(name=f"_Vec({dtype}, {lanes})")
+
+
+@register_model(_Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        lane = dmm.lookup(fe_type.dtype).get_value_type()
+        super().__init__(dmm, fe_type, ir.VectorType(lane, fe_type.lanes))
+
+
+def _is_row(a) -> bool:
+    """A C-contiguous 1-D float array type."""
+    return (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+            and isinstance(a.dtype, types.Float))  # fmt: skip
+
+
+def _vec_pointer(context, builder, aty, arr, i, lanes):
+    data = context.make_array(aty)(context, builder, arr).data
+    vty = ir.VectorType(context.get_value_type(aty.dtype), lanes)
+    return builder.bitcast(builder.gep(data, [i]), vty.as_pointer())
+
+
+def _vec_load(lanes):
+    @intrinsic
+    def load(typingctx, a, i):
+        """``a[i:i + lanes]`` (one unaligned vector load; the caller keeps it in bounds)."""
+        if not (_is_row(a) and isinstance(i, types.Integer)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ptr = _vec_pointer(context, builder, signature.args[0], args[0], args[1], lanes)
+            return builder.load(ptr, align=a.dtype.bitwidth // 8)
+
+        return _Vec(a.dtype, lanes)(a, i), codegen
+
+    return load
+
+
+def _vec_splat(lanes):
+    @intrinsic
+    def splat(typingctx, s):
+        """``lanes`` copies of the float ``s``."""
+        if not isinstance(s, types.Float):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = ir.Constant(ir.VectorType(args[0].type, lanes), None)
+            for k in range(lanes):
+                v = builder.insert_element(v, args[0], ir.Constant(ir.IntType(32), k))
+            return v
+
+        return _Vec(s, lanes)(s), codegen
+
+    return splat
+
+
+_v8_load, _v16_load = _vec_load(8), _vec_load(16)
+_v8_splat = _vec_splat(8)
+
+
+@intrinsic
+def _v8_store(typingctx, a, i, v):
+    """``a[i:i + 8] = v``."""
+    if not (_is_row(a) and isinstance(i, types.Integer) and v == _Vec(a.dtype, 8)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _vec_pointer(context, builder, signature.args[0], args[0], args[1], 8)
+        builder.store(args[2], ptr, align=a.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(a, i, v), codegen
+
+
+def _vec_binary(op):
+    @intrinsic
+    def vector_op(typingctx, x, y):
+        if not (isinstance(x, _Vec) and x == y):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return op(builder, *args)
+
+        return x(x, y), codegen
+
+    return vector_op
+
+
+_v_add = _vec_binary(lambda builder, x, y: builder.fadd(x, y))
+_v_sub = _vec_binary(lambda builder, x, y: builder.fsub(x, y))
+_v_mul = _vec_binary(lambda builder, x, y: builder.fmul(x, y))
+_v_div = _vec_binary(lambda builder, x, y: builder.fdiv(x, y))
+# max(x, y) lane by lane, as Numba's builtin computes it: y if y > x else x.
+_v_max = _vec_binary(lambda builder, x, y: builder.select(builder.fcmp_ordered(">", y, x), y, x))
+
+
+@intrinsic
+def _v8_lanes(typingctx, v):
+    """The eight lanes of ``v`` as a tuple."""
+    if not (isinstance(v, _Vec) and v.lanes == 8):
+        return None
+    tup = types.UniTuple(v.dtype, 8)
+
+    def codegen(context, builder, signature, args):
+        lanes = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), k)) for k in range(8)]
+        return context.make_tuple(builder, tup, lanes)
+
+    return tup(v), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Ask for the cache line of ``a[i]`` (``llvm.prefetch``, read, into L2: a hint, no fault)."""
+    if not (_is_row(a) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(a, i), codegen
+
+
+@intrinsic
+def _v_abs_ge_bits(typingctx, v, lim):
+    """The lanes of ``v`` with |v| >= ``lim`` (NaN: no), as the bits of an integer."""
+    if not (isinstance(v, _Vec) and lim == v.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vec, s = args
+        lanes = signature.args[0].lanes
+        bound = ir.Constant(ir.VectorType(s.type, lanes), None)
+        for k in range(lanes):
+            bound = builder.insert_element(bound, s, ir.Constant(ir.IntType(32), k))
+        bits = signature.args[1].bitwidth
+        fnty = ir.FunctionType(vec.type, [vec.type])
+        fabs = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fabs.v{lanes}f{bits}")
+        ge = builder.fcmp_ordered(">=", builder.call(fabs, [vec]), bound)
+        return builder.zext(builder.bitcast(ge, ir.IntType(lanes)), ir.IntType(64))
+
+    return types.int64(v, lim), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,20 +411,36 @@ def _poly_expm1_32(w):
 
 
 @numba.njit(**_INLINE)
-def _exp_f64(x):
-    """exp(x) in float64, within 1 ulp; exact 1 at 0, 0 below -745.2, inf above 709.8, NaN kept.
-
-    x = k ln2 + r (Cody-Waite, |r| <= 0.35); exp(r) = 1 + r q(r); 2**k applied as two halves so
-    that results in the subnormal range are rounded once, like libm's.
-    """
-    xc = min(max(x, -746.0), 710.0)
+def _exp_f64_core(x, xc, zero):
+    """exp(x) in float64 from ``xc``, x clamped to at most 710 (a no-op where the caller knows
+    x <= 0), and ``zero``, whether x < -745.2: there exp(x) < 0.94 * 2**-1075 rounds to 0, as the
+    formula's own result does, and those lanes compute exp(0) instead (a subnormal operand or
+    result costs a ~150-cycle microcode assist; the masked keys of an attention are all there)."""
     kf = np.floor(xc * _LOG2E + 0.5)
     r = _fma(-kf, _LN2_LO, _fma(-kf, _LN2_HI, xc))  # the inner product and difference are exact
     p = _fma(r, _poly_expm1_64(r), 1.0)
     k = np.int64(kf)
     k1 = k >> 1
     y = p * _f64_from_bits((k1 + 1023) << 52) * _f64_from_bits((k - k1 + 1023) << 52)
-    return _select(x == x, y, x)
+    return _select(x == x, _select(zero, 0.0, y), x)
+
+
+@numba.njit(**_INLINE)
+def _exp_f64(x):
+    """exp(x) in float64, within 1 ulp; exact 1 at 0, 0 below -745.2, inf above 709.8, NaN kept.
+
+    x = k ln2 + r (Cody-Waite, |r| <= 0.35); exp(r) = 1 + r q(r); 2**k applied as two halves so
+    that results in the subnormal range are rounded once, like libm's.
+    """
+    zero = x < -745.2
+    return _exp_f64_core(x, min(_select(zero, 0.0, x), 710.0), zero)
+
+
+@numba.njit(**_INLINE)
+def _exp_f64_nonpos(x):
+    """``_exp_f64(x)`` for x <= 0 or NaN (x - max(row) in a softmax), one clamp fewer."""
+    zero = x < -745.2
+    return _exp_f64_core(x, _select(zero, 0.0, x), zero)
 
 
 @numba.njit(**_INLINE)
@@ -265,15 +460,26 @@ def _erf_f64(u):
 
 
 @numba.njit(**_INLINE)
-def _exp_f32(x):
-    """exp(x) for float32 x: computed in float64 (rel. error ~1e-12), rounded once to float32."""
-    xd = np.float64(x)
-    xc = min(max(xd, -150.0), 90.0)  # exp(-150) rounds to 0 and exp(90) to inf in float32
+def _exp_f32_core(x, xc):
+    """exp(x) for float32 x from ``xc``, float64(x) clamped to [-150, 90] (exp(-150) rounds to 0
+    and exp(90) to inf in float32): computed in float64 (rel. error ~1e-12), rounded once."""
     kf = np.floor(xc * _LOG2E + 0.5)
     r = _fma(-kf, _LN2, xc)  # |k| <= 217: error <= 217 * |ln2 - _LN2| = 3e-15, ample for float32
     p = _fma(r, _poly_expm1_32(r), 1.0)
     y = np.float32(p * _f64_from_bits((np.int64(kf) + 1023) << 52))
     return _select(x == x, y, x)
+
+
+@numba.njit(**_INLINE)
+def _exp_f32(x):
+    """exp(x) for float32 x: computed in float64 (rel. error ~1e-12), rounded once to float32."""
+    return _exp_f32_core(x, min(max(np.float64(x), -150.0), 90.0))
+
+
+@numba.njit(**_INLINE)
+def _exp_f32_nonpos(x):
+    """``_exp_f32(x)`` for x <= 0 or NaN (x - max(row) in a softmax), one clamp fewer."""
+    return _exp_f32_core(x, max(np.float64(x), -150.0))
 
 
 @numba.njit(**_INLINE)
@@ -297,6 +503,26 @@ def _gelu_f32(z):
     return z * np.float32(0.5) * (np.float32(1.0) + _erf_f32(z / np.float32(_SQRT2)))
 
 
+# GELU with erf's first branch only, for the elements a kernel knows to be in it (|u| = |z / sqrt 2|
+# < 2.5 in float32, < 2 in float64), without the cost of the other branch. The same value as
+# _gelu_f32/_gelu_f64 there: u * P(u*u) is copysign(|u| * P(|u|*|u|), u) bit for bit, since u*u
+# is |u|*|u|, IEEE multiplication rounds |x| and -|x| alike, and P (~erf(u)/u) is positive on that
+# range (>= 0.39, its error ~1e-13); the abs and the copysign are two operations saved.
+
+
+@numba.njit(**_INLINE)
+def _gelu_f32_main(z):
+    ud = np.float64(z / np.float32(_SQRT2))
+    erf = np.float32(ud * _poly_erf32_a(ud * ud - 3.125))
+    return z * np.float32(0.5) * (np.float32(1.0) + erf)
+
+
+@numba.njit(**_INLINE)
+def _gelu_f64_main(z):
+    u = z / _SQRT2
+    return z * 0.5 * (1.0 + u * _poly_erf64_a(u * u - 2.0))
+
+
 # dtype dispatch for the generic kernels: `_gelu(z)` and `_exp(x)` resolve on the scalar's type.
 def _gelu(z):  # pragma: no cover - typed by the overload below; the definition is ops.gelu
     raise NotImplementedError
@@ -312,6 +538,60 @@ def _gelu_overload(z):
         return lambda z: _gelu_f32(z)
     if z == types.float64:
         return lambda z: _gelu_f64(z)
+    return None
+
+
+def _gelu_main(z):  # pragma: no cover - typed by the overload below
+    raise NotImplementedError
+
+
+def _tail_limit(z):  # pragma: no cover - typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_tail_limit, jit_options=_JIT, inline="always")
+def _tail_limit_overload(z):
+    """A bound on |z| below which erf(z / sqrt 2) takes its first branch (|u| < 2.5 in float32,
+    < 2 in float64): 3.5 < 2.5 * sqrt 2 and 2.8 < 2 * sqrt 2 by margins far beyond rounding."""
+    if z == types.float32:
+        return lambda z: np.float32(3.5)
+    if z == types.float64:
+        return lambda z: 2.8
+    return None
+
+
+def _gelu_plan(z):  # pragma: no cover - typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_gelu_plan, jit_options=_JIT, inline="always")
+def _gelu_plan_overload(z):
+    if z == types.float32:
+        return lambda z: _GELU_PLAN_F32
+    if z == types.float64:
+        return lambda z: _GELU_PLAN_F64
+    return None
+
+
+@overload(_gelu_main, jit_options=_JIT, inline="always")
+def _gelu_main_overload(z):
+    if z == types.float32:
+        return lambda z: _gelu_f32_main(z)
+    if z == types.float64:
+        return lambda z: _gelu_f64_main(z)
+    return None
+
+
+def _exp_nonpos(x):  # pragma: no cover - typed by the overload below
+    raise NotImplementedError
+
+
+@overload(_exp_nonpos, jit_options=_JIT, inline="always")
+def _exp_nonpos_overload(x):
+    if x == types.float32:
+        return lambda x: _exp_f32_nonpos(x)
+    if x == types.float64:
+        return lambda x: _exp_f64_nonpos(x)
     return None
 
 
@@ -334,31 +614,86 @@ def _exp_overload(x):
 
 
 @numba.njit(**_JIT)
-def _pairwise_sum(a):
-    n = a.shape[0]
+def _lane_sum(r):
+    """NumPy's combination of its eight accumulators: ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))."""
+    r0, r1, r2, r3, r4, r5, r6, r7 = _v8_lanes(r)
+    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+
+
+@numba.njit(**_JIT)
+def _lane_max(r):
+    r0, r1, r2, r3, r4, r5, r6, r7 = _v8_lanes(r)
+    return max(max(max(r0, r1), max(r2, r3)), max(max(r4, r5), max(r6, r7)))
+
+
+@numba.njit(**_INLINE)
+def _pairwise_leaf(a, lo, n):
+    """NumPy's pairwise sum of ``a[lo:lo + n]`` for ``n <= 128`` (no recursion)."""
     if n < 8:
         res = a.dtype.type(0.0)
         for i in range(n):
-            res += a[i]
+            res += a[np.uintp(lo + i)]
         return res
+    m = n - n % 8
+    r = _v8_load(a, lo)  # lane k: accumulator k, seeded with a[lo + k]
+    for i in range(8, m, 8):
+        r = _v_add(r, _v8_load(a, lo + i))
+    res = _lane_sum(r)
+    for i in range(m, n):
+        res += a[np.uintp(lo + i)]
+    return res
+
+
+@numba.njit(**_INLINE)
+def _pairwise_leaf_div(a, lo, n, prev, total):
+    """``_pairwise_leaf(a, lo, n)``, dividing ``a[prev:prev + n]`` by ``total`` meanwhile.
+
+    The sum is one chain of dependent vector adds (latency-bound), the division throughput-bound
+    on the divider: together they take the time of the longer, not of both.
+    """
+    if n < 8:
+        res = a.dtype.type(0.0)
+        for i in range(n):
+            res += a[np.uintp(lo + i)]
+            w = np.uintp(prev + i)
+            a[w] = a[w] / total
+        return res
+    m = n - n % 8
+    tv = _v8_splat(total)
+    r = _v8_load(a, lo)
+    _v8_store(a, prev, _v_div(_v8_load(a, prev), tv))
+    for i in range(8, m, 8):
+        r = _v_add(r, _v8_load(a, lo + i))
+        _v8_store(a, prev + i, _v_div(_v8_load(a, prev + i), tv))
+    res = _lane_sum(r)
+    for i in range(m, n):
+        res += a[np.uintp(lo + i)]
+        w = np.uintp(prev + i)
+        a[w] = a[w] / total
+    return res
+
+
+@numba.njit(**_JIT)
+def _pairwise_sum_div_at(a, lo, n, prev, total):
+    """``_pairwise_sum(a[lo:lo + n])`` without making the view (offsets, not slices: no
+    reference counting in a kernel's row loop); if ``prev >= 0``, dividing ``a[prev:prev + n]``
+    by ``total`` meanwhile (:func:`_pairwise_leaf_div`)."""
     if n <= 128:
-        r0, r1, r2, r3 = a[0], a[1], a[2], a[3]
-        r4, r5, r6, r7 = a[4], a[5], a[6], a[7]
-        m = n - n % 8
-        for i in range(8, m, 8):
-            u = np.uintp(i)  # unsigned: no negative-index wraparound, so the 8 loads vectorise
-            r0 += a[u]
-            r1 += a[u + 1]
-            r2 += a[u + 2]
-            r3 += a[u + 3]
-            r4 += a[u + 4]
-            r5 += a[u + 5]
-            r6 += a[u + 6]
-            r7 += a[u + 7]
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        for i in range(m, n):
-            res += a[i]
-        return res
+        if prev < 0:
+            return _pairwise_leaf(a, lo, n)
+        return _pairwise_leaf_div(a, lo, n, prev, total)
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_sum_div_at(a, lo, n2, prev, total) + _pairwise_sum_div_at(
+        a, lo + n2, n - n2, prev + n2 if prev >= 0 else prev, total
+    )
+
+
+@numba.njit(**_JIT)
+def _pairwise_sum(a):
+    n = a.shape[0]
+    if n <= 128:
+        return _pairwise_leaf(a, n - n, n)  # (an int64 0, not a literal: one specialisation)
     n2 = n // 2
     n2 -= n2 % 8
     return _pairwise_sum(a[:n2]) + _pairwise_sum(a[n2:])
@@ -375,24 +710,14 @@ def _pairwise_sum_centred_sq(a, mean):
             res += d * d
         return res
     if n <= 128:
-        d0, d1, d2, d3 = a[0] - mean, a[1] - mean, a[2] - mean, a[3] - mean
-        d4, d5, d6, d7 = a[4] - mean, a[5] - mean, a[6] - mean, a[7] - mean
-        r0, r1, r2, r3 = d0 * d0, d1 * d1, d2 * d2, d3 * d3
-        r4, r5, r6, r7 = d4 * d4, d5 * d5, d6 * d6, d7 * d7
         m = n - n % 8
+        mv = _v8_splat(mean)
+        d = _v_sub(_v8_load(a, 0), mv)
+        r = _v_mul(d, d)
         for i in range(8, m, 8):
-            u = np.uintp(i)
-            d0, d1, d2, d3 = a[u] - mean, a[u + 1] - mean, a[u + 2] - mean, a[u + 3] - mean
-            d4, d5, d6, d7 = a[u + 4] - mean, a[u + 5] - mean, a[u + 6] - mean, a[u + 7] - mean
-            r0 += d0 * d0
-            r1 += d1 * d1
-            r2 += d2 * d2
-            r3 += d3 * d3
-            r4 += d4 * d4
-            r5 += d5 * d5
-            r6 += d6 * d6
-            r7 += d7 * d7
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+            d = _v_sub(_v8_load(a, i), mv)
+            r = _v_add(r, _v_mul(d, d))
+        res = _lane_sum(r)
         for i in range(m, n):
             d = a[i] - mean
             res += d * d
@@ -402,29 +727,47 @@ def _pairwise_sum_centred_sq(a, mean):
     return _pairwise_sum_centred_sq(a[:n2], mean) + _pairwise_sum_centred_sq(a[n2:], mean)
 
 
-@numba.njit(**_JIT)
-def _row_max(a):
-    """max(a), a non-empty: eight interleaved maxima (exact in any order), then the tail.
+@numba.njit(**_INLINE)
+def _scale_mask8(s, so, mask, mo, has_mask, sv, i):
+    v = _v_mul(_v8_load(s, so + i), sv)
+    return _v_add(v, _v8_load(mask, mo + i)) if has_mask else v
 
-    NaN is not propagated here (np.max does), and need not be: a NaN in the row makes its
-    exp(v - max) and so the row sum NaN, and the whole row NaN, as in the reference.
+
+@numba.njit(**_INLINE)
+def _scale_mask_max(s, so, mask, mo, has_mask, scale, out, oo, n):
+    """``out[oo:oo + n] = s[so:so + n] * scale + mask[mo:mo + n]`` (no mask: ``s * scale``),
+    returning the maximum of what it wrote.
+
+    The maximum is taken as the values are written, sixteen interleaved maxima (two vectors, so
+    two dependency chains) seeded with the first value, then the tail: a maximum is exact, so any
+    order gives the same value. NaN is not propagated here (np.max does), and need not be: a NaN
+    in the row makes its exp(v - max) and so the row sum NaN, and the whole row NaN, as in the
+    reference.
     """
-    n = a.shape[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = a[0]
     m = n - n % 8
-    for i in range(0, m, 8):
-        u = np.uintp(i)
-        m0 = max(m0, a[u])
-        m1 = max(m1, a[u + 1])
-        m2 = max(m2, a[u + 2])
-        m3 = max(m3, a[u + 3])
-        m4 = max(m4, a[u + 4])
-        m5 = max(m5, a[u + 5])
-        m6 = max(m6, a[u + 6])
-        m7 = max(m7, a[u + 7])
-    res = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    res = s[np.uintp(so)] * scale + mask[np.uintp(mo)] if has_mask else s[np.uintp(so)] * scale
+    if m:
+        sv = _v8_splat(scale)
+        r0 = r1 = _v8_splat(res)
+        m16 = n - n % 16
+        for i in range(0, m16, 16):
+            v0 = _scale_mask8(s, so, mask, mo, has_mask, sv, i)
+            v1 = _scale_mask8(s, so, mask, mo, has_mask, sv, i + 8)
+            _v8_store(out, oo + i, v0)
+            _v8_store(out, oo + i + 8, v1)
+            r0 = _v_max(r0, v0)
+            r1 = _v_max(r1, v1)
+        if m16 < m:
+            v0 = _scale_mask8(s, so, mask, mo, has_mask, sv, m16)
+            _v8_store(out, oo + m16, v0)
+            r0 = _v_max(r0, v0)
+        res = _lane_max(_v_max(r0, r1))
     for i in range(m, n):
-        res = max(res, a[i])
+        v = s[np.uintp(so + i)] * scale
+        if has_mask:
+            v += mask[np.uintp(mo + i)]
+        out[np.uintp(oo + i)] = v
+        res = max(res, v)
     return res
 
 
@@ -434,18 +777,138 @@ def _row_max(a):
 # ---------------------------------------------------------------------------------------------
 
 
+# How _bias_gelu_row splits a row, per dtype: (block, full_after, min_run). block: the elements
+# checked together (a multiple of 64); full_after: so many blocks in a row needing erf's tail, and
+# the rest of the row takes the full formula unchecked; min_run: the fewest blocks that take the
+# first branch alone (a shorter stretch joins its neighbours). Measured on [256, 3072] rows: a
+# block's loop costs ~150 cycles to start and drain, the float32 tail only 0.45 ns an element (so
+# long blocks), the float64 tail 2.5 ns (so short ones, but long runs).
+_GELU_PLAN_F32 = (256, 2, 1)
+_GELU_PLAN_F64 = (64, 4, 4)
+
+
+@numba.njit(**_INLINE)
+def _needs_tail_f32(yr, b, has_bias, j0, j1, lim, nxt):
+    """Whether any ``z = yr + b`` in ``[j0, j1)`` has |z| >= lim (NaN: no); 16 lanes at a time.
+    Prefetches ``nxt[j0:j1]``."""
+    m = j1 - (j1 - j0) % 16
+    bits = 0
+    for j in range(j0, m, 16):
+        _prefetch(nxt, j)
+        z = _v_add(_v16_load(yr, j), _v16_load(b, j)) if has_bias else _v16_load(yr, j)
+        bits |= _v_abs_ge_bits(z, lim)
+    for j in range(m, j1):
+        z = yr[np.uintp(j)] + b[np.uintp(j)] if has_bias else yr[np.uintp(j)]
+        bits |= abs(z) >= lim
+    return bits != 0
+
+
+@numba.njit(**_INLINE)
+def _needs_tail_f64(yr, b, has_bias, j0, j1, lim, nxt):
+    """Whether any ``z = yr + b`` in ``[j0, j1)`` has |z| >= lim (NaN: no); 8 lanes at a time.
+    Prefetches ``nxt[j0:j1]``."""
+    m = j1 - (j1 - j0) % 8
+    bits = 0
+    for j in range(j0, m, 8):
+        _prefetch(nxt, j)
+        z = _v_add(_v8_load(yr, j), _v8_load(b, j)) if has_bias else _v8_load(yr, j)
+        bits |= _v_abs_ge_bits(z, lim)
+    for j in range(m, j1):
+        z = yr[np.uintp(j)] + b[np.uintp(j)] if has_bias else yr[np.uintp(j)]
+        bits |= abs(z) >= lim
+    return bits != 0
+
+
+def _needs_tail(yr, b, has_bias, j0, j1, lim, nxt):  # pragma: no cover - typed by the overload
+    raise NotImplementedError
+
+
+@overload(_needs_tail, jit_options=_JIT, inline="always")
+def _needs_tail_overload(yr, b, has_bias, j0, j1, lim, nxt):
+    impl = {types.float32: _needs_tail_f32, types.float64: _needs_tail_f64}.get(lim)
+    if impl is None:
+        return None
+    return lambda yr, b, has_bias, j0, j1, lim, nxt: impl(yr, b, has_bias, j0, j1, lim, nxt)
+
+
+# The two loops of _bias_gelu_row, each a function of its own: inlined into one kernel, the
+# constants of both polynomials compete for registers (measured 5% slower).
+# (One loop per case of has_bias: a test inside a loop would leave it scalar or masked.)
+
+
+@numba.njit(**_JIT)
+def _gelu_full_run(yr, b, has_bias, dst, j0, j1):
+    if has_bias:
+        for j in range(j0, j1):
+            dst[np.uintp(j)] = _gelu(yr[np.uintp(j)] + b[np.uintp(j)])
+    else:
+        for j in range(j0, j1):
+            dst[np.uintp(j)] = _gelu(yr[np.uintp(j)])
+
+
+@numba.njit(**_JIT)
+def _gelu_main_run(yr, b, has_bias, dst, j0, j1):
+    if has_bias:
+        for j in range(j0, j1):
+            dst[np.uintp(j)] = _gelu_main(yr[np.uintp(j)] + b[np.uintp(j)])
+    else:
+        for j in range(j0, j1):
+            dst[np.uintp(j)] = _gelu_main(yr[np.uintp(j)])
+
+
+@numba.njit(**_INLINE)
+def _bias_gelu_row(yr, b, has_bias, dst, flags, nxt):
+    """``dst[:] = gelu(yr + b)`` (``gelu(yr)`` without bias); ``flags``: scratch, one per block;
+    ``nxt``: the next row, prefetched meanwhile.
+
+    erf's second branch (its tail) is needed only for |z| >= 3.54 in float32 (2.83 in float64):
+    next to no element at initialisation, a few in a hundred in a trained model. So each block
+    (``_GELU_PLAN_*``) is checked first, a vector test of |z| against 3.5 (2.8), a bound below the
+    exact one so that no block needing the tail is missed; runs of blocks that do not need it take
+    ``_gelu_main``, the others the whole branch-free ``_gelu``, each in a loop of its own. Both
+    give every element the value ``_gelu`` gives it. Once ``full_after`` blocks in a row need the
+    tail, the rest of the row takes ``_gelu`` unchecked.
+    """
+    h = yr.shape[0]
+    lim, (blk, full_after, min_run) = _tail_limit(yr[0]), _gelu_plan(yr[0])
+    nblk = (h + blk - 1) // blk
+    run = 0
+    for k in range(nblk):
+        if run >= full_after:
+            flags[k] = True
+            continue
+        j0 = k * blk
+        flags[k] = _needs_tail(yr, b, has_bias, j0, min(j0 + blk, h), lim, nxt)
+        run = run + 1 if flags[k] else 0
+    # A stretch of fewer than min_run blocks without the tail joins its neighbours: a short loop
+    # pays its start and its dependency chains' latency, more than the tail would cost.
+    k = 0
+    while k < nblk:
+        e = k
+        while e < nblk and not flags[e]:
+            e += 1
+        if e - k < min_run and e - k < nblk:
+            flags[k:e] = True
+        k = e + 1
+    k0 = 0
+    while k0 < nblk:
+        k1 = k0 + 1
+        while k1 < nblk and flags[k1] == flags[k0]:
+            k1 += 1
+        j0, j1 = k0 * blk, min(k1 * blk, h)
+        if flags[k0]:
+            _gelu_full_run(yr, b, has_bias, dst, j0, j1)
+        else:
+            _gelu_main_run(yr, b, has_bias, dst, j0, j1)
+        k0 = k1
+
+
 @numba.njit(**_JIT)
 def _bias_gelu_kernel(y, b, has_bias, out):  # y, out: [R, H]; b: [H]
-    rows, h = y.shape
+    flags = np.empty(y.shape[1] // 64 + 1, np.bool_)
+    rows = y.shape[0]
     for i in range(rows):
-        yr = y[i]
-        outr = out[i]
-        if has_bias:
-            for j in range(h):
-                outr[j] = _gelu(yr[j] + b[j])
-        else:
-            for j in range(h):
-                outr[j] = _gelu(yr[j])
+        _bias_gelu_row(y[i], b, has_bias, out[i], flags, y[min(i + 1, rows - 1)])
 
 
 @numba.njit(**_JIT)
@@ -455,14 +918,10 @@ def _bias_gelu_inplace_kernel(y, b, has_bias):  # y: [R, H], updated in place; b
     # and the copy back is from L1.
     rows, h = y.shape
     tmp = np.empty(h, y.dtype)
+    flags = np.empty(h // 64 + 1, np.bool_)
     for i in range(rows):
         yr = y[i]
-        if has_bias:
-            for j in range(h):
-                tmp[j] = _gelu(yr[j] + b[j])
-        else:
-            for j in range(h):
-                tmp[j] = _gelu(yr[j])
+        _bias_gelu_row(yr, b, has_bias, tmp, flags, y[min(i + 1, rows - 1)])
         for j in range(h):
             yr[j] = tmp[j]
 
@@ -500,27 +959,37 @@ def _residual_layer_norm_kernel(x, r, rb, has_rb, w, b, eps, n, hsum, out):  # a
 
 @numba.njit(**_JIT)
 def _masked_softmax_kernel(s, mask, has_mask, scale, out):
-    # s, out: [B, N, T, S]; mask: [1|B, 1|N, 1|T, S]
+    # s, out: [B, N, T, S]; mask: [1|B, 1|N, 1|T, S]. Rows are addressed by offsets into the flat
+    # arrays: a row view per row would cost reference counting and a call per helper.
     nb, nh, nt, ns = s.shape
     mb, mh, mt = mask.shape[0], mask.shape[1], mask.shape[2]
+    sf, mf, of = s.reshape(-1), mask.reshape(-1), out.reshape(-1)
+    prev, total = -1, s.dtype.type(1.0)  # the row whose division is pending, and its sum
     for bi in range(nb):
         for hi in range(nh):
             for ti in range(nt):
-                sr = s[bi, hi, ti]
-                orow = out[bi, hi, ti]
+                o = ((bi * nh + hi) * nt + ti) * ns
+                mo = 0
                 if has_mask:
-                    mr = mask[bi if mb > 1 else 0, hi if mh > 1 else 0, ti if mt > 1 else 0]
-                    for j in range(ns):
-                        orow[j] = sr[j] * scale + mr[j]
+                    mo = (((bi if mb > 1 else 0) * mh + (hi if mh > 1 else 0)) * mt
+                          + (ti if mt > 1 else 0)) * ns  # fmt: skip
+                m = _scale_mask_max(sf, o, mf, mo, has_mask, scale, of, o, ns)
+                for j in range(ns):  # v - max(v) <= 0 (or NaN)
+                    u = np.uintp(o + j)
+                    of[u] = _exp_nonpos(of[u] - m)
+                # the previous row's division rides along this row's sum (vector adds in one
+                # dependency chain, divisions on the divider: the time of the longer of the two)
+                if ns > 128:
+                    t = _pairwise_sum_div_at(of, o, ns, prev, total)
+                elif prev < 0:
+                    t = _pairwise_leaf(of, o, ns)
                 else:
-                    for j in range(ns):
-                        orow[j] = sr[j] * scale
-                m = _row_max(orow)
-                for j in range(ns):
-                    orow[j] = _exp(orow[j] - m)
-                total = _pairwise_sum(orow)
-                for j in range(ns):
-                    orow[j] = orow[j] / total
+                    t = _pairwise_leaf_div(of, o, ns, prev, total)
+                prev, total = o, t
+    if prev >= 0:
+        for j in range(ns):
+            u = np.uintp(prev + j)
+            of[u] = of[u] / total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +1111,7 @@ def residual_layer_norm(x, r, weight, bias, eps: float, *, r_bias=None, h_out=No
 
 
 def masked_softmax(scores, mask=None, scale: float = 1.0, *, out=None):
-    """``ops.softmax(scores * scale + mask)`` over the last axis, in one pass over each row.
+    """``ops.softmax(scores * scale + mask)`` over the last axis, three passes over each row.
 
     scores: [B, N, T, S] (or fewer leading axes); mask: None or additive, broadcastable as
     [1|B, 1|N, 1|T, S] (fewer axes are prepended with 1), holding 0 or ``finfo(dtype).min``, in

@@ -443,6 +443,9 @@ _KERNELS = [
     kernels._layer_norm_kernel,
     kernels._residual_layer_norm_kernel,
     kernels._masked_softmax_kernel,
+    kernels._gelu_full_run,
+    kernels._gelu_main_run,
+    kernels._pairwise_sum_div_at,
 ]
 
 
@@ -556,3 +559,310 @@ def test_split_batch_restores_blas_threads_and_covers_the_batch():
     assert kernels._split_batch(lambda rows: rows, 1) == [slice(0, 1)]
     if blas:
         assert blas[0]() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitwise against the previous kernels. The GELU and softmax kernels were restructured for speed
+# (erf's tail only where it is needed, a fused scale/mask/max pass, vector reductions, exp without
+# subnormal arithmetic); every value must stay the one the plain scalar formulas below give, a
+# frozen copy of the kernels before that change (one element at a time, in the same operations).
+# ---------------------------------------------------------------------------------------------
+
+# The coefficient tables the frozen formulas read from refimpl.kernels, pinned (sha256 prefixes).
+_TABLES = {
+    "_ERF64_A": "a00e2ea048693850", "_ERF64_G": "e804c94a01fb8598", "_EXPM1_64": "ac75cdc550036973",
+    "_ERF32_A": "bc7c550ba660d79d", "_ERF32_D": "6062abba0325f64a", "_EXPM1_32": "afb2a8b580ba9fc8",
+}  # fmt: skip
+_OLD_ERF64_A, _OLD_ERF64_G, _OLD_EXPM1_64 = kernels._ERF64_A, kernels._ERF64_G, kernels._EXPM1_64
+_OLD_ERF32_A, _OLD_ERF32_D, _OLD_EXPM1_32 = kernels._ERF32_A, kernels._ERF32_D, kernels._EXPM1_32
+_OLD_LOG2E, _OLD_LN2_HI, _OLD_LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
+_OLD_LN2, _OLD_SQRT2 = 0.6931471805599453, 1.4142135623730951
+_fma, _bits = kernels._fma, kernels._f64_from_bits
+
+
+def test_frozen_reference_tables_are_the_kernels_tables():
+    import hashlib
+
+    for name, digest in _TABLES.items():
+        assert hashlib.sha256(getattr(kernels, name).tobytes()).hexdigest()[:16] == digest, name
+
+
+@numba.njit
+def _old_horner(table, w):
+    p = table[0]
+    for k in range(1, table.shape[0]):
+        p = _fma(p, w, table[k])
+    return p
+
+
+@numba.njit
+def _old_exp64(x):
+    xc = min(max(x, -746.0), 710.0)
+    kf = np.floor(xc * _OLD_LOG2E + 0.5)
+    r = _fma(-kf, _OLD_LN2_LO, _fma(-kf, _OLD_LN2_HI, xc))
+    p = _fma(r, _old_horner(_OLD_EXPM1_64, r), 1.0)
+    k = np.int64(kf)
+    k1 = k >> 1
+    y = p * _bits((k1 + 1023) << 52) * _bits((k - k1 + 1023) << 52)
+    return y if x == x else x
+
+
+@numba.njit
+def _old_exp32(x):
+    xd = np.float64(x)
+    xc = min(max(xd, -150.0), 90.0)
+    kf = np.floor(xc * _OLD_LOG2E + 0.5)
+    r = _fma(-kf, _OLD_LN2, xc)
+    p = _fma(r, _old_horner(_OLD_EXPM1_32, r), 1.0)
+    y = np.float32(p * _bits((np.int64(kf) + 1023) << 52))
+    return y if x == x else x
+
+
+@numba.njit
+def _old_gelu64(z):
+    u = z / _OLD_SQRT2
+    a = abs(u)
+    small = a * _old_horner(_OLD_ERF64_A, a * a - 2.0)
+    ac = min(max(a, 2.0), 6.0)
+    tail = 1.0 - _old_exp64(-(ac * ac)) * _old_horner(_OLD_ERF64_G, ac - 4.0)
+    r = tail if a >= 2.0 else small
+    return z * 0.5 * (1.0 + math.copysign(r, u))
+
+
+@numba.njit
+def _old_gelu32(z):
+    ud = np.float64(z / np.float32(_OLD_SQRT2))
+    a = abs(ud)
+    small = a * _old_horner(_OLD_ERF32_A, a * a - 3.125)
+    tail = _old_horner(_OLD_ERF32_D, min(a, 4.0) - 3.25)
+    r = tail if a >= 2.5 else small
+    return z * np.float32(0.5) * (np.float32(1.0) + np.float32(math.copysign(r, ud)))
+
+
+@numba.njit
+def _old_map(fn, x, out):
+    for i in range(x.size):
+        out.flat[i] = fn(x.flat[i])
+
+
+def _old(fn32, fn64, x):
+    out = np.empty_like(x)
+    _old_map(fn32 if x.dtype == F32 else fn64, x, out)
+    return out
+
+
+@numba.njit
+def _old_pairwise_sum(a):  # the scalar code NumPy's pairwise_sum is written in, as it was
+    n = a.shape[0]
+    if n < 8:
+        res = a.dtype.type(0.0)
+        for i in range(n):
+            res += a[i]
+        return res
+    if n <= 128:
+        r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+        m = n - n % 8
+        for i in range(8, m, 8):
+            r0 += a[i]
+            r1 += a[i + 1]
+            r2 += a[i + 2]
+            r3 += a[i + 3]
+            r4 += a[i + 4]
+            r5 += a[i + 5]
+            r6 += a[i + 6]
+            r7 += a[i + 7]
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        for i in range(m, n):
+            res += a[i]
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _old_pairwise_sum(a[:n2]) + _old_pairwise_sum(a[n2:])
+
+
+@numba.njit
+def _old_softmax_rows(rows, mask_rows, has_mask, scale, exp):  # rows, mask_rows: [R, S]
+    out = np.empty_like(rows)
+    for i in range(rows.shape[0]):
+        v = rows[i] * scale + mask_rows[i] if has_mask else rows[i] * scale
+        m = v[0]
+        for j in range(v.shape[0]):
+            m = max(m, v[j])  # exact: the order does not matter (nor which of +-0)
+        for j in range(v.shape[0]):
+            v[j] = exp(v[j] - m)
+        total = _old_pairwise_sum(v)
+        for j in range(v.shape[0]):
+            out[i, j] = v[j] / total
+    return out
+
+
+def _old_masked_softmax(s, mask, scale):
+    dtype = s.dtype
+    m = np.broadcast_to(mask if mask is not None else np.zeros(1, dtype), s.shape)
+    rows = np.ascontiguousarray(s).reshape(-1, s.shape[-1])
+    mrows = np.ascontiguousarray(m).reshape(-1, s.shape[-1])
+    exp = _old_exp32 if dtype == F32 else _old_exp64
+    return _old_softmax_rows(rows, mrows, mask is not None, dtype.type(scale), exp).reshape(s.shape)
+
+
+def _gelu_inputs(dtype, h, rng):
+    """Rows of length h that exercise every path of the blocked kernel: all quiet, all beyond
+    erf's first branch, alternating stretches of both, isolated large values, specials."""
+    n_rows = 12
+    y = (0.5 * rng.standard_normal((n_rows, h))).astype(dtype)
+    y[1] = (-1 + 2 * rng.standard_normal(h)).astype(dtype)  # about a fifth need the tail
+    y[2] = (6 * rng.standard_normal(h)).astype(dtype)
+    for period in (16, 64, 256):  # stretches of quiet and loud blocks
+        loud = (np.arange(h) // period) % 2 == 1
+        y[3 + period.bit_length() % 3, loud] = -4.0
+    y[6, rng.integers(0, h, 3)] = 3.6  # isolated values just past the bound
+    specials = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, -0.0], dtype)
+    y[7, ::97] = specials[np.arange(len(y[7, ::97])) % 6]
+    edges = np.array([3.4, 3.5, 3.53, 3.5355, 3.54, 2.8, 2.82, 2.83, 2.85, 5.66, 8.5], dtype)
+    y[8, : min(h, 2 * len(edges))] = np.concatenate([edges, -edges])[:h]
+    y[9] = np.nextafter(y[9], np.inf)
+    y[10] = -y[1]
+    y[11] = 0.0
+    return y
+
+
+def test_gelu_tail_bound_is_below_erfs_branch_point():
+    # |z| below the bound => |u| = |z / sqrt 2| (rounded as the kernel rounds it) below erf's
+    # branch point (rounding is monotonic, so the bound itself decides)
+    assert abs(np.float64(np.float32(3.5) / np.float32(math.sqrt(2.0)))) < 2.5
+    assert abs(2.8 / math.sqrt(2.0)) < 2.0
+    assert kernels._GELU_PLAN_F32[0] % 64 == 0 and kernels._GELU_PLAN_F64[0] % 64 == 0  # flags size
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize(
+    "h", [1, 7, 15, 16, 17, 63, 64, 65, 200, 255, 256, 257, 300, 768, 1000, 3072, 3100]
+)
+def test_bias_gelu_is_bitwise_the_previous_kernel(dtype, h):
+    rng = np.random.default_rng(h)
+    y = _gelu_inputs(dtype, h, rng)
+    b = (0.5 * rng.standard_normal(h)).astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for bias in (None, b):
+            z = y + bias if bias is not None else y
+            want = _old(_old_gelu32, _old_gelu64, z)
+            np.testing.assert_array_equal(kernels.bias_gelu(y, bias), want)
+            got = y.copy()
+            kernels.bias_gelu(got, bias, out=got)
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_bias_gelu_dense_grid_is_bitwise_the_previous_kernel(dtype):
+    y = np.concatenate([np.linspace(-12, 12, 400_001), np.geomspace(1e-30, 1e3, 10_001)])
+    y = np.concatenate([y, -y]).astype(dtype)
+    np.testing.assert_array_equal(kernels.bias_gelu(y), _old(_old_gelu32, _old_gelu64, y))
+    if dtype == F32:  # every 251st float32 bit pattern: all exponents, both signs, NaN and inf
+        x = np.arange(0, 2**32, 251, dtype=np.uint64).astype(np.uint32).view(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.testing.assert_array_equal(kernels.bias_gelu(x), _old(_old_gelu32, _old_gelu64, x))
+
+
+@numba.njit
+def _map_gelu_main(x, out):
+    for i in range(x.shape[0]):
+        out[i] = kernels._gelu_main(x[i])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_gelu_main_is_bitwise_gelu_below_the_bound(dtype):
+    # _gelu_main (erf's first branch, written as u * P(u*u)) wherever the kernels use it: |z| < 3.5
+    # (float32: every 61st bit pattern there, both signs) or |z| < 2.8 (float64)
+    if dtype == F32:
+        x = np.arange(0, np.float32(3.5).view(np.uint32), 61, dtype=np.uint32).view(np.float32)
+    else:
+        rng = np.random.default_rng(0)
+        x = np.concatenate([
+            np.linspace(0, 2.8, 2_000_001, endpoint=False), rng.uniform(0, 2.8, 2_000_000),
+            np.geomspace(1e-300, 1.0, 10_001),
+        ])  # fmt: skip
+    x = np.concatenate([x, -x]).astype(dtype)
+    got = np.empty_like(x)
+    _map_gelu_main(x, got)
+    np.testing.assert_array_equal(got, _old(_old_gelu32, _old_gelu64, x))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_exp_is_bitwise_the_previous_formula(dtype):
+    x = np.concatenate([
+        np.linspace(-800, 800, 2_000_001), np.linspace(-746.5, -744.5, 200_001),  # around 2**-1075
+        np.linspace(-110, -80, 100_001), -np.geomspace(1e-30, 1e30, 10_001),
+        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan]),
+    ]).astype(dtype)  # fmt: skip
+    want = _old(_old_exp32, _old_exp64, x)
+    got = np.empty_like(x)
+    _map_exp(x, got)
+    np.testing.assert_array_equal(got, want)
+    nonpos = x[~(x > 0)]
+    _map_exp_nonpos(nonpos, got[: nonpos.size])
+    np.testing.assert_array_equal(got[: nonpos.size], want[~(x > 0)])
+
+
+@numba.njit
+def _map_exp_nonpos(x, out):
+    for i in range(x.shape[0]):
+        out[i] = kernels._exp_nonpos(x[i])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize(
+    "s_len", [1, 2, 7, 8, 9, 15, 16, 17, 100, 127, 128, 129, 136, 255, 256, 257, 300, 512, 1000]
+)
+def test_masked_softmax_is_bitwise_the_previous_kernel(dtype, s_len):
+    rng = np.random.default_rng(s_len)
+    b, n, t = 2, 3, 5
+    lo = np.finfo(dtype).min
+    for magnitude in (1.0, 30.0, 3e3):  # 3e3: exps down in the subnormals and zeros
+        s = (magnitude * rng.standard_normal((b, n, t, s_len))).astype(dtype)
+        s[0, 0, 1, rng.integers(0, s_len)] = np.nan
+        s[0, 1, 2, rng.integers(0, s_len)] = np.inf
+        s[1, 2, 3, :] = -np.inf
+        keys = np.where(rng.random((b, 1, 1, s_len)) < 0.7, 0.0, lo).astype(dtype)
+        keys[..., 0] = 0.0
+        rows = np.where(rng.random((b, 1, t, s_len)) < 0.5, 0.0, lo).astype(dtype)
+        rows[:, :, ::2] = lo  # rows masked everywhere
+        for mask in (None, keys, rows, np.full((b, n, t, s_len), lo, dtype)):
+            with np.errstate(invalid="ignore", over="ignore"):
+                want = _old_masked_softmax(s, mask, 0.125)
+                np.testing.assert_array_equal(kernels.masked_softmax(s, mask, 0.125), want)
+                got = s.copy()
+                kernels.masked_softmax(got, mask, 0.125, out=got)
+                np.testing.assert_array_equal(got, want)
+
+
+def test_attention_softmax_is_bitwise_the_previous_kernel():
+    rng = np.random.default_rng(0)
+    for dtype in (F32, F64):
+        q, k, v = rng.standard_normal((3, 2, 3, 130, 16)).astype(dtype)
+        k *= dtype.type(40.0)  # wide scores: exps down to the subnormals and zeros
+        mask = np.where(rng.random((2, 1, 1, 130)) < 0.8, 0.0, np.finfo(dtype).min).astype(dtype)
+        probs = _old_masked_softmax(q @ k.swapaxes(-1, -2), mask, 0.25)
+        np.testing.assert_array_equal(kernels.attention(q, k, v, mask, 0.25), probs @ v)
+
+
+def test_kernels_load_from_the_numba_cache(tmp_path):
+    """Compiled once into an empty cache, then loaded from it in a fresh process: the same
+    results (a cached kernel calling a recursive helper once crashed on load: numba#6061)."""
+    code = (
+        "import numpy as np\n"
+        "from refimpl import kernels as k\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((2, 3, 5, 300)).astype(np.float32)\n"
+        "w = np.ones(300, np.float32)\n"
+        "print(k.masked_softmax(x, None, 0.5).sum(), k.layer_norm(x, w, w, 1e-5).sum(),\n"
+        "      k.bias_gelu(x, w).sum())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [
+        subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout
