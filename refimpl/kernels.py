@@ -523,85 +523,33 @@ def _gelu_f64_main(z):
     return z * 0.5 * (1.0 + u * _poly_erf64_a(u * u - 2.0))
 
 
-# dtype dispatch for the generic kernels: `_gelu(z)` and `_exp(x)` resolve on the scalar's type.
-def _gelu(z):  # pragma: no cover - typed by the overload below; the definition is ops.gelu
-    raise NotImplementedError
+# dtype dispatch for the generic kernels: `_gelu(z)`, `_exp(x)`, ... resolve on the scalar's type.
 
 
-def _exp(x):  # pragma: no cover - typed by the overload below
-    raise NotImplementedError
+def _by_dtype(f32, f64):
+    """A function for Numba code that runs ``f32(x)`` on a float32 ``x`` and ``f64(x)`` on a
+    float64 one (chosen at compile time, inlined). Numba wants the implementations' argument
+    named as the stub's: ``x``."""
+
+    def dispatch(x):  # pragma: no cover - typed by the overload below
+        raise NotImplementedError
+
+    @overload(dispatch, jit_options=_JIT, inline="always")
+    def _typed(x):
+        return {types.float32: f32, types.float64: f64}.get(x)
+
+    return dispatch
 
 
-@overload(_gelu, jit_options=_JIT, inline="always")
-def _gelu_overload(z):
-    if z == types.float32:
-        return lambda z: _gelu_f32(z)
-    if z == types.float64:
-        return lambda z: _gelu_f64(z)
-    return None
-
-
-def _gelu_main(z):  # pragma: no cover - typed by the overload below
-    raise NotImplementedError
-
-
-def _tail_limit(z):  # pragma: no cover - typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_tail_limit, jit_options=_JIT, inline="always")
-def _tail_limit_overload(z):
-    """A bound on |z| below which erf(z / sqrt 2) takes its first branch (|u| < 2.5 in float32,
-    < 2 in float64): 3.5 < 2.5 * sqrt 2 and 2.8 < 2 * sqrt 2 by margins far beyond rounding."""
-    if z == types.float32:
-        return lambda z: np.float32(3.5)
-    if z == types.float64:
-        return lambda z: 2.8
-    return None
-
-
-def _gelu_plan(z):  # pragma: no cover - typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_gelu_plan, jit_options=_JIT, inline="always")
-def _gelu_plan_overload(z):
-    if z == types.float32:
-        return lambda z: _GELU_PLAN_F32
-    if z == types.float64:
-        return lambda z: _GELU_PLAN_F64
-    return None
-
-
-@overload(_gelu_main, jit_options=_JIT, inline="always")
-def _gelu_main_overload(z):
-    if z == types.float32:
-        return lambda z: _gelu_f32_main(z)
-    if z == types.float64:
-        return lambda z: _gelu_f64_main(z)
-    return None
-
-
-def _exp_nonpos(x):  # pragma: no cover - typed by the overload below
-    raise NotImplementedError
-
-
-@overload(_exp_nonpos, jit_options=_JIT, inline="always")
-def _exp_nonpos_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_f32_nonpos(x)
-    if x == types.float64:
-        return lambda x: _exp_f64_nonpos(x)
-    return None
-
-
-@overload(_exp, jit_options=_JIT, inline="always")
-def _exp_overload(x):
-    if x == types.float32:
-        return lambda x: _exp_f32(x)
-    if x == types.float64:
-        return lambda x: _exp_f64(x)
-    return None
+_gelu = _by_dtype(lambda x: _gelu_f32(x), lambda x: _gelu_f64(x))  # the definition is ops.gelu
+_exp = _by_dtype(lambda x: _exp_f32(x), lambda x: _exp_f64(x))
+_exp_nonpos = _by_dtype(lambda x: _exp_f32_nonpos(x), lambda x: _exp_f64_nonpos(x))
+# GELU with erf's first branch only (the caller knows |x| < _tail_limit(x))
+_gelu_main = _by_dtype(lambda x: _gelu_f32_main(x), lambda x: _gelu_f64_main(x))
+# A bound on |z| below which erf(z / sqrt 2) takes its first branch (|u| < 2.5 in float32, < 2 in
+# float64): 3.5 < 2.5 * sqrt 2 and 2.8 < 2 * sqrt 2 by margins far beyond rounding.
+_tail_limit = _by_dtype(lambda x: np.float32(3.5), lambda x: 2.8)
+_gelu_plan = _by_dtype(lambda x: _GELU_PLAN_F32, lambda x: _GELU_PLAN_F64)
 
 
 # ---------------------------------------------------------------------------------------------
