@@ -15,6 +15,10 @@ For each shape it prints the median time of every implementation, the ratio refi
   remain if everything but the GEMMs cost nothing.
 * ``FFN GEMM``: one [B*T, H] x [H, I] matmul, the most BLAS-friendly shape of the forward.
 
+Every timed call starts after ``--settle`` seconds of idle (default 0.3): a multi-threaded OpenBLAS
+or OpenMP call leaves its workers spinning for ~0.1 s, which would otherwise tax whichever
+candidate runs next (measured: refimpl's 8x128 forward 5-7% slower right after a 2-thread GEMM).
+
 Not a test: the numbers depend on the machine; quote ratios from one run, never bare times.
 """
 
@@ -136,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="e.g. 1x16,8x128")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--settle", type=float, default=0.3,
+                   help="seconds of idle before each timed call (default 0.3), so that thread pools left spinning "
+                        "by the previous candidate (OpenBLAS ~0.1 s, OpenMP) have gone to sleep; 0 to disable")
     args = p.parse_args(argv)
 
     import torch
@@ -191,6 +198,7 @@ def main(argv=None) -> int:
         for r in range(args.repeats):  # interleaved, rotating who runs first (threads left spinning
             for k in order[r % len(order):] + order[: r % len(order)]:  # by one run slow the next)
                 f = fns[k]
+                time.sleep(args.settle)
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .cache import KVCache, empty_cache, has_cross
 from .encoder import EncoderOutput
-from .split import encode_maybe_split
+from .split import encode_maybe_split, rows_maybe_split
 from .ops import REFERENCE, Kernels
 from .outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -199,6 +199,8 @@ class Model:
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             encoder_hidden_states, encoder_attention_mask, trace, cache=kv, need_probs=output_attentions,
         )
+        # The heads run over the halves of the batch exactly when the encoder did (refimpl.split).
+        whole = trace is not None or kv is not None or encoder_hidden_states is not None
         kv = kv if return_cache else None
         extras = dict(
             hidden_states=tuple(base.hidden_states) if output_hidden_states else None,
@@ -207,13 +209,14 @@ class Model:
         seq = base.last_hidden_state  # [B, T, H]
         t = scope(trace, "head")
         if task == "base":
-            pooled = heads.pooler(seq, self.params.pooler, trace=t) if self.params.pooler is not None else None
+            pooled = None if self.params.pooler is None else self._rows(
+                lambda s: heads.pooler(s, self.params.pooler, trace=t), seq, whole)  # [B, H]
             return BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=seq, pooler_output=pooled, past_key_values=kv,
                 cross_attentions=self._cross(base, output_attentions), **extras,
             )
         if task == "masked-lm":
-            logits = record(trace, "logits", heads.lm_head(seq, self.params.lm_head, eps=self.config.layer_norm_eps, kernels=self.kernels, trace=t))
+            logits = record(trace, "logits", self._rows(self._lm_head(t), seq, whole))  # [B, T, V]
             loss = None
             if labels is not None:
                 lab = self._labels(labels, seq.shape[:2], "labels")
@@ -221,7 +224,7 @@ class Model:
             return MaskedLMOutput(loss=record(trace, "loss", loss), logits=logits, **extras)
         if task == "causal-lm":
             kept = self._keep_positions(seq, logits_to_keep)  # [B, T', H]
-            logits = record(trace, "logits", heads.lm_head(kept, self.params.lm_head, eps=self.config.layer_norm_eps, kernels=self.kernels, trace=t))
+            logits = record(trace, "logits", self._rows(self._lm_head(t), kept, whole))  # [B, T', V]
             loss = None
             if labels is not None:
                 if kept.shape[1] != seq.shape[1]:
@@ -233,11 +236,13 @@ class Model:
                 cross_attentions=self._cross(base, output_attentions), **extras,
             )
         if task == "sequence-classification":
-            logits = record(trace, "logits", heads.classification_head(seq, self.params.classifier, trace=t))  # [B, K]
+            logits = record(trace, "logits", self._rows(
+                lambda s: heads.classification_head(s, self.params.classifier, trace=t), seq, whole))  # [B, K]
             loss = None if labels is None else self._sequence_classification_loss(logits, labels)
             return SequenceClassifierOutput(loss=record(trace, "loss", loss), logits=logits, **extras)
         if task == "token-classification":
-            logits = record(trace, "logits", heads.token_classification_head(seq, self.params.token_classifier))  # [B, T, K]
+            logits = record(trace, "logits", self._rows(
+                lambda s: heads.token_classification_head(s, self.params.token_classifier), seq, whole))  # [B, T, K]
             loss = None
             if labels is not None:
                 lab = self._labels(labels, seq.shape[:2], "labels")
@@ -246,7 +251,7 @@ class Model:
         if task == "question-answering":
             if self.config.num_labels != 2:
                 raise CheckpointError(f"question answering needs num_labels=2 (start, end); the config has {self.config.num_labels}")
-            start, end = heads.question_answering_head(seq, self.params.qa_outputs)  # [B, T] each
+            start, end = self._rows(lambda s: heads.question_answering_head(s, self.params.qa_outputs), seq, whole)  # [B, T] each
             record(trace, "start_logits", start)
             record(trace, "end_logits", end)
             loss = None
@@ -259,6 +264,16 @@ class Model:
                 loss = losses.span_loss(start, end, sp, ep)
             return QuestionAnsweringModelOutput(loss=record(trace, "loss", loss), start_logits=start, end_logits=end, **extras)
         raise AssertionError(task)  # pragma: no cover
+
+    def _rows(self, head, seq, whole: bool):
+        """``head(seq)`` for a head that treats each row of ``seq`` [B, ...] on its own; with the numba
+        backend and ``whole`` False, over the two halves of the batch like the encoder (see
+        :mod:`refimpl.split`). ``whole``: the encoder ran the batch whole (a cache, cross-attention
+        or a trace), so BLAS is multi-threaded already and the head is too."""
+        return rows_maybe_split(head, seq, kernels=self.kernels, whole=whole)
+
+    def _lm_head(self, trace):
+        return lambda s: heads.lm_head(s, self.params.lm_head, eps=self.config.layer_norm_eps, kernels=self.kernels, trace=trace)
 
     def _resolve_cache(self, ref, past_key_values, cache, use_cache, labels):
         """-> (the cache this call reads and extends, or None; whether to return it).
@@ -331,7 +346,7 @@ class Model:
             flat(position_ids, "position_ids"), flat(inputs_embeds, "inputs_embeds", 2, self.dtype), None, None, trace,
             need_probs=output_attentions,
         )
-        pooled = heads.pooler(base.last_hidden_state, self.params.pooler, trace=scope(trace, "head"))  # [B*C, H]
+        pooled = self._rows(lambda s: heads.pooler(s, self.params.pooler, trace=scope(trace, "head")), base.last_hidden_state, trace is not None)  # [B*C, H]
         logits = record(trace, "logits", heads.multiple_choice_head(pooled, self.params.choice_classifier, c))  # [B, C]
         loss = None
         if labels is not None:

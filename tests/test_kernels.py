@@ -866,3 +866,37 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout
+
+
+@pytest.mark.parametrize("task", ["base", "masked-lm", "causal-lm", "sequence-classification", "token-classification",
+                                  "question-answering", "multiple-choice"])
+def test_split_batch_heads_are_bitwise_the_whole_batch(task):
+    """With the numba backend the heads run over the halves of the batch too (refimpl.split.rows_maybe_split),
+    so BLAS stays single-threaded for the whole forward; every output field equals the unsplit forward,
+    to rounding: a half of one row takes BLAS's GEMV where the whole batch takes its GEMM (another
+    summation order), so not always bitwise."""
+    import dataclasses
+
+    import refimpl
+    from conftest import task_inputs
+    from refimpl.params import build_params, hf_key_table
+
+    config = refimpl.Config.from_dict(dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=37, max_position_embeddings=40, pad_token_id=1,
+                            type_vocab_size=2, num_labels=3 if task != "question-answering" else 2,
+                            is_decoder=task == "causal-lm"))  # fmt: skip
+    rng = np.random.default_rng(0)
+    leaves = {e.path: rng.normal(scale=0.3, size=e.shape) for e in hf_key_table(config, task)}
+    split = refimpl.Model(config, build_params(config, task, leaves), task).astype("float64").to("numba")
+    assert split.kernels.split_batch is not None
+    whole = refimpl.Model(split.config, split.params, task, dataclasses.replace(split.kernels, split_batch=None))
+    inputs = task_inputs(task, config, rng)
+    a, b = split(**inputs), whole(**inputs)
+    from tolerances import assert_close
+
+    checked = 0
+    for name in ("logits", "start_logits", "end_logits", "pooler_output", "last_hidden_state", "loss"):
+        if getattr(b, name, None) is not None:
+            assert_close(getattr(a, name), getattr(b, name), "float64", name)
+            checked += 1
+    assert checked >= 2
