@@ -15,9 +15,13 @@ For each shape it prints the median time of every implementation, the ratio refi
   remain if everything but the GEMMs cost nothing.
 * ``FFN GEMM``: one [B*T, H] x [H, I] matmul, the most BLAS-friendly shape of the forward.
 
-Every timed call starts after ``--settle`` seconds of idle (default 0.3): a multi-threaded OpenBLAS
-or OpenMP call leaves its workers spinning for ~0.1 s, which would otherwise tax whichever
-candidate runs next (measured: refimpl's 8x128 forward 5-7% slower right after a 2-thread GEMM).
+Candidates take turns in rounds (the order rotating each round, against drifting machine load);
+in a round each runs ``--block`` calls back to back (default 3) and the first is not timed. That
+untimed call absorbs what the previous candidate left behind: a multi-threaded OpenBLAS or OpenMP
+call leaves its workers spinning for ~0.1 s, which taxes whoever runs next (measured: refimpl's
+8x128 forward 7% slower right after a 2-thread GEMM; transformers eager at 1x128 up to 1.7x
+slower right after another candidate). The timed calls are each implementation's steady state,
+what a loop over batches sees.
 
 Not a test: the numbers depend on the machine; quote ratios from one run, never bare times.
 """
@@ -140,9 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="e.g. 1x16,8x128")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--settle", type=float, default=0.3,
-                   help="seconds of idle before each timed call (default 0.3), so that thread pools left spinning "
-                        "by the previous candidate (OpenBLAS ~0.1 s, OpenMP) have gone to sleep; 0 to disable")
+    p.add_argument("--block", type=int, default=3,
+                   help="calls per candidate per round, back to back; the first is not timed (default 3)")
     args = p.parse_args(argv)
 
     import torch
@@ -195,13 +198,14 @@ def main(argv=None) -> int:
             f()
         times = {k: [] for k in fns}
         order = list(fns)
-        for r in range(args.repeats):  # interleaved, rotating who runs first (threads left spinning
-            for k in order[r % len(order):] + order[: r % len(order)]:  # by one run slow the next)
+        for r in range(args.repeats):  # rounds, rotating who runs first
+            for k in order[r % len(order):] + order[: r % len(order)]:
                 f = fns[k]
-                time.sleep(args.settle)
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+                f()  # absorbs what the previous candidate left behind (spinning threads, cold caches)
+                for _ in range(args.block - 1):
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         flops = forward_flops(cfg, b, t)
         gflops = flops / med["numba"] / 1e9
