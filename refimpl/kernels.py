@@ -156,18 +156,21 @@ def _vec_pointer(context, builder, aty, arr, i, lanes):
     return builder.bitcast(builder.gep(data, [i]), vty.as_pointer())
 
 
-def _vec_load(lanes):
+def _vec_load(lanes=None):
+    """A load of ``lanes`` elements; ``lanes=None``: one 64-byte vector (16 float32 or 8 float64)."""
+
     @intrinsic
     def load(typingctx, a, i):
         """``a[i:i + lanes]`` (one unaligned vector load; the caller keeps it in bounds)."""
         if not (_is_row(a) and isinstance(i, types.Integer)):
             return None
+        n = lanes or 512 // a.dtype.bitwidth
 
         def codegen(context, builder, signature, args):
-            ptr = _vec_pointer(context, builder, signature.args[0], args[0], args[1], lanes)
+            ptr = _vec_pointer(context, builder, signature.args[0], args[0], args[1], n)
             return builder.load(ptr, align=a.dtype.bitwidth // 8)
 
-        return _Vec(a.dtype, lanes)(a, i), codegen
+        return _Vec(a.dtype, n)(a, i), codegen
 
     return load
 
@@ -190,7 +193,7 @@ def _vec_splat(lanes):
     return splat
 
 
-_v8_load, _v16_load = _vec_load(8), _vec_load(16)
+_v8_load, _v64b_load = _vec_load(8), _vec_load()
 _v8_splat = _vec_splat(8)
 
 
@@ -550,6 +553,7 @@ _gelu_main = _by_dtype(lambda x: _gelu_f32_main(x), lambda x: _gelu_f64_main(x))
 # float64): 3.5 < 2.5 * sqrt 2 and 2.8 < 2 * sqrt 2 by margins far beyond rounding.
 _tail_limit = _by_dtype(lambda x: np.float32(3.5), lambda x: 2.8)
 _gelu_plan = _by_dtype(lambda x: _GELU_PLAN_F32, lambda x: _GELU_PLAN_F64)
+_64b_lanes = _by_dtype(lambda x: 16, lambda x: 8)  # the lanes of one 64-byte vector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,47 +740,20 @@ _GELU_PLAN_F64 = (64, 4, 4)
 
 
 @numba.njit(**_INLINE)
-def _needs_tail_f32(yr, b, has_bias, j0, j1, lim, nxt):
-    """Whether any ``z = yr + b`` in ``[j0, j1)`` has |z| >= lim (NaN: no); 16 lanes at a time.
-    Prefetches ``nxt[j0:j1]``."""
-    m = j1 - (j1 - j0) % 16
+def _needs_tail(yr, b, has_bias, j0, j1, lim, nxt):
+    """Whether any ``z = yr + b`` in ``[j0, j1)`` has |z| >= lim (NaN: no); one 64-byte vector
+    (16 float32 or 8 float64 lanes) at a time. Prefetches ``nxt[j0:j1]``."""
+    w = _64b_lanes(lim)
+    m = j1 - (j1 - j0) % w
     bits = 0
-    for j in range(j0, m, 16):
+    for j in range(j0, m, w):
         _prefetch(nxt, j)
-        z = _v_add(_v16_load(yr, j), _v16_load(b, j)) if has_bias else _v16_load(yr, j)
+        z = _v_add(_v64b_load(yr, j), _v64b_load(b, j)) if has_bias else _v64b_load(yr, j)
         bits |= _v_abs_ge_bits(z, lim)
     for j in range(m, j1):
         z = yr[np.uintp(j)] + b[np.uintp(j)] if has_bias else yr[np.uintp(j)]
         bits |= abs(z) >= lim
     return bits != 0
-
-
-@numba.njit(**_INLINE)
-def _needs_tail_f64(yr, b, has_bias, j0, j1, lim, nxt):
-    """Whether any ``z = yr + b`` in ``[j0, j1)`` has |z| >= lim (NaN: no); 8 lanes at a time.
-    Prefetches ``nxt[j0:j1]``."""
-    m = j1 - (j1 - j0) % 8
-    bits = 0
-    for j in range(j0, m, 8):
-        _prefetch(nxt, j)
-        z = _v_add(_v8_load(yr, j), _v8_load(b, j)) if has_bias else _v8_load(yr, j)
-        bits |= _v_abs_ge_bits(z, lim)
-    for j in range(m, j1):
-        z = yr[np.uintp(j)] + b[np.uintp(j)] if has_bias else yr[np.uintp(j)]
-        bits |= abs(z) >= lim
-    return bits != 0
-
-
-def _needs_tail(yr, b, has_bias, j0, j1, lim, nxt):  # pragma: no cover - typed by the overload
-    raise NotImplementedError
-
-
-@overload(_needs_tail, jit_options=_JIT, inline="always")
-def _needs_tail_overload(yr, b, has_bias, j0, j1, lim, nxt):
-    impl = {types.float32: _needs_tail_f32, types.float64: _needs_tail_f64}.get(lim)
-    if impl is None:
-        return None
-    return lambda yr, b, has_bias, j0, j1, lim, nxt: impl(yr, b, has_bias, j0, j1, lim, nxt)
 
 
 # The two loops of _bias_gelu_row, each a function of its own: inlined into one kernel, the
