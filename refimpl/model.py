@@ -21,7 +21,7 @@ from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .cache import KVCache, empty_cache, has_cross
 from .encoder import EncoderOutput
-from .split import encode_maybe_split, rows_maybe_split
+from .split import encode_maybe_split, rows_maybe_split, splits
 from .ops import REFERENCE, Kernels
 from .outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -200,7 +200,7 @@ class Model:
             encoder_hidden_states, encoder_attention_mask, trace, cache=kv, need_probs=output_attentions,
         )
         # The heads run over the halves of the batch exactly when the encoder did (refimpl.split).
-        whole = trace is not None or kv is not None or encoder_hidden_states is not None
+        split = splits(self.kernels, base.last_hidden_state.shape[0], trace=trace, cache=kv, encoder_hidden_states=encoder_hidden_states)
         kv = kv if return_cache else None
         extras = dict(
             hidden_states=tuple(base.hidden_states) if output_hidden_states else None,
@@ -210,13 +210,13 @@ class Model:
         t = scope(trace, "head")
         if task == "base":
             pooled = None if self.params.pooler is None else self._rows(
-                lambda s: heads.pooler(s, self.params.pooler, trace=t), seq, whole)  # [B, H]
+                lambda s: heads.pooler(s, self.params.pooler, trace=t), seq, split)  # [B, H]
             return BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=seq, pooler_output=pooled, past_key_values=kv,
                 cross_attentions=self._cross(base, output_attentions), **extras,
             )
         if task == "masked-lm":
-            logits = record(trace, "logits", self._rows(self._lm_head(t), seq, whole))  # [B, T, V]
+            logits = record(trace, "logits", self._rows(self._lm_head(t), seq, split))  # [B, T, V]
             loss = None
             if labels is not None:
                 lab = self._labels(labels, seq.shape[:2], "labels")
@@ -224,7 +224,7 @@ class Model:
             return MaskedLMOutput(loss=record(trace, "loss", loss), logits=logits, **extras)
         if task == "causal-lm":
             kept = self._keep_positions(seq, logits_to_keep)  # [B, T', H]
-            logits = record(trace, "logits", self._rows(self._lm_head(t), kept, whole))  # [B, T', V]
+            logits = record(trace, "logits", self._rows(self._lm_head(t), kept, split))  # [B, T', V]
             loss = None
             if labels is not None:
                 if kept.shape[1] != seq.shape[1]:
@@ -237,12 +237,12 @@ class Model:
             )
         if task == "sequence-classification":
             logits = record(trace, "logits", self._rows(
-                lambda s: heads.classification_head(s, self.params.classifier, trace=t), seq, whole))  # [B, K]
+                lambda s: heads.classification_head(s, self.params.classifier, trace=t), seq, split))  # [B, K]
             loss = None if labels is None else self._sequence_classification_loss(logits, labels)
             return SequenceClassifierOutput(loss=record(trace, "loss", loss), logits=logits, **extras)
         if task == "token-classification":
             logits = record(trace, "logits", self._rows(
-                lambda s: heads.token_classification_head(s, self.params.token_classifier), seq, whole))  # [B, T, K]
+                lambda s: heads.token_classification_head(s, self.params.token_classifier), seq, split))  # [B, T, K]
             loss = None
             if labels is not None:
                 lab = self._labels(labels, seq.shape[:2], "labels")
@@ -251,7 +251,7 @@ class Model:
         if task == "question-answering":
             if self.config.num_labels != 2:
                 raise CheckpointError(f"question answering needs num_labels=2 (start, end); the config has {self.config.num_labels}")
-            start, end = self._rows(lambda s: heads.question_answering_head(s, self.params.qa_outputs), seq, whole)  # [B, T] each
+            start, end = self._rows(lambda s: heads.question_answering_head(s, self.params.qa_outputs), seq, split)  # [B, T] each
             record(trace, "start_logits", start)
             record(trace, "end_logits", end)
             loss = None
@@ -265,12 +265,11 @@ class Model:
             return QuestionAnsweringModelOutput(loss=record(trace, "loss", loss), start_logits=start, end_logits=end, **extras)
         raise AssertionError(task)  # pragma: no cover
 
-    def _rows(self, head, seq, whole: bool):
-        """``head(seq)`` for a head that treats each row of ``seq`` [B, ...] on its own; with the numba
-        backend and ``whole`` False, over the two halves of the batch like the encoder (see
-        :mod:`refimpl.split`). ``whole``: the encoder ran the batch whole (a cache, cross-attention
-        or a trace), so BLAS is multi-threaded already and the head is too."""
-        return rows_maybe_split(head, seq, kernels=self.kernels, whole=whole)
+    def _rows(self, head, seq, split: bool):
+        """``head(seq)`` for a head that treats each row of ``seq`` [B, ...] on its own: over the two
+        halves of the batch when the encoder ran that way (``split``, from :func:`refimpl.split.splits`),
+        so BLAS stays single-threaded for the whole forward; else as it is."""
+        return rows_maybe_split(head, seq, kernels=self.kernels, split=split)
 
     def _lm_head(self, trace):
         return lambda s: heads.lm_head(s, self.params.lm_head, eps=self.config.layer_norm_eps, kernels=self.kernels, trace=trace)
@@ -346,7 +345,7 @@ class Model:
             flat(position_ids, "position_ids"), flat(inputs_embeds, "inputs_embeds", 2, self.dtype), None, None, trace,
             need_probs=output_attentions,
         )
-        pooled = self._rows(lambda s: heads.pooler(s, self.params.pooler, trace=scope(trace, "head")), base.last_hidden_state, trace is not None)  # [B*C, H]
+        pooled = self._rows(lambda s: heads.pooler(s, self.params.pooler, trace=scope(trace, "head")), base.last_hidden_state, splits(self.kernels, base.last_hidden_state.shape[0], trace=trace))  # [B*C, H]
         logits = record(trace, "logits", heads.multiple_choice_head(pooled, self.params.choice_classifier, c))  # [B, C]
         loss = None
         if labels is not None:

@@ -19,16 +19,19 @@ from .ops import Kernels
 from .params import Params
 
 
+def splits(kernels: Kernels, batch: int, *, trace=None, cache=None, encoder_hidden_states=None) -> bool:
+    """Whether a forward runs over the halves of its batch: ``kernels.split_batch`` set, 2+ sequences,
+    and no trace, cache or cross-attention (those run the batch whole). The one statement of the
+    rule, for the encoder (:func:`encode_maybe_split`) and the heads (:func:`rows_maybe_split`)."""
+    return (kernels.split_batch is not None and batch >= 2
+            and trace is None and cache is None and encoder_hidden_states is None)  # fmt: skip
+
+
 def encode_maybe_split(embeddings, params: Params, config: Config, bias, *, kernels: Kernels, need_probs: bool = True,
                        **kw) -> EncoderOutput:
-    """:func:`~refimpl.encoder.encode`, over parts of the batch when ``kernels.split_batch`` is set
-    and the call allows it (2+ sequences, no cache, no trace, no cross-attention); ``kw`` goes to
-    ``encode`` as it is."""
-    if (
-        kernels.split_batch is None
-        or embeddings.shape[0] < 2
-        or any(kw.get(k) is not None for k in ("trace", "cache", "encoder_hidden_states"))
-    ):
+    """:func:`~refimpl.encoder.encode`, over parts of the batch when :func:`splits` says so; ``kw``
+    goes to ``encode`` as it is."""
+    if not splits(kernels, embeddings.shape[0], **{k: kw.get(k) for k in ("trace", "cache", "encoder_hidden_states")}):
         return encode(embeddings, params, config, bias, kernels=kernels, need_probs=need_probs, **kw)
     return _encode_in_parts(embeddings, params, config, bias, kernels=kernels, need_probs=need_probs)
 
@@ -101,18 +104,18 @@ class _LazyParts(list):
         return list(self)
 
 
-def rows_maybe_split(fn, x, *, kernels: Kernels, whole: bool = False):
+def rows_maybe_split(fn, x, *, kernels: Kernels, split: bool):
     """``fn(x)`` for a head that treats the rows of ``x`` [B, ...] independently (pooler, LM head,
     classifiers): over the halves of the batch on ``kernels.split_batch``'s threads when set, and
-    joined along the batch axis (``fn`` may return an array or a tuple of arrays). ``whole``: run
-    ``fn(x)`` as it is (the caller's encoder did not split: a cache, cross-attention or a trace).
+    joined along the batch axis (``fn`` may return an array or a tuple of arrays). ``split``: what
+    :func:`splits` said for the forward's encoder (False: ``fn(x)`` as it is).
 
     Besides using both cores, this keeps BLAS single-threaded for the whole of a split forward: a
     multi-threaded OpenBLAS call leaves its worker spinning for ~0.1 s, which would take a core from
     the next split forward (measured: 8x128 base forward 752 ms after an idle pause, 805 ms right
     after a 2-thread GEMM).
     """
-    if kernels.split_batch is None or x.shape[0] < 2 or whole:
+    if not split:
         return fn(x)
     parts = kernels.split_batch(lambda rows: fn(x[rows]), x.shape[0])
     if len(parts) == 1:
