@@ -521,12 +521,15 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_split_batch_forward_is_bitwise_the_whole_batch(dtype, batch):
+def test_split_batch_forward_matches_the_whole_batch(dtype, batch):
     """numba_kernels().split_batch runs the batch as two halves on two threads (single-threaded
-    OpenBLAS); every sequence is computed on its own either way, so the outputs are identical."""
+    OpenBLAS); every sequence is computed on its own either way, so the outputs agree up to the
+    rounding of BLAS kernels picked for the other call shapes (tolerances.REORDERED; bitwise on
+    machines where BLAS picks the same kernel for both shapes, which no test may assume)."""
     import dataclasses
 
     import refimpl
+    from tolerances import REORDERED, assert_close
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     split = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype)
@@ -540,12 +543,13 @@ def test_split_batch_forward_is_bitwise_the_whole_batch(dtype, batch):
     for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
         a = split(input_ids=ids, attention_mask=mask, **kwargs)
         b = whole(input_ids=ids, attention_mask=mask, **kwargs)
-        np.testing.assert_array_equal(a.logits, b.logits)
+        assert a.logits.dtype == b.logits.dtype == np.dtype(dtype)
+        assert_close(a.logits, b.logits, dtype, "logits", REORDERED)
         for name in ("hidden_states", "attentions"):
             if kwargs:
                 assert len(getattr(a, name)) == len(getattr(b, name))
-                for x, y in zip(getattr(a, name), getattr(b, name)):
-                    np.testing.assert_array_equal(x, y)
+                for i, (x, y) in enumerate(zip(getattr(a, name), getattr(b, name))):
+                    assert_close(x, y, dtype, f"{name}[{i}]", REORDERED)
             else:
                 assert getattr(a, name) is None
 

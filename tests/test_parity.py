@@ -118,7 +118,7 @@ BACKENDS = ["numba", "numpy"]  # the Numba kernels (the CPU default) and the pur
 @pytest.mark.parametrize("task", TASKS)
 def test_task_parity(hf_factory, task, kind, dtype, backend):
     config_kwargs = {"num_labels": 3} if task in ("sequence-classification", "token-classification") else {}
-    hf, folder = hf_factory(task, seed=hash((task, kind)) % 1000, **config_kwargs)
+    hf, folder = hf_factory(task, seed=TASKS.index(task) * 10 + KINDS.index(kind), **config_kwargs)
     rng = np.random.default_rng(0)
     inputs = make_inputs(kind, rng)
     inputs.update(labels_for(task, inputs, rng, config_kwargs))
@@ -285,7 +285,7 @@ def test_numba_per_head_attention_schedule_parity(hf_factory, monkeypatch, kind,
     from refimpl import kernels
 
     monkeypatch.setattr(kernels, "PER_HEAD_FROM", 1)
-    hf, folder = hf_factory("base", seed=hash(("per-head", kind)) % 1000)
+    hf, folder = hf_factory("base", seed=100 + ["right", "left"].index(kind))
     inputs = cast_inputs(make_inputs(kind, np.random.default_rng(1)), dtype)
     theirs = torch_forward(hf, dtype, **inputs)
     ours = refimpl.from_pretrained(folder, dtype=dtype, backend="numba")(**inputs)

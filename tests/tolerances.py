@@ -23,6 +23,13 @@ import numpy as np
 
 TOL = {"float64": 1e-10, "float32": 5e-5}
 
+# The same formulas in the same order, but BLAS may pick another kernel (blocking, FMA use) for
+# another call shape: a half batch instead of the whole one, one row instead of many. Each GEMM
+# then rounds differently by a few ulp; through a few tiny layers that stays far below these
+# bounds (observed: float32 9e-8 on logits of magnitude ~0.2 on an AVX2 machine, 0 on AVX-512).
+# Bitwise equality is asserted only where the BLAS calls are the same.
+REORDERED = {"float64": 1e-13, "float32": 2e-6}
+
 
 def max_scaled_error(actual, expected) -> float:
     actual = np.asarray(actual, dtype=np.float64)
@@ -33,12 +40,13 @@ def max_scaled_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected))) / scale
 
 
-def assert_close(actual, expected, dtype: str, name: str = "value") -> None:
-    """Shape first, then values under ``TOL[dtype]``; the message reports the error found."""
+def assert_close(actual, expected, dtype: str, name: str = "value", table: dict = TOL) -> None:
+    """Shape first, then values under ``table[dtype]`` (default :data:`TOL`); the message reports
+    the error found."""
     actual = np.asarray(actual)
     expected = np.asarray(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != expected {expected.shape}"
     assert np.all(np.isfinite(actual) == np.isfinite(expected)), f"{name}: non-finite values differ"
     finite = np.isfinite(expected)
     err = max_scaled_error(actual[finite], expected[finite])
-    assert err <= TOL[dtype], f"{name}: scaled max error {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
+    assert err <= table[dtype], f"{name}: scaled max error {err:.3e} > {table[dtype]:.0e} ({dtype})"
