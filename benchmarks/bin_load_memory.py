@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LOADERS = {
     "refimpl load_state_dict (mmap)": (
-        "from conversion.torch_pickle import load_state_dict",
+        "from refimpl.torch_pickle import load_state_dict",
         "sd = load_state_dict(path)",
         "sum(float(a.sum(dtype='float64')) for a in sd.values())",
     ),

@@ -38,7 +38,7 @@ def build(threads: int, backend: str = "numba"):
     import transformers
 
     import refimpl
-    from refimpl.model import params_from_state_dict
+    from refimpl.loading import params_from_state_dict
 
     torch.set_num_threads(threads)
     cfg = transformers.RobertaPreLayerNormConfig(

@@ -1,14 +1,16 @@
 """Checkpoint formats other than a Hugging Face safetensors folder, and export to one.
 
-* :mod:`conversion.torch_pickle`: torch-free, code-execution-free reader of ``.bin``/``.pt`` files;
-* :mod:`conversion.hf`: Hugging Face folders with safetensors or ``pytorch_model.bin`` (sharded or not);
-* :mod:`conversion.original`: the original efficient_mlm layout (``roberta.`` prefix);
-* :mod:`conversion.fairseq`: fairseq pre-LN RoBERTa checkpoints;
-* :mod:`conversion.export`: a refimpl Model -> a folder transformers loads;
-* :mod:`conversion.cli`: the ``refimpl-convert`` command.
+* :mod:`refimpl_conversion.hf`: Hugging Face folders with safetensors or ``pytorch_model.bin`` (sharded or not);
+* :mod:`refimpl_conversion.fairseq`: fairseq pre-LN RoBERTa checkpoints;
+* :mod:`refimpl_conversion.export`: a refimpl Model -> a folder transformers loads;
+* :mod:`refimpl_conversion.cli`: the ``refimpl-convert`` command.
 
-This package depends on refimpl; refimpl's math never imports it. Importing ``conversion`` itself
-is cheap: the submodules load on first use.
+The torch-free ``.bin``/``.pt`` reader (:mod:`refimpl.torch_pickle`) and the original efficient_mlm
+layout (:mod:`refimpl.layouts`) live in refimpl, because ``refimpl.from_pretrained`` reads both.
+
+This folder installs as the package ``refimpl_conversion`` (a top-level ``conversion`` would collide
+with other distributions). It builds on refimpl; refimpl never imports it. Importing it is cheap:
+the submodules load on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ _LAZY = {
     "load": "loaders", "detect_format": "loaders", "FORMATS": "loaders",
     "export": "export", "ExportSummary": "export", "export_state_dict": "export",
     "load_fairseq": "fairseq", "ConversionError": "keymap", "Loaded": "keymap",
-    "convert_original_state_dict": "original",
+    
 }
 
 

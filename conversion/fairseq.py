@@ -45,13 +45,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from refimpl.config import Config
-from refimpl.model import Model, _parse_dtype, params_from_state_dict
+from refimpl.loading import params_from_state_dict
+from refimpl.model import Model
+from refimpl.safetensors_io import parse_dtype
 from refimpl.params import TASKS, normalize_task
 from refimpl.safetensors_io import to_compute_dtype
 
 from .hf import SAFETENSORS_TO_NAME, bin_dtype_name
 from .keymap import ConversionError, Loaded, apply_table, describe_keys, hf_state
-from .torch_pickle import Namespace, OpaqueObject, load_torch_file
+from refimpl.torch_pickle import Namespace, OpaqueObject, load_torch_file
 
 SE = "encoder.sentence_encoder."
 # fairseq key -> refimpl tree path (refimpl.params.hf_key_table names the same paths for transformers).
@@ -386,7 +388,7 @@ def load_fairseq(path: str, task: str | None = None, head: str | None = None, dt
     source_dtype = max(counts, key=counts.get) if counts else "float32"
     if dtype == "auto":
         dtype = "float64" if source_dtype == "float64" else "float32"
-    target = np.dtype(_parse_dtype(dtype))
+    target = np.dtype(parse_dtype(dtype))
     leaves = {p: to_compute_dtype(np.asarray(a), src_names[p], target) for p, a in leaves.items()}
 
     word = leaves["embeddings.word"]

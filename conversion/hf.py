@@ -1,6 +1,6 @@
 """Hugging Face model folders: safetensors (single or sharded) and ``pytorch_model.bin`` (single or sharded).
 
-``.bin`` files are read by :mod:`conversion.torch_pickle` (NumPy only, no code from the file runs).
+``.bin`` files are read by :mod:`refimpl.torch_pickle` (NumPy only, no code from the file runs).
 bfloat16 tensors are kept as their raw bits and labelled ``BF16`` so that the loader converts them
 exactly and the converter knows the source dtype.
 """
@@ -17,7 +17,7 @@ import numpy as np
 from refimpl.safetensors_io import read_hf_safetensors_folder
 
 from .keymap import ConversionError
-from .torch_pickle import load_state_dict
+from refimpl.torch_pickle import load_state_dict
 
 SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -4,7 +4,7 @@ refimpl.params.hf_key_table lists every parameter as ``Entry(tree path, Hugging 
 A converter does not copy that table; it names the *tree paths* in its own format with a short
 table of patterns, and :func:`apply_table` maps a foreign state dict onto tree paths. The converter
 then turns the paths into Hugging Face keys with :func:`hf_state` (the one table again) and hands
-them to :func:`refimpl.model.params_from_state_dict`, which checks every shape and reports every
+them to :func:`refimpl.loading.params_from_state_dict`, which checks every shape and reports every
 missing tensor. Every source key must be matched by the table or listed as ignored: nothing is
 dropped silently.
 
@@ -19,12 +19,16 @@ from typing import Any, Iterable, Mapping
 
 from refimpl.config import Config
 from refimpl.params import hf_key_table
+from refimpl.safetensors_io import CheckpointError
 
 _PLACEHOLDERS = {"i": r"(?P<i>\d+)", "wb": r"(?P<wb>weight|bias)"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says why and, where there is one, the fix."""
+class ConversionError(CheckpointError):
+    """A checkpoint that cannot be converted; the message says why and, where there is one, the fix.
+
+    A :class:`refimpl.CheckpointError`, like every refusal of a checkpoint that refimpl itself
+    makes (a post-LayerNorm RoBERTa, a missing tensor)."""
 
 
 def _compile(pattern: str, values: Mapping[str, str]) -> re.Pattern:

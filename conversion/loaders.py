@@ -5,11 +5,11 @@ Formats (``--from``):
 * ``hf``: a Hugging Face folder with ``config.json`` + ``model.safetensors`` (or its sharded index);
 * ``bin``: a Hugging Face folder with ``config.json`` + ``pytorch_model.bin`` (or its sharded index);
 * ``original``: the original efficient_mlm layout (``roberta.`` prefix, unused
-  ``attention.self.LayerNorm``), in safetensors or ``.bin``: see :mod:`conversion.original`;
+  ``attention.self.LayerNorm``), in safetensors or ``.bin``: see :mod:`refimpl.layouts`;
 
 A post-LayerNorm RoBERTa (such as roberta-base) is refused in every format, with the reason.
 * ``fairseq``: a fairseq ``.pt`` file, or a folder with ``model.pt`` (+ ``dict.txt``): see
-  :mod:`conversion.fairseq`.
+  :mod:`refimpl_conversion.fairseq`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 
 from refimpl.config import Config
-from refimpl.model import Model, params_from_state_dict
+from refimpl.loading import params_from_state_dict
+from refimpl.model import Model
 from refimpl.params import BASE_PREFIX, TIED_ALIASES, hf_key_table, normalize_task, task_from_architectures
 
 from .fairseq import load_fairseq
 from .hf import dominant_dtype, read_folder, weights_kind
 from .keymap import ConversionError, Loaded, describe_keys
-from .original import convert_original_layout, is_original_layout, refuse_post_layernorm
+from refimpl.layouts import convert_original_layout, is_original_layout, refuse_post_layernorm
 
 FORMATS = ("auto", "hf", "bin", "original", "fairseq")
 
@@ -64,7 +65,7 @@ def _not_converted(config: Config, task: str, state) -> list[str]:
 
 
 def load(src: str, fmt: str = "auto", task: str | None = None, head: str | None = None, dtype: str = "float32") -> Loaded:
-    """Load ``src`` (any format above) as a :class:`~conversion.keymap.Loaded` with a model in ``dtype``.
+    """Load ``src`` (any format above) as a :class:`~refimpl_conversion.keymap.Loaded` with a model in ``dtype``.
 
     task: None (from config.json's ``architectures``; for fairseq see :func:`load_fairseq`) or a
     task name; head: a fairseq classification head. dtype: the compute dtype, ``float32`` or

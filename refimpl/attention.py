@@ -11,7 +11,7 @@ from .backend import finfo_min, namespace
 from .cache import LayerCache, append, has_cross, set_cross
 from .ops import REFERENCE, Kernels
 from .params import Attention
-from .trace import Trace, record
+from .tracing import Trace, record
 
 # ---------------------------------------------------------------------------------------------
 # Masks

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .backend import namespace
 from .ops import layer_norm
 from .params import Embeddings
-from .trace import Trace, record
+from .tracing import Trace, record
 
 
 def position_ids_from_input_ids(input_ids, pad_token_id: int, past_length: int = 0):

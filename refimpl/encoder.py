@@ -19,7 +19,7 @@ from .cache import KVCache, LayerCache, has_cross
 from .config import Config
 from .ops import REFERENCE, Kernels, activation
 from .params import Layer, Params
-from .trace import Trace, record, scope
+from .tracing import Trace, record, scope
 
 
 def feed_forward_block(x, p: Layer, *, act: str, eps: float, kernels: Kernels = REFERENCE, trace: Trace | None = None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .backend import namespace
 from .ops import REFERENCE, Kernels, gelu, linear
 from .params import ClassificationHead, LMHead, Linear
-from .trace import Trace, record
+from .tracing import Trace, record
 
 
 def pooler(sequence, p: Linear, *, trace: Trace | None = None):

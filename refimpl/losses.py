@@ -25,7 +25,7 @@ def cross_entropy(logits, labels, *, ignore_index: int = IGNORE_INDEX):
     if bool(xp.any(bad)):
         raise ValueError(
             f"labels must lie in [0, {k}) or equal the ignore index {ignore_index}; "
-            f"found {_first(xp, labels, bad)}"
+            f"found {first_flagged(xp, labels, bad)}"
         )
     safe = xp.where(valid, labels, xp.zeros_like(labels))  # [M]
     logp = log_softmax(logits, axis=-1)  # [M, K]
@@ -78,7 +78,7 @@ def span_loss(start_logits, end_logits, start_positions, end_positions):
     return (start + end) / 2
 
 
-def _first(xp, labels, bad) -> int:
+def first_flagged(xp, labels, bad) -> int:
     flat_bad = xp.reshape(bad, (-1,))
     flat = xp.reshape(labels, (-1,))
     idx = int(xp.argmax(xp.astype(flat_bad, xp.int8)))

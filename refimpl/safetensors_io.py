@@ -123,3 +123,23 @@ def read_hf_safetensors_folder(folder: str | os.PathLike) -> tuple[dict[str, np.
 
 def metadata_of(path: str | os.PathLike) -> dict[str, Any]:
     return read_safetensors(path)[2]
+
+
+# The dtypes refimpl computes in (checkpoints in other dtypes are converted on load).
+COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def parse_dtype(dtype) -> type:
+    """``"float32"``/``"float64"`` (or the NumPy dtype) -> the NumPy scalar type refimpl computes in;
+    anything else is a ``ValueError`` that says which dtypes exist."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name if dtype is not None else None
+    except TypeError:
+        name = None
+    if name not in COMPUTE_DTYPES:
+        why = (
+            " (float16/bfloat16 checkpoints are converted on load; refimpl computes in float32 or float64)"
+            if name in ("float16", "bfloat16", "half") else ""
+        )
+        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {dtype!r}{why}")
+    return COMPUTE_DTYPES[name]

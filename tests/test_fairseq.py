@@ -23,11 +23,11 @@ transformers = pytest.importorskip("transformers")
 import refimpl  # noqa: E402
 from tolerances import TOL, assert_close, max_scaled_error  # noqa: E402
 
-from conversion import cli  # noqa: E402
-from conversion.export import export  # noqa: E402
-from conversion.fairseq import load_fairseq  # noqa: E402
-from conversion.keymap import ConversionError  # noqa: E402
-from conversion.loaders import detect_format, load  # noqa: E402
+from refimpl_conversion import cli  # noqa: E402
+from refimpl_conversion.export import export  # noqa: E402
+from refimpl_conversion.fairseq import load_fairseq  # noqa: E402
+from refimpl_conversion.keymap import ConversionError  # noqa: E402
+from refimpl_conversion.loaders import detect_format, load  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "fairseq-prenorm")
 SE = "encoder.sentence_encoder."

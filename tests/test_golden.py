@@ -217,7 +217,7 @@ def test_post_ln_block_diverges_at_layer0_attention(hf_factory, tmp_path, monkey
     """refimpl itself with a post-LN attention block: x = LN(x + attention(x))."""
     import refimpl.encoder
     from refimpl.attention import merge_heads, scaled_dot_product_attention, split_heads
-    from refimpl.trace import record
+    from refimpl.tracing import record
 
     def post_ln_attention_block(x, p, bias, *, num_heads, eps, trace=None, **_):
         q = record(trace, "q", split_heads(linear(x, p.query.weight, p.query.bias), num_heads))

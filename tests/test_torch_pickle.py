@@ -1,4 +1,4 @@
-"""conversion.torch_pickle: torch checkpoints read with NumPy only, and no code from the file run.
+"""refimpl.torch_pickle: torch checkpoints read with NumPy only, and no code from the file run.
 
 torch is the oracle here (round trips against ``torch.load(weights_only=True)``); the reader itself
 never imports it. Hostile and corrupt files are written by hand into ``tmp_path``.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conversion.torch_pickle import (
+from refimpl.torch_pickle import (
     Namespace,
     OpaqueObject,
     TorchCheckpointError,
@@ -327,7 +327,7 @@ def test_reader_needs_no_torch(tmp_path):
     torch.save({"w": torch.arange(6.0).reshape(2, 3)}, path)
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "from conversion.torch_pickle import load_state_dict\n"
+        "from refimpl.torch_pickle import load_state_dict\n"
         f"sd = load_state_dict({str(path)!r})\n"
         "assert sd['w'].tolist() == [[0, 1, 2], [3, 4, 5]]\n"
     )

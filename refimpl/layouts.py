@@ -24,9 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from refimpl.safetensors_io import CheckpointError
-
-from .keymap import ConversionError
+from .safetensors_io import CheckpointError
 
 # The table of this format: (original prefix, transformers prefix) ...
 ORIGINAL_PREFIXES = (("roberta.", "roberta_prelayernorm."),)
@@ -46,12 +44,8 @@ LAYERNORM_TELLS = (
 )
 
 
-class PostLayerNormError(CheckpointError, ConversionError):
-    """A post-LayerNorm RoBERTa (such as roberta-base): not the architecture refimpl implements.
-
-    Both a :class:`~refimpl.CheckpointError` (what ``refimpl.from_pretrained`` raises) and a
-    :class:`~conversion.keymap.ConversionError` (what ``refimpl-convert`` reports).
-    """
+class PostLayerNormError(CheckpointError):
+    """A post-LayerNorm RoBERTa (such as roberta-base): not the architecture refimpl implements."""
 
 
 def layernorm_placement(keys) -> set[str]:

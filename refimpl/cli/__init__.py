@@ -1,0 +1,172 @@
+"""The ``refimpl`` command line: one subcommand per task; errors print one line and exit with 2.
+
+    refimpl fill-mask "The capital of France is <mask>."          # downloads the default model
+    refimpl fill-mask --model tiny "Hello <mask>!" --json
+    refimpl classify --model path/to/classifier "great film" --top-k 0
+    refimpl tag --model path/to/ner --aggregation simple --file texts.txt
+    refimpl qa --model path/to/qa --question "Where?" --context "It is in Paris."
+    refimpl choose --model path/to/mc "The cat" "sat on the mat." "flew to Mars."
+    refimpl embed --model tiny --pooling mean --normalize --out vectors.npy < texts.txt
+    refimpl info --model tiny
+    refimpl forward --model tiny --ids "0 31414 232 2"
+
+Each task command reads its texts from the arguments, from ``--file FILE`` (``-`` = stdin) or, with
+neither, from stdin when it is not a terminal: one text per line, blank lines skipped. ``--json``
+prints one JSON value per input (JSON lines). ``--model`` is a folder, ``tiny`` (the random
+checkpoint shipped with refimpl) or a Hugging Face Hub id (downloaded into the standard cache;
+``HF_HUB_OFFLINE=1`` uses the cache only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import common, describe, golden, tasks
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+_TEXT_INPUT = ("Input: texts as arguments, --file FILE (one per line, '-' = stdin), or lines on stdin. "
+               "--json prints one JSON value per input.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="refimpl", description="RoBERTa-PreLayerNorm reference implementation: "
+                     "framework-free inference (NumPy).", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog='example: refimpl fill-mask --model tiny "Hello <mask>!"')
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name, help, example, func, default_model=None):
+        p = sub.add_parser(name, help=help, description=help, epilog="example:\n  " + example,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if default_model is None:
+            p.add_argument("--model", required=True, help="model folder, 'tiny', or a Hugging Face Hub id")
+        else:
+            p.add_argument("--model", default=default_model,
+                           help=f"model folder, 'tiny' (the shipped random checkpoint), or a Hub id (default: {default_model})")
+        p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+        p.add_argument("--json", action="store_true", help="print JSON (one value per input)")
+        p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+        p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+        p.set_defaults(func=func)
+        return p
+
+    def batching(p, texts=True):
+        if texts:
+            p.add_argument("texts", nargs="*", metavar="TEXT", help="input texts (else --file or stdin)")
+            p.add_argument("--file", default=None, help="read one input per line from FILE ('-' = stdin)")
+        p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
+        p.add_argument("--truncate", action="store_true",
+                       help="cut inputs longer than the model's limit (max_position_embeddings - pad_token_id - 1) "
+                            "instead of failing")
+
+    p = add("fill-mask", "predict the <mask> tokens of each text (top-k tokens with scores)",
+            'refimpl fill-mask "The capital of France is <mask>."\n  refimpl fill-mask --model tiny --top-k 3 --json '
+            '"Hello <mask>!" "A <mask> and a <mask>."\n\n' + _TEXT_INPUT, tasks.cmd_fill_mask, common.DEFAULT_MODEL)
+    batching(p)
+    p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default 5)")
+    p.add_argument("--target", dest="targets", action="append", default=None, metavar="TOKEN",
+                   help="only score this token (repeat for several; e.g. --target ' Paris' --target ' Lyon')")
+
+    p = add("classify", "classify each text (or text pair) with a sequence-classification checkpoint",
+            'refimpl classify --model path/to/sst2 "a great film" "a dull film" --top-k 0\n'
+            '  printf "premise\\thypothesis\\n" | refimpl classify --model path/to/mnli --json\n\n'
+            "Pairs: --pair TEXT (the second text of every input) or 'text<TAB>pair' lines. " + _TEXT_INPUT,
+            tasks.cmd_classify)
+    batching(p)
+    p.add_argument("--pair", default=None, help="second text of each input (a text pair)")
+    p.add_argument("--top-k", type=int, default=1, help="labels per input, best first; 0 = all (default 1)")
+    p.add_argument("--function", default=None, choices=["softmax", "sigmoid", "none"],
+                   help="score function (default: from problem_type/num_labels, as transformers)")
+
+    p = add("tag", "label the tokens of each text (NER) with a token-classification checkpoint",
+            'refimpl tag --model path/to/ner --aggregation simple "Ada Lovelace was born in London."\n\n' + _TEXT_INPUT,
+            tasks.cmd_tag)
+    batching(p)
+    p.add_argument("--aggregation", default="none", choices=["none", "simple", "first", "average", "max"],
+                   help="transformers' aggregation strategy (default none: one entry per token)")
+    p.add_argument("--ignore-labels", default="O", metavar="LABELS",
+                   help="comma-separated labels to leave out (default: O; '' keeps every label)")
+
+    p = add("qa", "extractive question answering: the best span of the context",
+            'refimpl qa --model path/to/squad --question "Where does she live?" --context "She lives in Paris."\n'
+            '  refimpl qa --model path/to/squad --context-file article.txt --file questions.txt\n\n'
+            "Input: --question with --context/--context-file, or 'question<TAB>context' lines (--file or stdin), "
+            "or question lines with --context/--context-file.", tasks.cmd_qa)
+    batching(p, texts=False)
+    p.add_argument("--question", default=None, help="the question")
+    p.add_argument("--context", default=None, help="the context to find the answer in")
+    p.add_argument("--context-file", default=None, help="read the context from a file")
+    p.add_argument("--file", default=None, help="read 'question<TAB>context' (or question) lines from FILE ('-' = stdin)")
+    p.add_argument("--top-k", type=int, default=1, help="answers per question (default 1)")
+    p.add_argument("--doc-stride", type=int, default=None, help="overlap of the windows of a long context, in tokens "
+                   "(default min(max_seq_len // 2, 128))")
+    p.add_argument("--max-answer-len", type=int, default=15, help="longest answer, in tokens (default 15)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="window length, in tokens (default min(384, model limit))")
+    p.add_argument("--handle-impossible-answer", action="store_true", help="allow the empty answer")
+
+    p = add("choose", "multiple choice: score each ending of a prompt (softmax over the endings)",
+            'refimpl choose --model path/to/swag "The chef opened the oven" "and took out the bread." '
+            '"and flew to the moon."\n\n'
+            "Input: PROMPT ENDING ENDING... as arguments, or 'prompt<TAB>ending<TAB>ending...' lines (--file or stdin).",
+            tasks.cmd_choose)
+    batching(p)
+
+    p = add("embed", "sentence embeddings from the last hidden state (CLS or mean pooling)",
+            'refimpl embed --model tiny --pooling mean --normalize "first text" "second text"\n'
+            "  refimpl embed --model tiny --file texts.txt --out vectors.npy\n\n"
+            "Output: a .npy array [N, H] with --out, else one JSON list of floats per line. " + _TEXT_INPUT,
+            tasks.cmd_embed, common.DEFAULT_MODEL)
+    batching(p)
+    p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="cls (first token) or mean over the mask")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    p.add_argument("--out", default=None, help="write a .npy file instead of printing")
+
+    p = add("generate", "continue each prompt with a causal-LM checkpoint (greedy or sampling)",
+            'refimpl generate --model path/to/causal-lm --max-new-tokens 20 "Once upon a time"\n\n' + _TEXT_INPUT,
+            tasks.cmd_generate)
+    batching(p)
+    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default 20)")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+    p = add("info", "describe a model: config, parameters, dtype, weight format, tokenizer",
+            "refimpl info --model tiny\n  refimpl info --model andreasmadsen/efficient_mlm_m0.40 --json", describe.cmd_info, "tiny")
+    p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
+
+    p = add("forward", "run a forward pass on token ids",
+            'refimpl forward --model tiny --ids "0 31414 232 2; 0 20920 2 1"', describe.cmd_forward, "tiny")
+    p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
+    p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
+    golden.add_golden_commands(sub)  # refimpl golden, refimpl compare
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, LookupError, ImportError) as e:
+        # PipelineError, InputError, CheckpointError, ConfigError, CommandError, GenerationError
+        # are ValueErrors; ModelNotFoundError and missing files are OSErrors.
+        print(f"refimpl {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refimpl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``refimpl info`` and ``refimpl forward``: look at a model and run it on token ids."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import common
+
+
+def cmd_info(args) -> int:
+    from ..hub import resolve, weight_files, weights_format
+    from ..tokenizer import Tokenizer
+
+    folder = resolve(args.model, **common.hub_args(args))
+    model = common.load_model(folder, args.task, args.dtype)
+    files = weight_files(folder)
+    tokenizer = None
+    try:
+        tok = Tokenizer.from_pretrained(folder)
+        tokenizer = {
+            "files": [f for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                                  "special_tokens_map.json") if os.path.isfile(os.path.join(folder, f))],
+            "vocab_size": tok.vocab_size, "size_with_added_tokens": len(tok),
+            "model_max_length": tok.model_max_length,
+            "special_tokens": {k: getattr(tok, f"{k}_token") for k in ("bos", "eos", "unk", "pad", "mask")},
+        }
+    except (OSError, ValueError) as e:
+        tokenizer = {"error": " ".join(str(e).split())}
+    info = {
+        "model": args.model,
+        "path": folder,
+        "task": model.task,
+        "dtype": str(np.dtype(model.dtype)),
+        "parameters": model.num_parameters(),
+        "format": weights_format(folder),
+        "weight_files": [os.path.basename(f) for f in files],
+        "weight_bytes": sum(os.path.getsize(f) for f in files),
+        "max_sequence_length": model.config.max_sequence_length,
+        "tokenizer": tokenizer,
+        "config": model.config.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    c = model.config
+    print(model)
+    print(f"  path {folder}")
+    print(f"  weights {info['format']}: {', '.join(info['weight_files'])} ({info['weight_bytes'] / 1e6:.1f} MB)")
+    print(f"  max sequence length {c.max_sequence_length}, hidden_act {c.hidden_act}, layer_norm_eps {c.layer_norm_eps}")
+    if "error" in tokenizer:
+        print(f"  tokenizer: none ({tokenizer['error']})")
+    else:
+        print(f"  tokenizer: {', '.join(tokenizer['files'])}; vocab {tokenizer['vocab_size']} "
+              f"({tokenizer['size_with_added_tokens']} with added tokens), model_max_length "
+              f"{tokenizer['model_max_length']}, mask {tokenizer['special_tokens']['mask']!r}")
+    if c.num_labels and model.task in ("sequence-classification", "token-classification"):
+        print(f"  labels {c.id2label}")
+    return 0
+
+
+def parse_ids(text: str) -> np.ndarray:
+    """``"0 5 6 2; 0 7 2 1"`` -> [[0, 5, 6, 2], [0, 7, 2, 1]] (rows separated by ';')."""
+    rows = [r.replace(",", " ").split() for r in text.split(";") if r.strip()]
+    if not rows:
+        raise ValueError("--ids is empty: give token ids such as \"0 31414 232 2\"")
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("every row of --ids must have the same length (pad with the pad id, 1)")
+    try:
+        return np.array([[int(x) for x in r] for r in rows], dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"--ids must hold integers, got {text!r}") from None
+
+
+def cmd_forward(args) -> int:
+    model = common.load_model(common.resolve_model_path(args.model), args.task, args.dtype, **common.hub_args(args))
+    ids = parse_ids(args.ids)
+    mask = (ids != model.config.pad_token_id).astype(np.int64)
+    out = model(input_ids=ids, attention_mask=mask)
+    result = {k: np.asarray(v).tolist() for k, v in out.to_dict().items()
+              if k not in ("hidden_states", "past_key_values")}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for name, value in out.to_dict().items():
+        if name == "past_key_values":
+            continue
+        arr = np.asarray(value)
+        print(f"{name}: shape {list(arr.shape)} dtype {arr.dtype}")
+        if arr.ndim >= 2 and arr.shape[-1] > 8:
+            top = np.argsort(-arr[..., -1, :] if arr.ndim == 3 else -arr, axis=-1)[..., :5]
+            print(f"  top-5 ids at the last position: {top.tolist()}")
+        else:
+            print(f"  {np.array2string(arr, precision=5, threshold=20)}")
+    return 0

@@ -1,0 +1,149 @@
+"""``refimpl golden`` and ``refimpl compare``: the golden-output oracle from the shell.
+
+The library side (writing, reading and comparing golden files) is :mod:`refimpl.golden`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ..golden import INPUT_PREFIX, PROFILES, compare, write_golden
+from ..safetensors_io import read_safetensors
+from . import common
+
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def add_golden_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "golden", help="write a golden file: inputs, every intermediate tensor, metadata",
+        epilog='example: refimpl golden --model tiny --text "Hello world" --out golden.safetensors',
+    )
+    p.add_argument("--model", default="tiny", help="model folder, or 'tiny' for the shipped random checkpoint")
+    p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="input text (repeat for a batch, or for the choices of multiple-choice)")
+    src.add_argument("--input-ids", metavar="FILE",
+                     help="token ids: .npy, .safetensors (input_ids [+ attention_mask, token_type_ids]), or text "
+                          "with one row per line (or ';'), ids separated by spaces or commas")
+    p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype (default float64)")
+    p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
+    p.set_defaults(func=cmd_golden)
+
+    p = subparsers.add_parser(
+        "compare", help="compare a candidate's tensors with a golden file; report the first divergence",
+        epilog="example: refimpl compare golden.safetensors candidate.safetensors --dtype-profile float32",
+    )
+    p.add_argument("golden", help="a golden file written by `refimpl golden`")
+    p.add_argument("candidate", help="a safetensors file holding any subset of the golden's tensor names")
+    p.add_argument("--dtype-profile", choices=list(PROFILES), default=None,
+                   help="tolerances for a candidate computing in this dtype (default: the candidate's least precise float dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (overrides the profile's)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (overrides the profile's)")
+    p.add_argument("--strict", action="store_true", help="missing tensors (and names the golden lacks) fail too")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-tensor table")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_golden(args) -> int:
+    model = common.load_model(args.model, args.task, args.dtype)
+    folder = _model_folder(args.model)
+    pad = model.config.pad_token_id
+    tokenizer_output = None
+    if args.text:
+        inputs, tokenizer_output = _tokenize(folder, args.text, args.text_pair)
+    else:
+        if args.text_pair:
+            raise ValueError("--text-pair goes with --text")
+        inputs = read_input_ids(args.input_ids)
+    ids = inputs["input_ids"]
+    if "attention_mask" not in inputs:
+        inputs["attention_mask"] = (ids != pad).astype(np.int64)
+    if model.task == "multiple-choice" and ids.ndim == 2:  # the rows are the choices of one example
+        inputs = {k: v[None] for k, v in inputs.items()}
+    golden = write_golden(model, args.out, tokenizer_output=tokenizer_output, **inputs)
+    print(f"wrote {args.out}: {len(golden.tensors)} tensors ({golden.dtype}, task {golden.task}), "
+          f"inputs {', '.join(f'{k} {list(v.shape)}' for k, v in golden.inputs.items())}")
+    return 0
+
+
+def _model_folder(name: str) -> str:
+    """The local folder of ``--model``: a path, ``tiny``, or (when refimpl.hub is present) a Hub id."""
+    folder = common.resolve_model_path(name)
+    if os.path.isdir(folder):
+        return folder
+    try:
+        from ..hub import resolve
+    except ImportError:  # pragma: no cover - older layouts without Hub support
+        return folder
+    return os.fspath(resolve(name))
+
+
+def _tokenize(folder: str, texts: list[str], pairs: list[str] | None):
+    from ..tokenizer import Tokenizer
+
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(f"--text needs tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {folder!r}; "
+                         f"pass token ids with --input-ids instead")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"give one --text-pair per --text ({len(texts)} texts, {len(pairs)} pairs)")
+    tok = Tokenizer.from_pretrained(folder)
+    enc = tok(texts, pairs, padding=True)
+    record = {
+        "text": texts, "text_pair": pairs,
+        "input_ids": enc["input_ids"].tolist(), "attention_mask": enc["attention_mask"].tolist(),
+        "tokens": [tok.convert_ids_to_tokens(row) for row in enc["input_ids"].tolist()],
+    }
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, record
+
+
+def read_input_ids(path: str) -> dict[str, np.ndarray]:
+    """Model inputs from a file: .npy (ids), .safetensors (``input_ids`` or ``inputs.input_ids`` and
+    optionally the mask and token types), or text rows of integers."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--input-ids: no such file {path!r}")
+    if path.endswith(".npy"):
+        out = {"input_ids": np.load(path, allow_pickle=False)}
+    elif path.endswith(".safetensors"):
+        raw, _, _ = read_safetensors(path)
+        out = {}
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            for key in (name, INPUT_PREFIX + name):
+                if key in raw:
+                    out[name] = np.array(raw[key])
+        if "input_ids" not in out:
+            raise ValueError(f"--input-ids: {path} holds no 'input_ids' (or 'inputs.input_ids') tensor")
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = [r.replace(",", " ").split() for r in text.replace(";", "\n").splitlines() if r.strip()]
+        if not rows:
+            raise ValueError(f"--input-ids: {path} holds no token ids")
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError(f"--input-ids: every row of {path} must have the same length (pad with the pad id)")
+        try:
+            out = {"input_ids": np.array([[int(x) for x in r] for r in rows], dtype=np.int64)}
+        except ValueError:
+            raise ValueError(f"--input-ids: {path} must hold integers") from None
+    for k, v in out.items():
+        if v.dtype.kind not in "iub":
+            raise ValueError(f"--input-ids: {k} must hold integers; got dtype {v.dtype}")
+        out[k] = v.astype(np.int64)
+    if out["input_ids"].ndim == 1:
+        out = {k: v[None] for k, v in out.items()}
+    return out
+
+
+def cmd_compare(args) -> int:
+    report = compare(args.golden, args.candidate, rtol=args.rtol, atol=args.atol,
+                     profile=args.dtype_profile, strict=args.strict)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_text(verbose=not args.quiet))
+    return 0 if report.passed else 1

@@ -1,0 +1,181 @@
+"""The architecture's rules, checked on the source with ``ast`` (no import is executed).
+
+1. ``refimpl`` never imports ``refimpl_conversion`` (the ``conversion/`` folder): conversion builds
+   on refimpl, never the reverse.
+2. No import cycles between the modules of ``refimpl`` and ``refimpl_conversion`` (imports inside
+   functions count: a lazy import is still a dependency).
+3. No private name (``_x``) of one module is used by another, whether imported
+   (``from m import _x``) or reached through the module (``m._x``).
+4. Command-line code (``argparse``) lives only in the command-line modules.
+5. The reference math modules never import the fast path (Numba kernels, scheduling), so that a
+   reader of the reference meets the math alone and the fast path can only be held to it by tests.
+
+``violations()`` is also run on planted examples below, so a rule that stopped matching anything
+would fail here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections import defaultdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# installed package name -> folder in the repository
+PACKAGES = {"refimpl": "refimpl", "refimpl_conversion": "conversion"}
+CLI_MODULES = ("refimpl.cli", "refimpl_conversion.cli")
+# The reference: the math a learner reads. The fast path and the scheduling must stay out of it.
+REFERENCE = ("refimpl.ops", "refimpl.embeddings", "refimpl.attention", "refimpl.encoder", "refimpl.heads",
+             "refimpl.losses", "refimpl.tasks", "refimpl.params", "refimpl.config", "refimpl.tracing",
+             "refimpl.cache", "refimpl.backward")
+FAST = ("refimpl.fast", "refimpl.kernels", "refimpl.split")
+
+
+def _modules(packages=PACKAGES, root=ROOT) -> dict[str, str]:
+    """Module name -> source text for every ``.py`` file of the packages."""
+    out = {}
+    for name, folder in packages.items():
+        base = os.path.join(root, folder)
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), base)[:-3].replace(os.sep, ".")
+                mod = name if rel == "__init__" else f"{name}.{rel.removesuffix('.__init__')}"
+                with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                    out[mod] = fh.read()
+    return out
+
+
+def _is_package(mod: str, sources: dict) -> bool:
+    return any(m.startswith(mod + ".") for m in sources)
+
+
+def _resolve(mod: str, node: ast.ImportFrom, sources: dict) -> str:
+    """The absolute module an ``ImportFrom`` names (relative imports resolved against ``mod``)."""
+    if not node.level:
+        return node.module or ""
+    parts = mod.split(".") if _is_package(mod, sources) else mod.split(".")[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def _imports(mod: str, tree: ast.AST, sources: dict):
+    """Yield ``(imported module, names taken from it or None, line)`` for every import in ``tree``."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, None, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(mod, node, sources)
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                if sub in sources:  # ``from . import tasks``: the submodule itself
+                    yield sub, None, node.lineno
+                else:
+                    yield base, a.name, node.lineno
+
+
+def _owner(name: str, sources: dict) -> str | None:
+    """The module of ours that ``name`` (a dotted module path) is, or lies in."""
+    while name:
+        if name in sources:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def violations(sources: dict) -> list[str]:
+    found = []
+    graph = defaultdict(set)
+    for mod, text in sorted(sources.items()):
+        tree = ast.parse(text)
+        module_aliases = {}  # local name -> our module it is bound to
+        for target, names, line in _imports(mod, tree, sources):
+            where = f"{mod}:{line}"
+            if mod.split(".")[0] == "refimpl" and target.split(".")[0] in ("refimpl_conversion", "conversion"):
+                found.append(f"rule 1: {where} imports {target} (refimpl never imports conversion)")
+            if target.split(".")[0] == "argparse" and not mod.startswith(CLI_MODULES):
+                found.append(f"rule 4: {where} imports argparse outside the command-line modules")
+            own = _owner(target, sources)
+            if own is None:
+                continue
+            if own != mod:
+                graph[mod].add(own)
+            if names is not None and names.startswith("_") and not names.startswith("__") and own != mod:
+                found.append(f"rule 3: {where} imports the private name {names} from {own}")
+            if mod.startswith(REFERENCE) and own.startswith(FAST):
+                found.append(f"rule 5: {where} (reference) imports the fast path {own}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, node, sources)
+                for a in node.names:
+                    if f"{base}.{a.name}" in sources:
+                        module_aliases[a.asname or a.name] = f"{base}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in sources:
+                        module_aliases[(a.asname or a.name).split(".")[0]] = a.asname and a.name or a.name.split(".")[0]
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and module_aliases[node.value.id] != mod):
+                found.append(f"rule 3: {mod}:{node.lineno} uses the private name "
+                             f"{module_aliases[node.value.id]}.{node.attr}")
+    # rule 2: cycles (a depth-first search over the module graph; a package's own __init__
+    # importing its submodules, and those importing siblings, is the usual package shape, so a
+    # package is not counted as depending on its submodules)
+    def deps(m):
+        return {d for d in graph[m] if not d.startswith(m + ".")}
+
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(deps(m)):
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                found.append("rule 2: import cycle " + " -> ".join(cycle))
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(sources):
+        if m not in state:
+            visit(m)
+    return found
+
+
+def test_the_packages_keep_the_layering_rules():
+    sources = _modules()
+    assert "refimpl" in sources and "refimpl_conversion.cli" in sources  # the walk found the packages
+    problems = violations(sources)
+    assert not problems, "\n".join(problems)
+
+
+def test_each_rule_catches_a_planted_violation():
+    """The checker on a small planted tree: every rule must fire where it is broken."""
+    planted = {
+        "refimpl": "",
+        "refimpl.ops": "from .kernels import fast_gelu\n",  # rule 5
+        "refimpl.kernels": "import numpy\n",
+        "refimpl.model": "from refimpl_conversion.export import export\nfrom .golden import x\n",  # rule 1, cycle
+        "refimpl.golden": "from . import model\nimport argparse\n",  # rule 2 (cycle), rule 4
+        "refimpl.loading": "from .losses import _first\nfrom . import losses\nlosses._other\n",  # rule 3 twice
+        "refimpl.losses": "def _first(): pass\n",
+        "refimpl.cli": "import argparse\n",  # allowed
+        "refimpl_conversion": "",
+        "refimpl_conversion.export": "from refimpl.loading import params_from_state_dict\n",  # allowed
+    }
+    problems = violations(planted)
+    text = "\n".join(problems)
+    assert "rule 1: refimpl.model:1 imports refimpl_conversion.export" in text
+    assert any(p.startswith("rule 2: import cycle") and "refimpl.golden" in p and "refimpl.model" in p for p in problems)
+    assert "rule 3: refimpl.loading:1 imports the private name _first from refimpl.losses" in text
+    assert "rule 3: refimpl.loading:3 uses the private name refimpl.losses._other" in text
+    assert "rule 4: refimpl.golden:2 imports argparse" in text
+    assert "rule 5: refimpl.ops:1 (reference) imports the fast path refimpl.kernels" in text
+    assert not any(p.split(": ")[1].startswith(("refimpl.cli:", "refimpl_conversion.export:")) for p in problems)
+    assert len(problems) == 6, text
