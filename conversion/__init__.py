@@ -40,7 +40,7 @@ def convert(src, dst, *, fmt: str = "auto", task=None, head=None, dtype=None, ma
     compute = "float64" if dtype == "float64" else "auto" if dtype is None else "float32"
     loaded = _load(src, fmt, task=task, head=head, dtype=compute)
     return _export(loaded.model, dst, dtype=dtype or loaded.source_dtype, max_shard_size=max_shard_size,
-                   force=force, tokenizer_from=loaded.folder)
+                   force=force, tokenizer_from=loaded.folder, sources=(src, loaded.source))
 
 
 __all__ = sorted([*_LAZY, "convert"])

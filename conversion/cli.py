@@ -1,13 +1,18 @@
 """``refimpl-convert SRC DST``: any supported checkpoint -> a folder transformers loads.
 
-Exit status 0 with a one-line summary on stdout; 2 with a one-line error on stderr.
+Exit status 0 with a one-line summary on stdout; 2 with a one-line error on stderr for every
+problem with the input (a project error or an OSError); 130/143/129 when interrupted by SIGINT,
+SIGTERM or SIGHUP (the export cleans up after each: see :mod:`refimpl_conversion.export`). An
+unexpected internal error (a bug) shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
+from refimpl.io import Interrupted, interrupt_on_signals
 from refimpl.params import TASKS, normalize_task
 
 from .export import OUT_DTYPES, export, parse_size
@@ -62,14 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default=None, metavar="NAME", help="fairseq: the classification head to convert")
     p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
                    help="split the weights into shards above this size (default: 5GB)")
-    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it is a folder written by refimpl-convert (or an empty folder)")
     return p
 
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        msg = f"missing {msg}"
     return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
@@ -77,25 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        task = normalize_task(args.task) if args.task is not None else None
-        compute = "float64" if args.dtype == "float64" else "auto" if args.dtype is None else "float32"
-        loaded = load(args.src, args.fmt, task=task, head=args.head, dtype=compute)
-        model = loaded.model
-        dtype = args.dtype or loaded.source_dtype
-        for note in loaded.notes:
-            print(f"{PROG}: note: {note}", file=sys.stderr)
-        if model.task == "base" and model.params.pooler is None:
-            print(f"{PROG}: note: the source has no pooler weights; transformers' base model will initialize "
-                  "pooler.dense randomly (last_hidden_state is unaffected)", file=sys.stderr)
-        big = model.num_parameters() * 4 >= PROGRESS_BYTES
-        summary = export(model, args.dst, dtype=dtype, max_shard_size=args.max_shard_size, force=args.force,
-                         tokenizer_from=loaded.folder, progress=big)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, KeyError) as e:  # ConversionError, CheckpointError, ConfigError, ... are ValueErrors
+        with interrupt_on_signals():
+            return _convert(args)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"{PROG}: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return 128 + int(signum)
+    except (ValueError, OSError) as e:  # ConversionError, CheckpointError, ConfigError, ... are ValueErrors
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _convert(args) -> int:
+    task = normalize_task(args.task) if args.task is not None else None
+    compute = "float64" if args.dtype == "float64" else "auto" if args.dtype is None else "float32"
+    loaded = load(args.src, args.fmt, task=task, head=args.head, dtype=compute)
+    model = loaded.model
+    dtype = args.dtype or loaded.source_dtype
+    for note in loaded.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+    if model.task == "base" and model.params.pooler is None:
+        print(f"{PROG}: note: the source has no pooler weights; transformers' base model will initialize "
+              "pooler.dense randomly (last_hidden_state is unaffected)", file=sys.stderr)
+    big = model.num_parameters() * 4 >= PROGRESS_BYTES
+    summary = export(model, args.dst, dtype=dtype, max_shard_size=args.max_shard_size, force=args.force,
+                     tokenizer_from=loaded.folder, progress=big, sources=(args.src, loaded.source))
     print(summary.line() + f" (from {loaded.format}: {loaded.source})")
     return 0
 

@@ -17,38 +17,62 @@ Dtypes: float32 and float64 are written as they are; float16 by IEEE round-to-ne
 (NumPy's cast); bfloat16 by round-to-nearest-even of the float32 value to its top 16 bits, as
 torch does (NaN stays a quiet NaN). A finite value that overflows the target dtype is an error.
 
-Atomicity: everything is written into a temporary folder beside the destination, which is renamed
-into place at the end. An existing destination is refused unless ``force``; then the old one is
-moved aside, the new one renamed in, and the old one deleted (two renames: no moment without a
-complete folder under one of the two names). Any exception, KeyboardInterrupt included, removes
-the temporary folder and leaves the destination as it was.
+Atomicity: everything is written into a temporary folder beside the destination
+(``.DST.refimpl-tmp-HOST-PID-RANDOM``), each file fsynced, and the folder renamed into place at the
+end. An existing destination is refused unless ``force``, and ``force`` replaces only a folder
+that this tool could have written (nothing but ``config.json``, ``model*.safetensors``, the shard
+index and tokenizer files, as regular files) or an empty one; never a symbolic link, a file, a
+folder holding anything else, nor a folder that holds the source. The replacement is one step on
+Linux (``renameat2(RENAME_EXCHANGE)`` swaps the two folders atomically, then the old version is
+deleted); elsewhere it is two renames, the old version parked as ``.DST.refimpl-old-...``.
+
+Any exception, Ctrl-C, SIGTERM or SIGHUP removes the temporary folder and any parent folder the
+export created, and leaves the destination as it was (a write that fails half-way, such as a full
+disk or a file size limit, is an ``OSError`` naming the file). SIGKILL cannot be caught: it leaves
+the temporary folder (and, between the two renames of the non-Linux replacement, the old version
+under its ``.refimpl-old-`` name with DST missing). The next export into the same parent folder
+removes such leftovers of dead processes on the same host (and puts a parked old version back
+where DST is missing); it recognises them by name and touches nothing else.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from refimpl.backend import to_numpy
+from refimpl.io import (
+    BF16_BITS,
+    BY_NAME,
+    FLOAT_DTYPES,
+    TOKENIZER_FILES,
+    WEIGHT_FORMATS,
+    float32_to_bf16_bits,
+    interrupt_on_signals,
+    short_repr,
+    signals_ignored,
+    write_safetensors,
+)
+from refimpl.io.atomic import fsync_dir, fsync_file, stale_temp_owner, temp_name
 from refimpl.model import Model
 from refimpl.params import TASKS, hf_key_table, iter_leaves
 
-from .hf import TOKENIZER_FILES
 from .keymap import ConversionError
 
-OUT_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
-_ST_NAMES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}  # TensorSpec names
-_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-WEIGHTS_NAME, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+OUT_DTYPES = FLOAT_DTYPES  # the dtypes an export may be written in
+(_, WEIGHTS_NAME, WEIGHTS_INDEX), = [w for w in WEIGHT_FORMATS if w[0] == "safetensors"]
+# The files an export writes: a folder holding only these (or nothing) may be replaced by --force.
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors\Z")
+EXPORT_FILES = ("config.json", WEIGHTS_NAME, WEIGHTS_INDEX, *TOKENIZER_FILES)
 
 
 @dataclass
@@ -76,47 +100,22 @@ class ExportSummary:
 # ---------------------------------------------------------------------------------------------
 
 
-def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even as torch does. [...] -> [...]."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
-    rounding = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-    out = ((bits + rounding) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)  # keep it a (quiet) NaN
-    return out
-
-
 def cast(a: Any, dtype: str, name: str = "tensor") -> np.ndarray:
-    """A parameter as a C-contiguous little-endian NumPy array of ``dtype`` (bfloat16: uint16 bits)."""
+    """A parameter as a C-contiguous little-endian NumPy array of ``dtype`` (bfloat16: its bits,
+    dtype :data:`refimpl.io.BF16_BITS`)."""
     a = to_numpy(a) if not isinstance(a, np.ndarray) else a
     if dtype == "bfloat16":
-        out = float32_to_bfloat16_bits(a)
+        out = float32_to_bf16_bits(a).view(BF16_BITS)
         overflow = np.isfinite(a) & ((out & np.uint16(0x7F80)) == np.uint16(0x7F80))
     else:
         target = np.dtype(dtype).newbyteorder("<")
         with np.errstate(over="ignore"):
-            out = np.ascontiguousarray(a, dtype=target)
+            out = np.asarray(a, dtype=target, order="C")
         overflow = np.isfinite(a) & ~np.isfinite(out) if out.dtype != a.dtype else None
     if overflow is not None and overflow.any():
         i = np.unravel_index(int(np.argmax(overflow)), a.shape) if a.ndim else ()
         raise ConversionError(f"{name}: the value {float(a[i])!r} overflows {dtype}; export in a wider dtype")
     return out
-
-
-def _write_safetensors(path: str, tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]) -> None:
-    """Write ``{name: (safetensors dtype, array)}`` with the safetensors library (any dtype, BF16 included)."""
-    import safetensors
-
-    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.7: zero-copy specs
-        specs = {
-            k: safetensors.TensorSpec(dtype=_ST_NAMES[dt], shape=list(a.shape), data_ptr=a.ctypes.data, data_len=a.nbytes)
-            for k, (dt, a) in tensors.items()
-        }
-    else:  # older safetensors: dicts with the bytes
-        specs = {k: {"dtype": _ST_NAMES[dt], "shape": list(a.shape), "data": a.tobytes()} for k, (dt, a) in tensors.items()}
-    safetensors.serialize_file(specs, path, metadata=metadata)
 
 
 def parse_size(size: int | str) -> int:
@@ -175,13 +174,6 @@ def export_config(model: Model, dtype: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
 def export(
     model: Model,
     dst: str | os.PathLike,
@@ -191,70 +183,86 @@ def export(
     force: bool = False,
     tokenizer_from: str | os.PathLike | None = None,
     progress: bool = False,
+    sources: tuple = (),
 ) -> ExportSummary:
     """Write ``model`` to the folder ``dst`` (see the module docstring); returns what was written.
 
     dtype: ``float32``, ``float64``, ``float16`` or ``bfloat16`` (default: the model's dtype).
-    progress: a tqdm bar over the tensors on stderr.
+    force: replace ``dst`` if it is a folder this tool could have written (or an empty one).
+    sources: the checkpoint files/folders the model was read from: ``force`` never replaces a
+    folder holding one of them (nor ``tokenizer_from``). progress: a tqdm bar over the tensors on stderr.
     """
     dst = os.path.abspath(os.fspath(dst))
     dtype = dtype or np.dtype(model.dtype).name
     if dtype not in OUT_DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(OUT_DTYPES)}; got {dtype!r}")
     limit = parse_size(max_shard_size)
-    if os.path.lexists(dst) and not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+    protected = [os.fspath(p) for p in (*sources, tokenizer_from) if p is not None]
+    if os.path.lexists(dst):
+        if not force:
+            raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
+        check_replaceable(dst, protected)
     state = export_state_dict(model)
     config = export_config(model, dtype)
 
     from huggingface_hub import split_state_dict_into_shards_factory
 
-    itemsize = _ITEMSIZE[dtype]
+    itemsize = BY_NAME[dtype].numpy.itemsize
     split = split_state_dict_into_shards_factory(
         state, get_storage_size=lambda a: int(np.prod(a.shape, dtype=np.int64)) * itemsize,
         filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=limit,
     )
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    if os.path.isdir(parent):
+        sweep_stale(parent)
+    created: list[str] = []
+    tmp = temp_name(dst)
     try:
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        with interrupt_on_signals():
+            created = _make_parents(parent)
+            os.mkdir(tmp)
+            bar = None
+            if progress:
+                from tqdm import tqdm
 
-            bar = tqdm(total=len(state), unit="tensor", desc="writing", file=sys.stderr, leave=False)
-        for filename, names in split.filename_to_tensors.items():
-            shard = {k: (OUT_DTYPES[dtype], cast(state[k], dtype, k)) for k in names}
-            _write_safetensors(os.path.join(tmp, filename), shard, {"format": "pt"})
-            del shard
+                bar = tqdm(total=len(state), unit="tensor", desc="writing", file=sys.stderr, leave=False)
+            for filename, names in split.filename_to_tensors.items():
+                shard = {k: cast(state[k], dtype, k) for k in names}
+                write_safetensors(os.path.join(tmp, filename), shard, {"format": "pt"})
+                del shard
+                if bar is not None:
+                    bar.update(len(names))
             if bar is not None:
-                bar.update(len(names))
-        if bar is not None:
-            bar.close()
-        seen: set[int] = set()
-        n_params = 0
-        for a in state.values():
-            if id(a) not in seen:
-                seen.add(id(a))
-                n_params += int(np.prod(a.shape, dtype=np.int64))
-        if split.is_sharded:
-            index = {"metadata": {"total_parameters": n_params, **split.metadata}, "weight_map": split.tensor_to_filename}
-            with open(os.path.join(tmp, WEIGHTS_INDEX), "w", encoding="utf-8") as f:
-                f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer_from is not None and os.path.isdir(tokenizer_from):
-            for name in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_from, name)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(tmp, name))
-        files = sorted(os.listdir(tmp))
-        for name in files:  # mkdtemp and safetensors create owner-only files; give them a normal folder's modes
-            os.chmod(os.path.join(tmp, name), 0o644)
-        os.chmod(tmp, 0o755)
-        _commit(tmp, dst, force)
+                bar.close()
+            seen: set[int] = set()
+            n_params = 0
+            for a in state.values():
+                if id(a) not in seen:
+                    seen.add(id(a))
+                    n_params += int(np.prod(a.shape, dtype=np.int64))
+            if split.is_sharded:
+                index = {"metadata": {"total_parameters": n_params, **split.metadata},
+                         "weight_map": split.tensor_to_filename}
+                _write_text(os.path.join(tmp, WEIGHTS_INDEX), json.dumps(index, indent=2, sort_keys=True) + "\n")
+            _write_text(os.path.join(tmp, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
+            if tokenizer_from is not None and os.path.isdir(tokenizer_from):
+                for name in TOKENIZER_FILES:
+                    src = os.path.join(tokenizer_from, name)
+                    if os.path.isfile(src):
+                        shutil.copyfile(src, os.path.join(tmp, name))
+                        fsync_file(os.path.join(tmp, name))
+            files = sorted(os.listdir(tmp))
+            fsync_dir(tmp)
+            _commit(tmp, dst, protected)
+            fsync_dir(parent)
     except BaseException:
-        _remove(tmp)
+        with signals_ignored():
+            _remove_tree(tmp)
+            for folder in reversed(created):
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
         raise
     return ExportSummary(
         path=dst, task=model.task, architecture=TASKS[model.task][0], dtype=dtype, tensors=len(state),
@@ -262,18 +270,144 @@ def export(
     )
 
 
-def _commit(tmp: str, dst: str, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``dst``; with ``force``, swap out an existing ``dst``."""
+def is_export_file(name: str) -> bool:
+    """A file name an export writes (config, weights, shard index, tokenizer files)."""
+    return name in EXPORT_FILES or bool(_SHARD.match(name))
+
+
+def check_replaceable(dst: str, protected=()) -> None:
+    """Raise FileExistsError unless ``dst`` may be replaced by ``force``: a real folder holding only
+    files an export writes (or nothing), and no source (``protected``)."""
+    how = ("--force only replaces a folder written by refimpl-convert (config.json, model*.safetensors, "
+           "the shard index, tokenizer files) or an empty folder; choose another DST or empty it yourself")
+    if os.path.islink(dst):
+        raise FileExistsError(f"{dst} is a symbolic link, not a model folder: {how}")
+    if not os.path.isdir(dst):
+        raise FileExistsError(f"{dst} is a file, not a model folder: {how}")
+    real = os.path.realpath(dst)
+    for p in protected:
+        rp = os.path.realpath(p)
+        if rp == real or rp.startswith(real.rstrip(os.sep) + os.sep):
+            raise FileExistsError(f"{dst} holds the source {p}: --force never replaces the folder being converted")
+    foreign = []
+    for name in sorted(os.listdir(dst)):
+        path = os.path.join(dst, name)
+        if not is_export_file(name) or os.path.islink(path) or not os.path.isfile(path):
+            foreign.append(name)
+    if foreign:
+        listed = ", ".join(short_repr(n, 60) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{dst} holds what refimpl-convert does not write ({listed}): {how}")
+
+
+def sweep_stale(parent: str) -> list[str]:
+    """Remove the leftovers of exports into ``parent`` that were killed (SIGKILL, power loss).
+
+    Only folders named by :func:`refimpl.io.atomic.temp_name` for a process of this host that no
+    longer runs, and holding only files an export writes, are touched: a temporary folder is
+    removed; a parked old version (``.DST.refimpl-old-...``) is renamed back to DST when DST is
+    missing (a replace killed between its two renames), else removed. Returns what was done."""
+    done = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return done
+    for entry in entries:
+        owner = stale_temp_owner(entry)
+        path = os.path.join(parent, entry)
+        if owner is None or os.path.islink(path) or not os.path.isdir(path) or not _only_export_files(path):
+            continue
+        name, kind = owner
+        target = os.path.join(parent, name)
+        if kind == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+            done.append(f"restored {target}")
+        else:
+            _remove_tree(path)
+            done.append(f"removed {path}")
+    return done
+
+
+def _only_export_files(folder: str) -> bool:
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            return False
+        if not (is_export_file(name) or stale_temp_owner(name) is not None or name.startswith(".tmp")
+                or ".refimpl-tmp-" in name):
+            return False
+    return True
+
+
+def _make_parents(parent: str) -> list[str]:
+    """Create ``parent`` and its missing ancestors; -> the folders created, outermost first."""
+    missing = []
+    folder = parent
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    created = []
+    for folder in reversed(missing):
+        os.mkdir(folder)
+        created.append(folder)
+    return created
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def _commit(tmp: str, dst: str, protected) -> None:
+    """Put the finished ``tmp`` at ``dst``: a rename, or (``dst`` existing) a swap in one step."""
     if not os.path.lexists(dst):
-        os.rename(tmp, dst)
+        if not _renameat2(tmp, dst, _RENAME_NOREPLACE):
+            if os.path.lexists(dst):
+                raise FileExistsError(f"{dst} appeared while the export was written; nothing was replaced")
+            os.rename(tmp, dst)
         return
-    if not force:
-        raise FileExistsError(f"{dst} already exists; pass force=True (--force) to replace it")
-    old = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.old-{uuid.uuid4().hex[:8]}")
+    check_replaceable(dst, protected)  # again: it may have changed while the export was written
+    if _renameat2(tmp, dst, _RENAME_EXCHANGE):  # one step: dst is new, tmp holds the old version
+        with signals_ignored():
+            _remove_tree(tmp)
+        return
+    old = temp_name(dst, "old")
     os.rename(dst, old)
     try:
         os.rename(tmp, dst)
     except BaseException:
         os.rename(old, dst)
         raise
-    _remove(old)
+    with signals_ignored():
+        _remove_tree(old)

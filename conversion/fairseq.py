@@ -40,20 +40,19 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from refimpl.config import Config
+from refimpl.io import FLOAT_DTYPES, dtype_name_of, parse_dtype, safetensors_name_of, short_repr, to_compute_dtype
 from refimpl.loading import params_from_state_dict
 from refimpl.model import Model
-from refimpl.safetensors_io import parse_dtype
 from refimpl.params import TASKS, normalize_task
-from refimpl.safetensors_io import to_compute_dtype
-
-from .hf import SAFETENSORS_TO_NAME, bin_dtype_name
-from .keymap import ConversionError, Loaded, apply_table, describe_keys, hf_state
 from refimpl.torch_pickle import Namespace, OpaqueObject, load_torch_file
+
+from .keymap import ConversionError, Loaded, apply_table, describe_keys, hf_state
 
 SE = "encoder.sentence_encoder."
 # fairseq key -> refimpl tree path (refimpl.params.hf_key_table names the same paths for transformers).
@@ -93,6 +92,7 @@ ACTIVATIONS = {
 # fairseq's Dictionary puts these first: <s>=0, <pad>=1, </s>=2, <unk>=3.
 BOS, PAD, EOS, N_SPECIALS = 0, 1, 2, 4
 FAIRSEQ_TASKS = ("masked-lm", "base", "sequence-classification")
+_LAYER_INDEX = re.compile(re.escape(SE) + r"layers\.(\d{1,7})\.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +122,40 @@ def find_checkpoint(path: str) -> tuple[str, str | None]:
     return ckpt, d if os.path.isfile(d) else None
 
 
+# ---------------------------------------------------------------------------------------------
+# Model arguments: file content, read with their types checked
+# ---------------------------------------------------------------------------------------------
+
+
+def _arg_int(args: Mapping[str, Any], name: str, source: str, default: Any = None) -> Any:
+    v = args.get(name, default)
+    if v is None:
+        return None
+    if type(v) is float and v.is_integer() and abs(v) < 2**53:
+        v = int(v)
+    if type(v) is not int or abs(v) >= 2**62:
+        raise ConversionError(f"{source}: the model argument {name}={short_repr(v)} is not an integer")
+    return v
+
+
+def _arg_float(args: Mapping[str, Any], name: str, source: str, default: float) -> float:
+    v = args.get(name, default)
+    if v is None:
+        return default
+    if type(v) not in (int, float) or not math.isfinite(float(v)):
+        raise ConversionError(f"{source}: the model argument {name}={short_repr(v)} is not a number")
+    return float(v)
+
+
+def _arg_str(args: Mapping[str, Any], name: str, source: str, default: str | None) -> str | None:
+    v = args.get(name)
+    if v is None or v == "":
+        return default
+    if type(v) is not str:
+        raise ConversionError(f"{source}: the model argument {name}={short_repr(v)} is not a string")
+    return v
+
+
 def model_args(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The model's arguments as a dict: new-style ``cfg["model"]`` or old-style ``args``."""
     cfg = ckpt.get("cfg")
@@ -135,6 +169,8 @@ def model_args(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
     if isinstance(args, Namespace):
         return dict(vars(args))
     if isinstance(args, Mapping):
+        if not all(isinstance(k, str) for k in args):
+            raise ConversionError(f"{source}: the model arguments have keys that are not names")
         return dict(args)
     if isinstance(args, OpaqueObject):
         raise ConversionError(
@@ -142,6 +178,14 @@ def model_args(ckpt: Mapping[str, Any], source: str) -> dict[str, Any]:
             "running its code; re-save the checkpoint with cfg['model'] as a plain dict or Namespace"
         )
     raise ConversionError(f"{source}: the model arguments are a {type(args).__name__}, not a Namespace or dict")
+
+
+def check_state_dict(state: Any, source: str) -> None:
+    """The ``model`` entry must map tensor names to tensors (it is file content)."""
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise ConversionError(
+                f"{source}: the 'model' state dict maps {short_repr(key)} to a {type(value).__name__}, not a tensor")
 
 
 def upgrade_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -160,8 +204,8 @@ def upgrade_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
         for kind in ("weight", "bias"):
             suffix = f"self_attn.in_proj_{kind}"
             if new.endswith(suffix):
-                dim = value.shape[0] // 3
-                if value.shape[0] != 3 * dim:
+                dim = value.shape[0] // 3 if value.ndim else 0
+                if not value.ndim or value.shape[0] != 3 * dim:
                     raise ConversionError(f"{key}: a fused q/k/v projection needs 3*H rows, got {value.shape[0]}")
                 base = new[: -len(suffix)] + "self_attn."
                 for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
@@ -176,10 +220,13 @@ def upgrade_state_dict(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
 def _read_dict(path: str) -> int:
     """The number of symbols a fairseq ``dict.txt`` adds after the 4 specials."""
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                n += 1
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    n += 1
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 text (byte {e.start}): not a fairseq dict.txt") from None
     return n
 
 
@@ -188,18 +235,24 @@ def _read_dict(path: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flag(args: Mapping[str, Any], name: str, default: bool) -> bool:
+def _flag(args: Mapping[str, Any], name: str, default: bool, source: str) -> bool:
     v = args.get(name, default)
-    return default if v is None else bool(v)
+    if v is None:
+        return default
+    if type(v) is bool or (type(v) is int and v in (0, 1)):
+        return bool(v)
+    if type(v) is str and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ConversionError(f"{source}: the model argument {name}={short_repr(v)} is not true or false")
 
 
 def check_prenorm(args: Mapping[str, Any], state: Mapping[str, Any], source: str) -> None:
     """Refuse what RoBERTa-PreLayerNorm cannot represent, saying why."""
-    arch = args.get("arch") or args.get("_name") or "roberta"
+    arch = _arg_str(args, "arch", source, None) or _arg_str(args, "_name", source, "roberta")
     has = lambda k: SE + k in state  # noqa: E731
     if not any(k.startswith(SE) for k in state):
         raise ConversionError(f"{source}: no {SE}* tensors: not a fairseq RoBERTa checkpoint")
-    if not _flag(args, "encoder_normalize_before", False):
+    if not _flag(args, "encoder_normalize_before", False, source):
         raise ConversionError(
             f"{source} is a post-LayerNorm RoBERTa (encoder_normalize_before is false, arch {arch}): "
             "RoBERTa-PreLayerNorm normalizes before each block; convert it to transformers' RobertaModel instead"
@@ -210,24 +263,24 @@ def check_prenorm(args: Mapping[str, Any], state: Mapping[str, Any], source: str
             "in old fairseq (TransformerSentenceEncoder) that flag only added the embedding LayerNorm and the "
             "blocks stayed post-LayerNorm, which RoBERTa-PreLayerNorm cannot represent"
         )
-    if not _flag(args, "layernorm_embedding", True) or not has("layernorm_embedding.weight"):
+    if not _flag(args, "layernorm_embedding", True, source) or not has("layernorm_embedding.weight"):
         raise ConversionError(
             f"{source} is a pre-LayerNorm RoBERTa without an embedding LayerNorm (layernorm_embedding is false"
             f"{', as in fairseq' + chr(39) + 's roberta_prenorm arch' if arch == 'roberta_prenorm' else ''}): "
             "RoBERTa-PreLayerNorm always normalizes the embeddings, so this model cannot be represented"
         )
-    if _flag(args, "no_token_positional_embeddings", False) or not has("embed_positions.weight"):
+    if _flag(args, "no_token_positional_embeddings", False, source) or not has("embed_positions.weight"):
         raise ConversionError(f"{source} has no learned position embeddings ({SE}embed_positions.weight); RoBERTa needs them")
-    if not _flag(args, "encoder_learned_pos", True):
+    if not _flag(args, "encoder_learned_pos", True, source):
         raise ConversionError(f"{source} uses sinusoidal position embeddings; RoBERTa-PreLayerNorm learns them")
-    if _flag(args, "adaptive_input", False):
+    if _flag(args, "adaptive_input", False, source):
         raise ConversionError(f"{source} uses adaptive input embeddings, which RoBERTa-PreLayerNorm does not have")
-    if args.get("encoder_layers_to_keep"):
+    if args.get("encoder_layers_to_keep") not in (None, "", [], ()):
         raise ConversionError(
-            f"{source} prunes layers on load (encoder_layers_to_keep={args['encoder_layers_to_keep']!r}); "
+            f"{source} prunes layers on load (encoder_layers_to_keep={short_repr(args['encoder_layers_to_keep'])}); "
             "load and re-save it with fairseq first"
         )
-    if args.get("spectral_norm_classification_head"):
+    if _flag(args, "spectral_norm_classification_head", False, source):
         raise ConversionError(f"{source} uses spectral normalization in its classification heads, which transformers' head does not")
 
 
@@ -272,33 +325,49 @@ def fairseq_config(
     dict_path: str | None, source: str,
 ) -> Config:
     """The transformers config of a checked pre-LN fairseq RoBERTa (see the module docstring)."""
-    emb = state[SE + "embed_tokens.weight"]
-    pos = state[SE + "embed_positions.weight"]
-    V, H = (int(d) for d in emb.shape)
-    P = int(pos.shape[0])
-    layers = sorted({int(k[len(SE + "layers."):].split(".")[0]) for k in state if k.startswith(SE + "layers.")})
+    def tensor(key: str, ndim: int) -> np.ndarray:
+        if key not in state:
+            raise ConversionError(f"{source}: the checkpoint lacks {key}")
+        if state[key].ndim != ndim:
+            raise ConversionError(f"{source}: {key} has shape {list(state[key].shape)}; expected {ndim} dimensions")
+        return state[key]
+
+    V, H = (int(d) for d in tensor(SE + "embed_tokens.weight", 2).shape)
+    P = int(tensor(SE + "embed_positions.weight", 2).shape[0])
+    indices = set()
+    for k in state:
+        if k.startswith(SE + "layers."):
+            m = _LAYER_INDEX.match(k)
+            if m is None:
+                raise ConversionError(f"{source}: {short_repr(k)} is not a layer's tensor (layers.<index>.<name>)")
+            indices.add(int(m.group(1)))
+    layers = sorted(indices)
     L = len(layers)
     if layers != list(range(L)):
-        raise ConversionError(f"{source}: layer indices {layers} are not 0..{L - 1}")
-    I = int(state[SE + "layers.0.fc1.weight"].shape[0]) if L else 0  # noqa: E741
+        raise ConversionError(f"{source}: layer indices {short_repr(layers)} are not 0..{L - 1}")
+    I = int(tensor(SE + "layers.0.fc1.weight", 2).shape[0]) if L else 0  # noqa: E741
 
     def agree(name: str, value: int) -> None:
-        if args.get(name) is not None and int(args[name]) != value:
-            raise ConversionError(f"{source}: {name}={args[name]} in the model args, but the tensors say {value}")
+        given = _arg_int(args, name, source)
+        if given is not None and given != value:
+            raise ConversionError(f"{source}: {name}={given} in the model args, but the tensors say {value}")
 
     agree("encoder_embed_dim", H)
     agree("encoder_layers", L)
     agree("encoder_ffn_embed_dim", I)
-    heads_n = args.get("encoder_attention_heads")
+    heads_n = _arg_int(args, "encoder_attention_heads", source)
     if heads_n is None:
         raise ConversionError(f"{source}: the model args lack encoder_attention_heads")
-    if args.get("pad") is not None and int(args["pad"]) != PAD:
-        raise ConversionError(f"{source}: pad={args['pad']} in the args; fairseq dictionaries put <pad> at {PAD}")
-    max_positions = args.get("max_positions", args.get("max_source_positions"))
-    if max_positions is not None and P != int(max_positions) + PAD + 1:
+    pad = _arg_int(args, "pad", source)
+    if pad is not None and pad != PAD:
+        raise ConversionError(f"{source}: pad={pad} in the args; fairseq dictionaries put <pad> at {PAD}")
+    max_positions = _arg_int(args, "max_positions", source)
+    if max_positions is None:
+        max_positions = _arg_int(args, "max_source_positions", source)
+    if max_positions is not None and P != max_positions + PAD + 1:
         raise ConversionError(
             f"{source}: embed_positions has {P} rows; max_positions={max_positions} implies "
-            f"{int(max_positions) + PAD + 1} (max_positions + pad + 1)"
+            f"{max_positions + PAD + 1} (max_positions + pad + 1)"
         )
     if dict_path is not None:
         n = _read_dict(dict_path)
@@ -307,9 +376,9 @@ def fairseq_config(
                 f"{dict_path} has {n} symbols (+{N_SPECIALS} specials) but the embedding has only {V} rows: "
                 "the dictionary does not belong to this checkpoint"
             )
-    act = args.get("activation_fn") or "gelu"
+    act = _arg_str(args, "activation_fn", source, "gelu")
     if act not in ACTIVATIONS:
-        raise ConversionError(f"{source}: activation_fn={act!r} has no transformers equivalent ({', '.join(ACTIVATIONS)} do)")
+        raise ConversionError(f"{source}: activation_fn={short_repr(act)} has no transformers equivalent ({', '.join(ACTIVATIONS)} do)")
     if task == "masked-lm" and act != "gelu":
         raise ConversionError(
             f"{source}: fairseq's LM head uses activation_fn={act!r}, transformers' uses exact GELU; "
@@ -317,26 +386,26 @@ def fairseq_config(
         )
     kwargs: dict[str, Any] = {}
     if task == "sequence-classification":
-        pact = args.get("pooler_activation_fn") or "tanh"
+        pact = _arg_str(args, "pooler_activation_fn", source, "tanh")
         if pact != "tanh":
             raise ConversionError(
-                f"{source}: the classification head uses pooler_activation_fn={pact!r}; transformers' head uses tanh"
+                f"{source}: the classification head uses pooler_activation_fn={short_repr(pact)}; transformers' head uses tanh"
             )
-        dense = state[f"classification_heads.{head}.dense.weight"]
+        dense = tensor(f"classification_heads.{head}.dense.weight", 2)
         if int(dense.shape[0]) != H:
             raise ConversionError(
                 f"{source}: classification head {head!r} has inner dim {dense.shape[0]}; transformers' head needs {H}"
             )
-        n_labels = int(state[f"classification_heads.{head}.out_proj.weight"].shape[0])
+        n_labels = int(tensor(f"classification_heads.{head}.out_proj.weight", 2).shape[0])
         kwargs["num_labels"] = n_labels
         if args.get("pooler_dropout") is not None:
-            kwargs["classifier_dropout"] = float(args["pooler_dropout"])
+            kwargs["classifier_dropout"] = _arg_float(args, "pooler_dropout", source, 0.0)
     return Config.from_dict(
         dict(
             vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=int(heads_n), intermediate_size=I,
             hidden_act=ACTIVATIONS[act], max_position_embeddings=P, type_vocab_size=1, layer_norm_eps=1e-5,
-            hidden_dropout_prob=float(args.get("dropout", 0.1) or 0.0),
-            attention_probs_dropout_prob=float(args.get("attention_dropout", 0.1) or 0.0),
+            hidden_dropout_prob=_arg_float(args, "dropout", source, 0.1),
+            attention_probs_dropout_prob=_arg_float(args, "attention_dropout", source, 0.1),
             pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=tied,
             architectures=[TASKS[task][0]], **kwargs,
         )
@@ -371,6 +440,7 @@ def load_fairseq(path: str, task: str | None = None, head: str | None = None, dt
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         raise ConversionError(f"{ckpt_path}: no 'model' state dict: not a fairseq checkpoint")
     args = model_args(ckpt, ckpt_path)
+    check_state_dict(ckpt["model"], ckpt_path)
     state, notes = upgrade_state_dict(ckpt["model"])
     check_prenorm(args, state, ckpt_path)
     task, head = choose_task(state, task, head, ckpt_path)
@@ -379,12 +449,15 @@ def load_fairseq(path: str, task: str | None = None, head: str | None = None, dt
     unmatched = [k for k in unmatched if not k.startswith("classification_heads.")]  # other heads: not chosen
     if unmatched:
         raise ConversionError(f"{ckpt_path}: tensors this converter does not know: {describe_keys(unmatched)}")
-    src_names = {p: bin_dtype_name(a) for p, a in leaves.items()}
+    not_float = [p for p, a in leaves.items() if dtype_name_of(a) not in FLOAT_DTYPES]
+    if not_float:
+        raise ConversionError(f"{ckpt_path}: weights that are not floating point: "
+                              + ", ".join(f"{p} ({leaves[p].dtype})" for p in not_float[:5]))
+    src_names = {p: safetensors_name_of(a) for p, a in leaves.items()}
     counts: dict[str, int] = {}
     for p, a in leaves.items():
-        name = SAFETENSORS_TO_NAME.get(src_names[p])
-        if name:
-            counts[name] = counts.get(name, 0) + int(a.size)
+        name = dtype_name_of(a)
+        counts[name] = counts.get(name, 0) + int(a.size)
     source_dtype = max(counts, key=counts.get) if counts else "float32"
     if dtype == "auto":
         dtype = "float64" if source_dtype == "float64" else "float32"
@@ -397,7 +470,7 @@ def load_fairseq(path: str, task: str | None = None, head: str | None = None, dt
         tied = _same_tensor(leaves["lm_head.decoder_weight"], word)
         if tied:
             del leaves["lm_head.decoder_weight"]
-    if not _flag(args, "no_scale_embedding", True):
+    if not _flag(args, "no_scale_embedding", True, ckpt_path):
         # fairseq multiplies the token embeddings by sqrt(H); transformers does not, so fold the
         # factor into the table (the same product, in the same precision). The LM head keeps the
         # unscaled matrix, so a tied head becomes untied.

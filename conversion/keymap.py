@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from refimpl.config import Config
 from refimpl.params import hf_key_table
-from refimpl.safetensors_io import CheckpointError
+from refimpl.io import CheckpointError
 
 _PLACEHOLDERS = {"i": r"(?P<i>\d+)", "wb": r"(?P<wb>weight|bias)"}
 

@@ -21,10 +21,12 @@ from refimpl.loading import params_from_state_dict
 from refimpl.model import Model
 from refimpl.params import BASE_PREFIX, TIED_ALIASES, hf_key_table, normalize_task, task_from_architectures
 
-from .fairseq import load_fairseq
-from .hf import dominant_dtype, read_folder, weights_kind
-from .keymap import ConversionError, Loaded, describe_keys
+from refimpl.io import read_weights, weights_format
 from refimpl.layouts import convert_original_layout, is_original_layout, refuse_post_layernorm
+
+from .fairseq import load_fairseq
+from .hf import dominant_dtype
+from .keymap import ConversionError, Loaded, describe_keys
 
 FORMATS = ("auto", "hf", "bin", "original", "fairseq")
 
@@ -41,9 +43,9 @@ def detect_format(src: str) -> str:
         if name in ("pytorch_model.bin", "model.safetensors") or name.endswith((".bin", ".safetensors")):
             raise ConversionError(f"{src!r} is a weights file: pass the folder that holds it and its config.json")
         raise ConversionError(f"cannot tell the format of {src!r}: expected a fairseq .pt file or a model folder")
-    kind = weights_kind(src)
+    kind = (weights_format(src) or "-").split("-")[0] or None
     if kind is not None and os.path.isfile(os.path.join(src, "config.json")):
-        state, _, _ = read_folder(src, kind)
+        state, _, _ = read_weights(src, kind)
         refuse_post_layernorm(state, src)
         if is_original_layout(state):
             return "original"
@@ -83,7 +85,7 @@ def load(src: str, fmt: str = "auto", task: str | None = None, head: str | None 
     if not os.path.isdir(src):
         raise ConversionError(f"{src!r} is not a folder: the {fmt} format is a folder with config.json and weights")
     kind = {"hf": "safetensors", "bin": "bin"}.get(fmt)
-    state, dtypes, kind = read_folder(src, kind)
+    state, dtypes, kind = read_weights(src, kind)
     refuse_post_layernorm(state, src)
     notes: list[str] = []
     if fmt == "original":

@@ -11,7 +11,7 @@ from .generate import generate
 from .loading import from_pretrained, params_from_state_dict, state_dict
 from .model import InputError, Model
 from .params import TASKS, Params
-from .safetensors_io import CheckpointError
+from .io import CheckpointError
 from .tracing import Trace
 from .golden import trace  # refimpl.trace(model, **inputs) -> {name: array}; the recorder is refimpl.tracing
 

@@ -28,14 +28,22 @@ import difflib
 import fnmatch
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from .backend import to_numpy
-from .safetensors_io import bf16_bits_to_float32, read_safetensors
+from .io import (
+    BY_SAFETENSORS,
+    CheckpointError,
+    bf16_bits_to_float32,
+    loads_json,
+    read_safetensors,
+    safetensors_name_of,
+    short_repr,
+    write_safetensors,
+)
 from .tracing import Trace
 
 FORMAT_NAME = "refimpl-golden"
@@ -52,7 +60,7 @@ INPUT_NAMES = (
 OUTPUT_NAMES = ("last_hidden_state", "pooler_output", "logits", "start_logits", "end_logits", "loss")
 
 
-class GoldenFormatError(ValueError):
+class GoldenFormatError(CheckpointError):
     """A file that is not a golden file this version of refimpl can read; the message says why."""
 
 
@@ -81,73 +89,6 @@ def trace(model, **inputs) -> dict[str, np.ndarray]:
         if value is not None and name not in tensors:
             tensors[name] = np.asarray(to_numpy(value))
     return tensors
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors writing (atomic) -- reading is refimpl.safetensors_io's
-# ---------------------------------------------------------------------------------------------
-
-_ST_DTYPES = {
-    np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
-    np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
-    np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL",
-}
-
-
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-                 dtypes: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` as a safetensors file, in the given order, atomically.
-
-    The file is written to a temporary file in the same folder and moved over ``path`` with
-    ``os.replace`` once complete, so a reader never sees a partial file and an interrupted write
-    leaves nothing behind. ``dtypes`` may name a tensor's safetensors dtype where NumPy has none
-    (``"BF16"`` for raw bfloat16 bits held as uint16).
-    """
-    path = os.fspath(path)
-    dtypes = dict(dtypes or {})
-    header: dict[str, Any] = {}
-    if metadata:
-        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-        if bad:
-            raise ValueError(f"safetensors metadata values must be strings; not so for {bad}")
-        header["__metadata__"] = dict(metadata)
-    arrays, offset = [], 0
-    for name, value in tensors.items():
-        a = np.asarray(to_numpy(value))
-        a = a if a.flags.c_contiguous else np.array(a, order="C")  # (not ascontiguousarray: it makes 0-d arrays 1-d)
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        st = dtypes.get(name) or _ST_DTYPES.get(a.dtype.newbyteorder("="))
-        if st is None:
-            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
-        header[name] = {"dtype": st, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        arrays.append(a)
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data block, as the reference writer pads
-    folder = os.path.dirname(os.path.abspath(path))
-    # A fresh name in the target's folder (same file system, so os.replace is atomic); "x" mode
-    # refuses to reuse an existing file and, unlike mkstemp's 0600, the file gets the umask's mode.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    f = open(tmp, "xb")
-    try:
-        with f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for a in arrays:
-                _write_array(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _write_array(f, a: np.ndarray) -> None:
-    f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +151,8 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     tensors = trace(reference_model(model), **given)
     arrays = {k: np.asarray(to_numpy(v)) for k, v in given.items()}
     meta = golden_metadata(model, tensors, arrays, tokenizer_output)
-    save_tensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
-    return Golden(tensors, arrays, _parse_metadata(meta), os.fspath(path))
+    write_safetensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
+    return Golden(tensors, arrays, _parse_metadata(meta, os.fspath(path)), os.fspath(path))
 
 
 def reference_model(model):
@@ -242,18 +183,34 @@ def read_golden(path: str | os.PathLike) -> Golden:
             f"understood versions: {', '.join(UNDERSTOOD_VERSIONS)} (write the golden again with this refimpl, "
             f"or upgrade refimpl)"
         )
-    order = json.loads(meta.get("order", "[]"))
+    parsed = _parse_metadata(meta, path)
+    order = parsed.get("order", [])
     inputs = {k[len(INPUT_PREFIX):]: np.array(v) for k, v in raw.items() if k.startswith(INPUT_PREFIX)}
-    names = [n for n in order if n in raw] + [n for n in raw if not n.startswith(INPUT_PREFIX) and n not in order]
+    listed = set(order)
+    names = [n for n in order if n in raw] + [n for n in raw if not n.startswith(INPUT_PREFIX) and n not in listed]
     tensors = {n: _as_float(raw[n], dtypes[n]) for n in names}
-    return Golden(tensors, inputs, _parse_metadata(meta), path)
+    return Golden(tensors, inputs, parsed, path)
 
 
-def _parse_metadata(meta: Mapping[str, str]) -> dict[str, Any]:
+# The JSON-valued metadata of a golden file and the type each must have.
+_JSON_METADATA = {"config": dict, "tokenizer": dict, "order": list, "inputs": list}
+
+
+def _parse_metadata(meta: Mapping[str, str], path: str | None = None) -> dict[str, Any]:
+    """The metadata with its JSON values parsed and every field's type checked (file content)."""
+    where = path or "golden metadata"
     out: dict[str, Any] = dict(meta)
-    for key in ("config", "tokenizer", "order", "inputs"):
-        if key in out:
-            out[key] = json.loads(out[key])
+    for key, kind in _JSON_METADATA.items():
+        if key not in out:
+            continue
+        value = loads_json(out[key], where, GoldenFormatError, what=f"the {key!r} metadata")
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise GoldenFormatError(f"{where}: the {key!r} metadata must be a JSON "
+                                    f"{'list of names' if kind is list else 'object'}, got {short_repr(value)}")
+        out[key] = value
+    if "dtype" in out and out["dtype"] not in PROFILES:
+        raise GoldenFormatError(f"{where}: the 'dtype' metadata {short_repr(out['dtype'])} is not one of "
+                                f"{', '.join(PROFILES)}")
     return out
 
 
@@ -311,7 +268,7 @@ PROFILES: dict[str, Tolerance] = {
     ),
 }
 
-_ST_TO_PROFILE = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ST_TO_PROFILE = {st: BY_SAFETENSORS[st].name for st in ("F64", "F32", "F16", "BF16")}
 _PRECISION_RANK = ["float64", "float32", "float16", "bfloat16"]
 
 
@@ -506,7 +463,7 @@ def read_candidate(source) -> Candidate:
 
 
 def _st_name(a: np.ndarray) -> str:
-    return _ST_DTYPES.get(np.dtype(a.dtype).newbyteorder("="), str(a.dtype))
+    return safetensors_name_of(a) or str(a.dtype)
 
 
 def profile_for(candidate: Candidate) -> str:

@@ -5,9 +5,10 @@
     folder = resolve("tiny")                                # the random checkpoint shipped with refimpl
 
 Only the files a RoBERTa-PreLayerNorm model needs are fetched: ``config.json``; the tokenizer files
-that exist among ``tokenizer.json``, ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
-``special_tokens_map.json``; and the weights: ``model.safetensors`` (or its index and shards) when
-the repository has safetensors, else ``pytorch_model.bin`` (or its index and shards).
+that exist among :data:`refimpl.io.TOKENIZER_FILES`; and the weights: ``model.safetensors`` (or its
+index and shards) when the repository has safetensors, else ``pytorch_model.bin`` (or its index and
+shards). Which files those are is :mod:`refimpl.io`'s knowledge (one list, one locator); a shard
+index is read as hostile input there (its shard names must be plain file names).
 
 Downloads go through ``huggingface_hub`` (its cache layout, its progress bars, its handling of
 ``HF_TOKEN``/``HF_HOME``/``HF_HUB_CACHE``). With ``HF_HUB_OFFLINE=1`` nothing touches the network:
@@ -17,9 +18,10 @@ how to get them. This module reads files and paths only: it knows no tensor form
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
+
+from .io import TOKENIZER_FILES, WEIGHT_FORMATS, locate_weights, read_shard_index, weight_files, weights_format
 
 __all__ = [
     "ModelNotFoundError", "SHIPPED", "TOKENIZER_FILES", "resolve", "weights_format", "weight_files",
@@ -27,11 +29,6 @@ __all__ = [
 ]
 
 SHIPPED = {"tiny": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny-random-mlm")}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-_WEIGHTS = (  # (format, single file, index file), in order of preference
-    ("safetensors", "model.safetensors", "model.safetensors.index.json"),
-    ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json"),
-)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -43,43 +40,6 @@ def is_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def weights_format(folder: str | os.PathLike) -> str | None:
-    """``"safetensors"``, ``"safetensors-sharded"``, ``"bin"``, ``"bin-sharded"``, or None (no weights).
-
-    safetensors wins when a folder has both formats.
-    """
-    for fmt, single, index in _WEIGHTS:
-        if os.path.isfile(os.path.join(folder, single)):
-            return fmt
-        if os.path.isfile(os.path.join(folder, index)):
-            return f"{fmt}-sharded"
-    return None
-
-
-def weight_files(folder: str | os.PathLike) -> list[str]:
-    """The weight files :func:`weights_format` chose, as paths (a sharded index lists its shards)."""
-    folder = os.fspath(folder)
-    fmt = weights_format(folder)
-    if fmt is None:
-        raise FileNotFoundError(
-            f"no weights in {folder!r}: looked for model.safetensors, model.safetensors.index.json, "
-            f"pytorch_model.bin and pytorch_model.bin.index.json")
-    kind = fmt.split("-")[0]
-    _, single, index = next(w for w in _WEIGHTS if w[0] == kind)
-    if not fmt.endswith("sharded"):
-        return [os.path.join(folder, single)]
-    return [os.path.join(folder, shard) for shard in _shards(os.path.join(folder, index))]
-
-
-def _shards(index_path: str) -> list[str]:
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FileNotFoundError(f"{index_path}: not a readable shard index (no weight_map: {e})") from None
-    return sorted(set(weight_map.values()))
 
 
 def _looks_like_path(name: str) -> bool:
@@ -147,7 +107,7 @@ def _from_cache(repo_id: str, revision, cache_dir, reason: str) -> str:
     if weights_format(folder) is None:
         missing.append("weights (model.safetensors or pytorch_model.bin)")
     else:
-        missing += [os.path.basename(p) for p in weight_files(folder) if not os.path.isfile(p)]
+        missing += [os.path.basename(p) for p in locate_weights(folder, must_exist=False).files if not os.path.isfile(p)]
     if missing:
         raise ModelNotFoundError(
             f"the cached copy of {repo_id!r}{rev} lacks {', '.join(missing)} ({reason}): {_how_to_get(repo_id)}")
@@ -161,7 +121,7 @@ def choose_files(repo_files: Iterable[str]) -> tuple[list[str], str | None]:
     """
     files = set(repo_files)
     chosen = [f for f in ("config.json", *TOKENIZER_FILES) if f in files]
-    for _, single, index in _WEIGHTS:
+    for _, single, index in WEIGHT_FORMATS:
         if single in files:
             return chosen + [single], None
         if index in files:
@@ -200,5 +160,5 @@ def _download(repo_id: str, revision, cache_dir, token) -> str:
         raise ModelNotFoundError(f"{repo_id!r}{rev} has no model.safetensors or pytorch_model.bin weights")
     if index is not None:
         index_path = hf_hub_download(repo_id, index, revision=revision, cache_dir=cache_dir, token=token)
-        files += _shards(index_path)
+        files += sorted(set(read_shard_index(index_path, index.split(".")[1]).values()))
     return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=files)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from .safetensors_io import CheckpointError
+from .io import CheckpointError
 
 # The table of this format: (original prefix, transformers prefix) ...
 ORIGINAL_PREFIXES = (("roberta.", "roberta_prelayernorm."),)

@@ -9,8 +9,10 @@ key and shape; :func:`state_dict` is its inverse. ``.bin`` files are read by the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -29,12 +31,13 @@ from .params import (
     normalize_task,
     task_from_architectures,
 )
-from .safetensors_io import CheckpointError, parse_dtype, read_hf_safetensors_folder, to_compute_dtype
-from .torch_pickle import load_state_dict
+from .io import CheckpointError, is_float_weight, parse_dtype, read_weights, short_repr, to_compute_dtype
 
 logger = logging.getLogger("refimpl")
 # Buffers some checkpoints carry that hold no parameters.
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# A layer's tensors: ``encoder.layer.<i>.`` (a bounded index: a key is file content).
+_LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layer\.(\d{1,7})\.")
 
 
 def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None, backend="numba"):
@@ -60,16 +63,10 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
     the ``"refimpl"`` logger. A post-LayerNorm RoBERTa (such as ``roberta-base``) is refused with a
     :class:`CheckpointError`: refimpl implements RoBERTa-PreLayerNorm only.
     """
-    from .hub import resolve, weight_files, weights_format
+    from .hub import resolve
 
     folder = resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token)
-    state = source_dtypes = None  # safetensors: load_folder memory-maps the file
-    if (weights_format(folder) or "").startswith("bin"):
-        state, source_dtypes = {}, {}
-        for path in weight_files(folder):
-            state.update(load_state_dict(path))
-    return load_folder(folder, task=task, dtype=dtype, state=state, source_dtypes=source_dtypes,
-                       layout=normalize_layout).to(backend)
+    return load_folder(folder, task=task, dtype=dtype, layout=normalize_layout).to(backend)
 
 
 def params_from_state_dict(
@@ -96,10 +93,19 @@ def params_from_state_dict(
         return key[len(BASE_PREFIX):] if key.startswith(BASE_PREFIX) else key
 
     by_key = {canonical(k): k for k in state}
+    # The key table grows with num_hidden_layers: build it for no more layers than the tensors
+    # hold, so that a config claiming millions of layers costs nothing (and is reported plainly).
+    held = 1 + max((int(m.group(1)) for k in state if isinstance(k, str) and (m := _LAYER_KEY.search(k))), default=-1)
+    layers_note = None
+    if config.num_hidden_layers > held:
+        layers_note = (f"layers: config.json says num_hidden_layers={config.num_hidden_layers}, the tensors hold "
+                       f"{held} (encoder.layer.0-{held - 1})" if held else
+                       f"layers: config.json says num_hidden_layers={config.num_hidden_layers}, the tensors hold none")
+        config = dataclasses.replace(config, num_hidden_layers=held)
     table = hf_key_table(config, task, with_pooler=True)
     known_other = {canonical(e.key) for t in TASKS for e in hf_key_table(config, t, with_pooler=True)}
     leaves: dict[str, Any] = {}
-    missing, wrong_shape, used = [], [], set()
+    missing, wrong_shape, wrong_dtype, used = [], [], [], set()
     for e in table:
         ck = canonical(e.key)
         if ck == "lm_head.decoder.weight" and (config.tie_word_embeddings or ck not in by_key):
@@ -115,10 +121,14 @@ def params_from_state_dict(
             continue
         arr = state[by_key[ck]]
         used.add(by_key[ck])
-        if tuple(arr.shape) != e.shape:
-            wrong_shape.append(f"{by_key[ck]}: file {list(arr.shape)}, config {list(e.shape)}")
+        if not hasattr(arr, "shape") or tuple(arr.shape) != e.shape:
+            wrong_shape.append(f"{by_key[ck]}: file {list(getattr(arr, 'shape', ['not an array']))}, config {list(e.shape)}")
             continue
-        leaves[e.path] = to_compute_dtype(np.asarray(arr), source_dtypes.get(by_key[ck], ""), np.dtype(target))
+        arr = np.asarray(arr)
+        if not is_float_weight(arr, source_dtypes.get(by_key[ck], "")):
+            wrong_dtype.append(f"{by_key[ck]}: {source_dtypes.get(by_key[ck]) or arr.dtype}")
+            continue
+        leaves[e.path] = to_compute_dtype(arr, source_dtypes.get(by_key[ck], ""), np.dtype(target))
     if "lm_head.bias" in {canonical(e.key) for e in table} and "lm_head.decoder_weight" not in leaves and "embeddings.word" in leaves:
         leaves["lm_head.decoder_weight"] = leaves["embeddings.word"]
     for alias, src in TIED_ALIASES.items():
@@ -127,7 +137,9 @@ def params_from_state_dict(
     if not config.tie_word_embeddings and "lm_head.bias" in leaves and "lm_head.decoder.bias" in by_key:
         # Untied (transformers 5.x): the decoder's bias is untied too and is the one the forward adds.
         arr = state[by_key["lm_head.decoder.bias"]]
-        if tuple(arr.shape) == (config.vocab_size,):
+        if not is_float_weight(np.asarray(arr), source_dtypes.get(by_key["lm_head.decoder.bias"], "")):
+            wrong_dtype.append(f"{by_key['lm_head.decoder.bias']}: {np.asarray(arr).dtype}")
+        elif tuple(arr.shape) == (config.vocab_size,):
             leaves["lm_head.bias"] = to_compute_dtype(np.asarray(arr), source_dtypes.get(by_key["lm_head.decoder.bias"], ""), np.dtype(target))
         else:
             wrong_shape.append(f"{by_key['lm_head.decoder.bias']}: file {list(arr.shape)}, config [{config.vocab_size}]")
@@ -138,22 +150,27 @@ def params_from_state_dict(
         ck = canonical(k)
         if ck in _IGNORED_KEYS or ck in known_other or ck.startswith("embeddings.position_ids"):
             continue  # another task's head, or a buffer: not needed here
-        unexpected.append(k)
-    if missing or wrong_shape or unexpected:
+        unexpected.append(short_repr(k, 120)[1:-1] if isinstance(k, str) else short_repr(k, 120))
+    if missing or wrong_shape or wrong_dtype or unexpected or layers_note:
         parts = []
         if missing:
             parts.append(f"missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if wrong_shape:
             parts.append(f"wrong shape ({len(wrong_shape)}): " + "; ".join(wrong_shape[:20]))
+        if wrong_dtype:
+            parts.append(f"not floating point ({len(wrong_dtype)}; a weight is F64, F32, F16 or BF16): "
+                         + "; ".join(wrong_dtype[:20]))
         if unexpected:
             parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+        if layers_note:
+            parts.append(layers_note)
         raise CheckpointError(
             f"{source} does not match a RoBERTa-PreLayerNorm {task} model with this config:\n  "
             + "\n  ".join(parts)
             + "\nCheck that config.json belongs to these weights and that the task is right"
             + (" (the original efficient_mlm layout uses the 'roberta.' prefix: refimpl.from_pretrained and refimpl-convert "
                "convert it, refimpl.layouts.convert_original_layout converts a state dict)"
-               if any(k.startswith("roberta.") for k in state) else "")
+               if any(isinstance(k, str) and k.startswith("roberta.") for k in state) else "")
         )
     return build_params(config, task, leaves)
 
@@ -161,7 +178,7 @@ def params_from_state_dict(
 def load_folder(
     folder: str | os.PathLike, task: str | None = None, dtype="float32", state=None, source_dtypes=None, layout=None
 ) -> Model:
-    """A model from a local Hugging Face folder: ``config.json`` + safetensors (single or sharded).
+    """A model from a local Hugging Face folder: ``config.json`` + weights (safetensors or ``.bin``, sharded or not).
 
     ``state``/``source_dtypes`` let a caller pass tensors it read from another format. ``layout``
     (``(state, source_dtypes, source) -> (state, source_dtypes, note or None)``) may refuse or rename
@@ -175,7 +192,7 @@ def load_folder(
     config = Config.from_pretrained(folder)
     task = normalize_task(task) if task is not None else task_from_architectures(config.architectures)
     if state is None:
-        state, source_dtypes = read_hf_safetensors_folder(folder)
+        state, source_dtypes, _ = read_weights(folder)
     note = None
     if layout is not None:
         state, source_dtypes, note = layout(state, source_dtypes, folder)

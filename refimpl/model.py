@@ -37,7 +37,7 @@ from .params import (
     normalize_task,
     num_parameters,
 )
-from .safetensors_io import CheckpointError, parse_dtype
+from .io import CheckpointError, parse_dtype
 from .tracing import Trace, record, scope
 
 BACKENDS = ("numba", "numpy", "cupy")

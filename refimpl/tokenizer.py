@@ -54,7 +54,13 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-__all__ = ["Tokenizer", "max_length_for"]
+from .io import read_json, short_repr
+
+__all__ = ["Tokenizer", "TokenizerError", "max_length_for"]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read (malformed JSON, a vocabulary the library refuses, ...)."""
 
 # transformers stores "no limit" as int(1e30); anything above its LARGE_INTEGER (1e20) means unknown.
 _NO_LIMIT = int(1e20)
@@ -87,18 +93,26 @@ def max_length_for(max_position_embeddings: int, pad_token_id: int) -> int:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, TokenizerError, what="the tokenizer file")
 
 
 def _token_spec(value: Any) -> tuple[str | None, dict]:
     """A special-token entry of a config: ``"<s>"`` or ``{"content": "<s>", "lstrip": ...}``."""
     if value is None or isinstance(value, str):
         return value, {}
-    if isinstance(value, dict) and "content" in value:
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
         flags = {k: bool(value[k]) for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
         return value["content"], flags
-    raise ValueError(f"cannot read special token entry {value!r}")
+    raise TokenizerError(f"cannot read special token entry {short_repr(value)}")
+
+
+def _backend_call(what: str, fn, *args):
+    """Call the tokenizers library on a file: its refusals (a bare ``Exception``) become TokenizerError."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - the library raises plain Exception for malformed files
+        detail = " ".join(str(e).split())[:300]
+        raise TokenizerError(f"{what}: the tokenizers library cannot read it ({type(e).__name__}: {detail})") from None
 
 
 class Tokenizer:
@@ -157,11 +171,22 @@ class Tokenizer:
                     flags[key] = f or flags.get(key, {})
         if model_max_length is None:
             model_max_length = config.get("model_max_length")
+            if isinstance(model_max_length, float) and model_max_length.is_integer():
+                model_max_length = int(model_max_length) if model_max_length < 1e30 else None
+            if model_max_length is not None and (not isinstance(model_max_length, int) or isinstance(model_max_length, bool)
+                                                 or model_max_length < 0):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: model_max_length must be a positive integer, "
+                                     f"got {short_repr(model_max_length)}")
         if add_prefix_space is None:
             add_prefix_space = config.get("add_prefix_space")
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict) or not all(isinstance(e, dict) for e in decoder.values()):
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must map ids to token "
+                                 f"entries, got {short_repr(decoder)}")
 
         if (folder / "tokenizer.json").is_file():
-            backend = _Backend.from_file(str(folder / "tokenizer.json"))
+            path = str(folder / "tokenizer.json")
+            backend = _backend_call(path, _Backend.from_file, path)
             if add_prefix_space is not None:
                 _set_prefix_space(backend, bool(add_prefix_space))
             return cls(backend, special_tokens=specials, model_max_length=model_max_length, name=str(folder))
@@ -174,7 +199,7 @@ class Tokenizer:
                 f"'merges.txt' (optionally with 'tokenizer_config.json', 'special_tokens_map.json'); "
                 f"the folder has {present}")
         # added_tokens_decoder (transformers >= 4.34 configs) carries per-token flags such as lstrip.
-        for entry in (config.get("added_tokens_decoder") or {}).values():
+        for entry in decoder.values():
             for key in _SPECIAL_NAMES:
                 if entry.get("content") == specials.get(key, _ROBERTA_SPECIALS[key]) and not flags.get(key):
                     flags[key] = _token_spec(entry)[1]
@@ -199,7 +224,10 @@ class Tokenizer:
                 raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
         tokens = dict(_ROBERTA_SPECIALS)
         tokens.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
-        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+        vocab, merges = _backend_call(f"{vocab_file} + {merges_file}", BPE.read_file, str(vocab_file), str(merges_file))
+        for key in ("sep", "cls"):
+            if tokens[key] not in vocab:
+                raise TokenizerError(f"{vocab_file}: the {key} token {short_repr(tokens[key])} is not in the vocabulary")
         backend = _Backend(BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
                                end_of_word_suffix="", fuse_unk=False))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)

@@ -24,6 +24,23 @@ module created: REDUCE/NEWOBJ/INST/OBJ call only allow-listed stand-ins, BUILD s
 a ``Namespace``/``OrderedDict``/``OpaqueObject``, APPEND/SETITEM/ADDITEMS only touch real
 lists/dicts/sets, and the copyreg extension opcodes (EXT1/2/4) are refused.
 
+The work a file can cause is bounded by its size, not by what it claims:
+* dict keys and set elements may only be what state dicts and fairseq args use (str, bytes, int,
+  float, bool, None, and flat tuples of those), so hashing is linear: a memo DAG of nested tuples
+  used as a key (2^64 paths from 1 KB) is refused before it is hashed;
+* the objects, memo entries and marks a pickle creates are counted (:data:`MAX_PICKLE_OBJECTS`);
+* a compressed ``data.pkl`` may inflate to at most the size of the whole file (1 MiB for small
+  files), and compressed storage records together to at most :data:`MAX_INFLATION` times the file
+  size plus 32 MiB (torch itself never compresses);
+* a tensor must fit in its storage (offset, sizes and strides reach no element beyond it); the
+  conj/neg bits are applied to the storage's elements, not to the (possibly much larger) strided
+  view; identical views share one array; and the distinct views of a file together may hold at
+  most twice its storage bytes plus 16 MiB, so that zero strides cannot turn a few bytes into
+  gigabytes once a caller materialises the tensors (a dtype cast, a copy);
+* every message that quotes file content quotes it through :func:`refimpl.io.short_repr`;
+* no codec is looked up by name from a file (``bytearray(s, enc)`` and ``_codecs.encode`` accept
+  only latin-1, ASCII and UTF-8, which CPython encodes without a registry lookup or import).
+
 Tensors
 -------
 Each tensor becomes a read-only ``numpy.ndarray`` with the tensor's shape, dtype and element
@@ -63,6 +80,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .io.base import BF16_BITS, DTYPES, CheckpointError, bf16_bits_to_float32, short_repr
+
 __all__ = [
     "load_torch_file",
     "load_state_dict",
@@ -81,6 +100,16 @@ _MAX_ARRAY_BYTES = 2**62
 _MAX_NDIM = 64
 # Deflate cannot expand data by more than ~1032x: a larger claimed size is a zip bomb or a lie.
 _MAX_DEFLATE_RATIO = 1100
+# Objects, memo entries and marks one pickle may create (a state dict needs ~15 per tensor).
+MAX_PICKLE_OBJECTS = 2**20
+# Compressed storage records may inflate to MAX_INFLATION x the file size + 32 MiB in all.
+MAX_INFLATION = 4
+_INFLATION_SLACK = 32 * 2**20
+# Distinct tensor views may hold 2 x the storage bytes + 16 MiB (a tied weight is one shared view).
+_VIEW_RATIO = 2
+_VIEW_SLACK = 16 * 2**20
+# Encodings a pickle may name: CPython encodes these without looking a codec up (no import).
+_SAFE_ENCODINGS = ("latin1", "latin-1", "latin_1", "ascii", "utf-8", "utf8")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL_VERSION = 1001
 
@@ -89,7 +118,7 @@ _LEGACY_PROTOCOL_VERSION = 1001
 # Errors
 
 
-class TorchCheckpointError(ValueError):
+class TorchCheckpointError(CheckpointError):
     """The file is not a readable torch checkpoint (corrupt, truncated, unsupported, wrong kind)."""
 
 
@@ -113,6 +142,9 @@ class Namespace(types.SimpleNamespace):
     def __contains__(self, name: object) -> bool:
         return name in self.__dict__
 
+    def __repr__(self) -> str:  # bounded: the attributes come from a file
+        return f"Namespace({short_repr(self.__dict__, 400)[1:-1]})"
+
 
 class OpaqueObject:
     """Inert record of an object whose class was not on the allow-list.
@@ -131,8 +163,9 @@ class OpaqueObject:
         self.list_items: list = []
         self.dict_items: dict = {}
 
-    def __repr__(self) -> str:
-        return f"OpaqueObject({self.global_name!r}, args={self.args!r}, state={self.state!r})"
+    def __repr__(self) -> str:  # bounded: everything here comes from a file
+        return (f"OpaqueObject({short_repr(self.global_name)}, args={short_repr(self.args)}, "
+                f"state={short_repr(self.state)})")
 
 
 class _OpaqueGlobal:
@@ -142,15 +175,15 @@ class _OpaqueGlobal:
         self.global_name = global_name
 
     def __repr__(self) -> str:
-        return f"<opaque global {self.global_name}>"
+        return f"<opaque global {short_repr(self.global_name)}>"
 
 
 class _TorchDtype:
     """Marker for a torch dtype: its name, the NumPy dtype of its elements and byte size."""
 
-    def __init__(self, name: str, np_dtype: str | None):
+    def __init__(self, name: str, np_dtype: np.dtype | None):
         self.name = name
-        self.np_dtype = np.dtype(np_dtype) if np_dtype is not None else None
+        self.np_dtype = np_dtype
         self.itemsize = self.np_dtype.itemsize if self.np_dtype is not None else 0
 
     def __repr__(self) -> str:
@@ -189,27 +222,8 @@ class _TensorTypeMarker:
         self.global_name = global_name
 
 
-# bfloat16 has no NumPy dtype: "<u2" is its bit pattern.
-_DTYPES = {
-    name: _TorchDtype(name, np_dtype)
-    for name, np_dtype in [
-        ("float32", "<f4"),
-        ("float16", "<f2"),
-        ("bfloat16", "<u2"),
-        ("float64", "<f8"),
-        ("int64", "<i8"),
-        ("int32", "<i4"),
-        ("int16", "<i2"),
-        ("int8", "i1"),
-        ("uint8", "u1"),
-        ("bool", "?"),
-        ("complex64", "<c8"),
-        ("complex128", "<c16"),
-        ("uint16", "<u2"),
-        ("uint32", "<u4"),
-        ("uint64", "<u8"),
-    ]
-}
+# torch.<dtype> markers, from the one dtype table (bfloat16's NumPy dtype "<u2" is its bit pattern).
+_DTYPES = {d.name: _TorchDtype(d.name, d.numpy) for d in DTYPES}
 _STORAGE_DTYPE = {
     "FloatStorage": "float32",
     "HalfStorage": "float16",
@@ -224,15 +238,6 @@ _STORAGE_DTYPE = {
     "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
 }
-_BF16_BITS_DTYPE = np.dtype(np.uint16, metadata={"torch_dtype": "bfloat16"})
-
-
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32, exactly (a bfloat16 is a float32's top half)."""
-    bits = np.asarray(bits)
-    if bits.dtype.kind != "u" or bits.dtype.itemsize != 2:
-        raise TypeError(f"expected uint16 bfloat16 bits, got dtype {bits.dtype}")
-    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ def _check_hooks(backward_hooks: Any) -> None:
         isinstance(backward_hooks, dict) and backward_hooks
     ):
         raise TorchCheckpointError(
-            f"tensor has backward hooks {backward_hooks!r}; only an empty mapping is accepted"
+            f"tensor has backward hooks {short_repr(backward_hooks)}; only an empty mapping is accepted"
         )
 
 
@@ -281,7 +286,7 @@ def _rebuild_tensor_v3(
             f"tensor rebuild got {type(storage).__name__} where a storage was expected"
         )
     if not isinstance(dtype, _TorchDtype):
-        raise TorchCheckpointError(f"tensor rebuild got dtype {dtype!r}, not a torch dtype")
+        raise TorchCheckpointError(f"tensor rebuild got dtype {short_repr(dtype)}, not a torch dtype")
     _check_bool(requires_grad, "requires_grad")
     _check_hooks(backward_hooks)
     return storage.loader.make_tensor(storage, storage_offset, size, stride, dtype, metadata)
@@ -309,23 +314,74 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     # torch uses this for tensors carrying Python attributes (`t.foo = 1`): the attributes
     # (`state`) are dropped, the tensor is kept.
     if not any(func is f for f in _REBUILD_FUNCTIONS):
-        raise UnsafeCheckpointError(f"_rebuild_from_type_v2 called with {func!r}")
+        raise UnsafeCheckpointError(f"_rebuild_from_type_v2 called with {short_repr(func)}")
     if not isinstance(new_type, _TensorTypeMarker) or type(args) is not tuple:
-        raise TorchCheckpointError(f"_rebuild_from_type_v2 got type {new_type!r}")
+        raise TorchCheckpointError(f"_rebuild_from_type_v2 got type {short_repr(new_type)}")
     return func(*args)
 
 
 def _codecs_encode(text, encoding="utf-8"):
     # Protocol-2 pickles spell `bytes` as _codecs.encode(str, "latin1").
-    if type(text) is not str or encoding not in ("latin1", "latin-1"):
-        raise TorchCheckpointError(f"_codecs.encode only accepted as (str, 'latin1'): {encoding!r}")
+    if type(text) is not str or type(encoding) is not str or encoding.lower() not in ("latin1", "latin-1"):
+        raise TorchCheckpointError(
+            f"_codecs.encode only accepted as (str, 'latin1'), got encoding {short_repr(encoding)}")
     return text.encode("latin1")
 
 
 def _bytearray(*args):
-    if not args or type(args[0]) not in (str, bytes) or len(args) > 2:
-        raise TorchCheckpointError("bytearray only accepted from str/bytes data")
-    return bytearray(*args)
+    # bytearray(bytes) (protocol 3+) or bytearray(str, 'latin-1') (protocol 2). A codec named by the
+    # file would be looked up in the codec registry, which imports modules: only built-in ones pass.
+    if len(args) == 0:
+        return bytearray()
+    if type(args[0]) is bytes and len(args) == 1:
+        return bytearray(args[0])
+    if type(args[0]) is str and len(args) == 2 and type(args[1]) is str and args[1].lower() in _SAFE_ENCODINGS:
+        return bytearray(args[0], args[1].lower())
+    raise TorchCheckpointError(
+        f"bytearray only accepted from bytes, or from str with one of {', '.join(_SAFE_ENCODINGS)}; "
+        f"got {short_repr(args)}")
+
+
+def _complex(*args):
+    if len(args) > 2 or not all(type(a) in (int, float) for a in args):
+        raise TorchCheckpointError(f"complex only accepted from numbers, got {short_repr(args)}")
+    return complex(*args)
+
+
+# Dict keys and set elements: what state dicts and fairseq args use. Flat tuples of these too.
+_KEY_ATOMS = (str, bytes, int, float, bool, type(None))
+_MAX_KEY_TUPLE = 16
+
+
+def _check_key(key: Any) -> Any:
+    """``key`` if it may be hashed in linear time (an atom or a flat tuple of atoms), else an error.
+
+    A tuple of tuples from the memo can share its parts (a DAG): hashing it walks every path,
+    2^depth of them, so such keys are refused before they are hashed."""
+    kind = type(key)
+    if kind in _KEY_ATOMS or (kind is tuple and len(key) <= _MAX_KEY_TUPLE and all(type(k) in _KEY_ATOMS for k in key)):
+        return key
+    raise TorchCheckpointError(
+        f"a dict key or set element is a {kind.__name__} ({short_repr(key)}); checkpoints only use strings, "
+        "numbers, None and flat tuples of them")
+
+
+def _checked_items(items: Any) -> list:
+    if type(items) not in (list, tuple, set, frozenset):
+        raise TorchCheckpointError(f"set/frozenset built from a {type(items).__name__}")
+    return [_check_key(k) for k in items]
+
+
+def _set(*args):
+    if len(args) > 1:
+        raise TorchCheckpointError("set takes at most one argument")
+    return set(_checked_items(args[0])) if args else set()
+
+
+def _frozenset(*args):
+    if len(args) > 1:
+        raise TorchCheckpointError("frozenset takes at most one argument")
+    return frozenset(_checked_items(args[0])) if args else frozenset()
 
 
 def _ordered_dict(*args):
@@ -333,9 +389,13 @@ def _ordered_dict(*args):
         raise TorchCheckpointError("OrderedDict takes at most one argument")
     result = collections.OrderedDict()
     if args:
+        if type(args[0]) not in (list, tuple):
+            raise TorchCheckpointError(f"OrderedDict built from a {type(args[0]).__name__}")
         for pair in args[0]:
+            if type(pair) not in (list, tuple) or len(pair) != 2:
+                raise TorchCheckpointError(f"OrderedDict item {short_repr(pair)} is not a (key, value) pair")
             key, value = pair
-            result[key] = value
+            result[_check_key(key)] = value
     return result
 
 
@@ -357,7 +417,7 @@ def _build_allowed_globals() -> dict[str, Any]:
         "builtins.set": set,
         "builtins.frozenset": frozenset,
         "builtins.bytearray": _bytearray,
-        "builtins.complex": complex,
+        "builtins.complex": _complex,
     }
     for storage_name, dtype_name in _STORAGE_DTYPE.items():
         for module in ("torch", "torch.cuda"):
@@ -381,10 +441,8 @@ _CALLABLE = {
         _rebuild_parameter_with_state,
         _rebuild_from_type_v2,
         _codecs_encode,
-        set,
-        frozenset,
         _bytearray,
-        complex,
+        _complex,
     )
 }
 _NEWOBJ_CLASSES = (Namespace, collections.OrderedDict, set, frozenset)
@@ -424,6 +482,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         self._source = source
         self._persistent_load = persistent_load
         self._unknown_globals = unknown_globals
+        self._objects = 0
 
     # -- globals ----------------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
@@ -432,6 +491,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
+        if type(module) is not str or type(name) is not str:
+            raise TorchCheckpointError(f"{self._source}: a global named by {short_repr((module, name))}")
         full = f"{module}.{name}"
         allowed = _ALLOWED_GLOBALS.get(full)
         if allowed is not None:
@@ -443,14 +504,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             raise TorchCheckpointError(f"{self._source}: {full}: {_UNSUPPORTED_DTYPE_HINT}")
         hint = _HINTS.get(root, "")
         raise UnsafeCheckpointError(
-            f"{self._source}: refusing to load global {full!r}: it is not on the allow-list of "
+            f"{self._source}: refusing to load global {short_repr(full)}: it is not on the allow-list of "
             "data-only names, and importing or calling it could run arbitrary code"
             + (f". Hint: {hint}" if hint else "")
         )
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent_load is None:
-            raise TorchCheckpointError(f"{self._source}: unexpected persistent id {pid!r}")
+            raise TorchCheckpointError(f"{self._source}: unexpected persistent id {short_repr(pid)}")
         return self._persistent_load(pid)
 
     # -- opcodes that call or mutate objects: only on our own objects -------------------------
@@ -460,9 +521,13 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if isinstance(func, _OpaqueGlobal):
             return OpaqueObject(func.global_name, args, kwargs)
         if kwargs:
-            raise UnsafeCheckpointError(f"{self._source}: keyword arguments for {func!r}")
+            raise UnsafeCheckpointError(f"{self._source}: keyword arguments for {_describe(func)}")
         if func is collections.OrderedDict:
             return _ordered_dict(*args)
+        if func is set:
+            return _set(*args)
+        if func is frozenset:
+            return _frozenset(*args)
         if func is Namespace:
             if args:
                 raise TorchCheckpointError(f"{self._source}: Namespace called with arguments")
@@ -538,7 +603,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def _load_setitem(self):
         value = self.stack.pop()
-        key = self.stack.pop()
+        key = self._key(self.stack.pop())
         target = self._target((dict, collections.OrderedDict), "SETITEM")
         (target.dict_items if isinstance(target, OpaqueObject) else target)[key] = value
 
@@ -548,16 +613,43 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         target = target.dict_items if isinstance(target, OpaqueObject) else target
         if len(items) % 2:
             raise TorchCheckpointError(f"{self._source}: SETITEMS with an odd number of items")
+        self._count(len(items) // 2)
         for i in range(0, len(items), 2):
-            target[items[i]] = items[i + 1]
+            target[self._key(items[i])] = items[i + 1]
 
     def _load_additems(self):
         items = self.pop_mark()
         target = self._target((set,), "ADDITEMS")
+        self._count(len(items))
         if isinstance(target, OpaqueObject):
             target.list_items.extend(items)
         else:
-            target.update(items)
+            target.update(self._key(k) for k in items)
+
+    def _load_dict(self):  # DICT: built here so that every key is checked before it is hashed
+        items = self.pop_mark()
+        if len(items) % 2:
+            raise TorchCheckpointError(f"{self._source}: DICT with an odd number of items")
+        self._count(len(items) // 2)
+        self.append({self._key(items[i]): items[i + 1] for i in range(0, len(items), 2)})
+
+    def _load_frozenset(self):
+        items = self.pop_mark()
+        self._count(4 + len(items))
+        self.append(frozenset(self._key(k) for k in items))
+
+    def _key(self, key: Any) -> Any:
+        try:
+            return _check_key(key)
+        except TorchCheckpointError as e:
+            raise TorchCheckpointError(f"{self._source}: {e}") from None
+
+    def _count(self, n: int) -> None:
+        self._objects += n
+        if self._objects > MAX_PICKLE_OBJECTS:
+            raise TorchCheckpointError(
+                f"{self._source}: the pickle creates more than {MAX_PICKLE_OBJECTS:,} objects; a checkpoint "
+                "needs a few per tensor, so this is not one (or it is damaged)")
 
     def _load_ext(self):
         raise UnsafeCheckpointError(f"{self._source}: refusing pickle extension-registry opcodes")
@@ -571,9 +663,34 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch[pickle.SETITEM[0]] = _load_setitem
     dispatch[pickle.SETITEMS[0]] = _load_setitems
     dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
     for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
         dispatch[_op[0]] = _load_ext
-    del _op
+
+    # Every opcode that creates an object, a memo entry or a mark is counted (an empty set costs
+    # ~4 units of memory, the rest ~1), so that a few megabytes of pickle cannot fill memory.
+    def _counted(handler, cost):  # noqa: N805 - builds methods at class creation
+        def run(self):
+            self._count(cost)
+            handler(self)
+
+        return run
+
+    for _op, _cost in [
+        (pickle.MARK, 1), (pickle.EMPTY_LIST, 1), (pickle.EMPTY_DICT, 1), (pickle.EMPTY_SET, 4), (pickle.LIST, 1),
+        (pickle.TUPLE, 1), (pickle.TUPLE1, 1), (pickle.TUPLE2, 1), (pickle.TUPLE3, 1), (pickle.REDUCE, 1),
+        (pickle.NEWOBJ, 1), (pickle.NEWOBJ_EX, 1), (pickle.INST, 1), (pickle.OBJ, 1), (pickle.BUILD, 1),
+        (pickle.PUT, 1), (pickle.BINPUT, 1), (pickle.LONG_BINPUT, 1), (pickle.MEMOIZE, 1),
+        (pickle.BINUNICODE, 1), (pickle.SHORT_BINUNICODE, 1), (pickle.BINUNICODE8, 1), (pickle.UNICODE, 1),
+        (pickle.BINBYTES, 1), (pickle.SHORT_BINBYTES, 1), (pickle.BINBYTES8, 1), (pickle.BYTEARRAY8, 1),
+        (pickle.BINSTRING, 1), (pickle.SHORT_BINSTRING, 1), (pickle.STRING, 1), (pickle.BININT, 1),
+        (pickle.BININT2, 1), (pickle.LONG1, 1), (pickle.LONG4, 1), (pickle.LONG, 1), (pickle.INT, 1),
+        (pickle.BINFLOAT, 1), (pickle.FLOAT, 1), (pickle.GLOBAL, 1), (pickle.STACK_GLOBAL, 1),
+        (pickle.BINPERSID, 1), (pickle.PERSID, 1),
+    ]:
+        dispatch[_op[0]] = _counted(dispatch[_op[0]], _cost)
+    del _op, _cost, _counted
 
 
 _DTYPE_LIKE_NAMES = {
@@ -597,6 +714,15 @@ def _str_keyed(state: Any, source: str) -> dict:
     return state
 
 
+def _exception_text(exc: BaseException) -> str:
+    """An exception's message, bounded (a KeyError's text is the repr of a key from the file)."""
+    if all(isinstance(a, str) for a in exc.args):
+        text = "; ".join(exc.args)
+    else:
+        text = ", ".join(short_repr(a) for a in exc.args)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _unpickle(data: bytes | io.BufferedIOBase, *, cls=None, **kwargs) -> Any:
     file = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     source = kwargs["source"]
@@ -605,11 +731,10 @@ def _unpickle(data: bytes | io.BufferedIOBase, *, cls=None, **kwargs) -> Any:
     except TorchCheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, struct.error, OverflowError, RecursionError,
-            MemoryError) as exc:
+            AttributeError, UnicodeDecodeError, struct.error, OverflowError, RecursionError) as exc:
         raise TorchCheckpointError(
-            f"{source}: the pickle is corrupt or malformed ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"{source}: the pickle is corrupt or malformed ({type(exc).__name__}: {_exception_text(exc)})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,7 +743,7 @@ def _unpickle(data: bytes | io.BufferedIOBase, *, cls=None, **kwargs) -> Any:
 
 def _int_tuple(value: Any, what: str, source: str) -> tuple[int, ...]:
     if type(value) not in (tuple, list) or not all(type(v) is int for v in value):
-        raise TorchCheckpointError(f"{source}: tensor {what} {value!r} is not a tuple of ints")
+        raise TorchCheckpointError(f"{source}: tensor {what} {short_repr(value)} is not a tuple of ints")
     return tuple(value)
 
 
@@ -632,19 +757,23 @@ class _ArchiveLoader:
         self.big_endian = big_endian
         self._storages: dict[str, _Storage] = {}
         self._elements: dict[tuple[str, str], np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}
+        self._storage_bytes = 0  # bytes of storage records read
+        self._view_bytes = 0  # bytes (in storage dtype) of the distinct tensor views made
 
     def storage(self, key: str, stype: _StorageType, numel: int) -> _Storage:
         existing = self._storages.get(key)
         if existing is not None:
             if existing.stype.dtype is not stype.dtype or existing.raw.size != numel * stype.itemsize:
                 raise TorchCheckpointError(
-                    f"{self.path}: storage {key!r} is referenced as both {existing.stype} and "
+                    f"{self.path}: storage {short_repr(key)} is referenced as both {existing.stype} and "
                     f"{stype} (numel {numel})"
                 )
             return existing
         if stype.dtype is not None and stype.dtype.np_dtype is None:
             raise TorchCheckpointError(f"{self.path}: {stype}: {_UNSUPPORTED_DTYPE_HINT}")
         raw = self.read_storage(key, numel * stype.itemsize)
+        self._storage_bytes += raw.size
         storage = _Storage(self, key, stype, raw)
         self._storages[key] = storage
         return storage
@@ -652,16 +781,28 @@ class _ArchiveLoader:
     def read_storage(self, key: str, nbytes: int) -> np.ndarray:
         raise NotImplementedError
 
-    def elements(self, storage: _Storage, dtype: _TorchDtype) -> np.ndarray:
-        """The storage as a 1-D read-only array of final elements (one conversion per storage)."""
-        cache_key = (storage.key, dtype.name)
+    def elements(self, storage: _Storage, dtype: _TorchDtype, flags: tuple[str, ...] = ()) -> np.ndarray:
+        """The storage as a 1-D read-only array of final elements (one conversion per storage).
+
+        flags: the conj/neg bits of the tensors viewing it, applied to the storage's elements (so
+        a strided view of a small storage never materialises more than the storage)."""
+        cache_key = (storage.key, dtype.name, flags)
         cached = self._elements.get(cache_key)
         if cached is not None:
             return cached
+        if flags:
+            elems = self.elements(storage, dtype)
+            if "conj" in flags:
+                elems = np.conj(elems)
+            if "neg" in flags:
+                elems = np.negative(elems)
+            elems.flags.writeable = False
+            self._elements[cache_key] = elems
+            return elems
         raw = storage.raw
         if raw.size % dtype.itemsize:
             raise TorchCheckpointError(
-                f"{self.path}: storage {storage.key!r} has {raw.size} bytes, not a multiple of "
+                f"{self.path}: storage {short_repr(storage.key)} has {raw.size} bytes, not a multiple of "
                 f"{dtype.itemsize} ({dtype})"
             )
         np_dtype = dtype.np_dtype
@@ -672,7 +813,7 @@ class _ArchiveLoader:
         else:
             elems = raw.view(np_dtype)
         if dtype.name == "bfloat16":
-            elems = elems.view(_BF16_BITS_DTYPE) if self.bfloat16 == "bits" else (
+            elems = elems.view(BF16_BITS) if self.bfloat16 == "bits" else (
                 bf16_bits_to_float32(elems)
             )
         elif dtype.name == "bool" and elems.size and raw.max() > 1:
@@ -691,42 +832,60 @@ class _ArchiveLoader:
             raise TorchCheckpointError(
                 f"{src}: tensor of dtype {dtype} on a {storage.stype} storage"
             )
-        if type(storage_offset) is not int or storage_offset < 0:
-            raise TorchCheckpointError(f"{src}: bad storage offset {storage_offset!r}")
+        if type(storage_offset) is not int or not 0 <= storage_offset <= _MAX_ARRAY_BYTES:
+            raise TorchCheckpointError(f"{src}: bad storage offset {short_repr(storage_offset)}")
         size = _int_tuple(size, "size", src)
         stride = _int_tuple(stride, "stride", src)
         if len(size) != len(stride):
-            raise TorchCheckpointError(f"{src}: tensor size {size} and stride {stride} differ in length")
+            raise TorchCheckpointError(
+                f"{src}: tensor size {short_repr(size)} and stride {short_repr(stride)} differ in length")
         if len(size) > _MAX_NDIM:
             raise TorchCheckpointError(f"{src}: tensor has {len(size)} dimensions (max {_MAX_NDIM})")
         if any(d < 0 for d in size):
-            raise TorchCheckpointError(f"{src}: negative tensor size {size}")
+            raise TorchCheckpointError(f"{src}: negative tensor size {short_repr(size)}")
         if any(s < 0 for s in stride):
-            raise TorchCheckpointError(f"{src}: negative strides {stride} are not supported")
-        elems = self.elements(storage, dtype)
+            raise TorchCheckpointError(f"{src}: negative strides {short_repr(stride)} are not supported")
+        if any(v > _MAX_ARRAY_BYTES for v in size + stride):
+            raise TorchCheckpointError(
+                f"{src}: tensor size {short_repr(size)} / stride {short_repr(stride)} beyond any array")
+        flags = self._metadata_flags(metadata)
+        elems = self.elements(storage, dtype, flags)
         itemsize = elems.dtype.itemsize
+        n = elems.size
         nonzero_product = 1
-        for d in size:
-            nonzero_product *= max(d, 1)
+        for d in size:  # stops growing past the limit, so the products stay small
+            nonzero_product = min(nonzero_product * max(d, 1), _MAX_ARRAY_BYTES + 1)
         if nonzero_product * itemsize > _MAX_ARRAY_BYTES:
             raise TorchCheckpointError(
-                f"{src}: tensor shape {size} overflows (product of sizes times itemsize)"
+                f"{src}: tensor shape {short_repr(size)} overflows (product of sizes times itemsize)"
             )
         numel = 0 if 0 in size else nonzero_product
         if numel == 0:
-            if storage_offset > elems.size:
+            if storage_offset > n:
                 raise TorchCheckpointError(
-                    f"{src}: storage offset {storage_offset} beyond storage {storage.key!r} of "
-                    f"{elems.size} elements"
+                    f"{src}: storage offset {storage_offset} beyond storage {short_repr(storage.key)} of "
+                    f"{n} elements"
                 )
-            out = np.zeros(size, dtype=elems.dtype)
         else:
             last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
-            if last >= elems.size:
+            if last >= n:
                 raise TorchCheckpointError(
-                    f"{src}: tensor (offset {storage_offset}, size {size}, stride {stride}) reaches "
-                    f"element {last} of storage {storage.key!r}, which has {elems.size} elements"
+                    f"{src}: tensor (offset {storage_offset}, size {short_repr(size)}, stride {short_repr(stride)}) "
+                    f"reaches element {last} of storage {short_repr(storage.key)}, which has {n} elements"
                 )
+        key = (storage.key, dtype.name, storage_offset, size, stride, flags)
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        self._view_bytes += numel * dtype.itemsize
+        if self._view_bytes > _VIEW_RATIO * self._storage_bytes + _VIEW_SLACK:
+            raise TorchCheckpointError(
+                f"{src}: the file's tensors view {self._view_bytes:,} bytes of {self._storage_bytes:,} bytes of "
+                "storage: more than a checkpoint's tensors (which share storage only for tied weights) can"
+            )
+        if numel == 0:
+            out = np.zeros(size, dtype=elems.dtype)
+        else:
             try:
                 out = np.ndarray(
                     size,
@@ -736,20 +895,20 @@ class _ArchiveLoader:
                     strides=tuple(s * itemsize for s in stride),
                 )
             except (ValueError, TypeError) as exc:
-                raise TorchCheckpointError(f"{src}: cannot view tensor: {exc}") from exc
-        if metadata:
-            out = self._apply_metadata(out, metadata)
+                raise TorchCheckpointError(f"{src}: cannot view tensor: {_exception_text(exc)}") from exc
         out.flags.writeable = False
+        self._views[key] = out
         return out
 
-    def _apply_metadata(self, out: np.ndarray, metadata: Any) -> np.ndarray:
-        if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"}:
-            raise TorchCheckpointError(f"{self.path}: unsupported tensor metadata {metadata!r}")
-        if metadata.get("conj"):
-            out = np.conj(out)
-        if metadata.get("neg"):
-            out = np.negative(out)
-        return out
+    def _metadata_flags(self, metadata: Any) -> tuple[str, ...]:
+        """The conj/neg bits of a tensor's metadata (applied on load), checked."""
+        if metadata is None or (isinstance(metadata, dict) and not metadata):
+            return ()
+        if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"} or not all(
+            type(v) is bool for v in metadata.values()
+        ):
+            raise TorchCheckpointError(f"{self.path}: unsupported tensor metadata {short_repr(metadata)}")
+        return tuple(k for k in ("conj", "neg") if metadata.get(k))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -763,37 +922,52 @@ class _ZipLoader(_ArchiveLoader):
         self.prefix = prefix
         self.infos = {info.filename: info for info in zf.infolist()}
         self.file_size = os.path.getsize(path)
+        self._inflated = 0  # bytes inflated from compressed storage records so far
         self._map = None
         if self.mmap:
             self._map = np.memmap(path, dtype=np.uint8, mode="r")
 
-    def read_member(self, name: str, expected: int | None = None) -> np.ndarray:
+    def read_member(self, name: str, expected: int | None = None, limit: int | None = None) -> np.ndarray:
+        """A record's bytes (a view of the file's memory map when stored uncompressed).
+
+        expected: the size the pickle declares for it; limit: the most it may hold (else an error)."""
         info = self.infos.get(name)
         if info is None:
-            raise TorchCheckpointError(f"{self.path}: the archive has no record {name!r}")
+            raise TorchCheckpointError(f"{self.path}: the archive has no record {short_repr(name)}")
+        if limit is not None and info.file_size > limit:
+            raise TorchCheckpointError(
+                f"{self.path}: record {short_repr(name)} holds {info.file_size:,} bytes, more than the "
+                f"{limit:,} such a record can need"
+            )
         if expected is not None and info.file_size != expected:
             raise TorchCheckpointError(
-                f"{self.path}: record {name!r} holds {info.file_size} bytes but the pickle "
+                f"{self.path}: record {short_repr(name)} holds {info.file_size} bytes but the pickle "
                 f"declares {expected} bytes for it (corrupt or mismatched file)"
             )
         if info.flag_bits & 0x1:
-            raise TorchCheckpointError(f"{self.path}: record {name!r} is encrypted")
+            raise TorchCheckpointError(f"{self.path}: record {short_repr(name)} is encrypted")
         if info.compress_type == zipfile.ZIP_STORED and self._map is not None:
             start = self._data_offset(info)
             return self._map[start : start + info.file_size]
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * max(
-            info.compress_size, 1
-        ):
-            raise TorchCheckpointError(
-                f"{self.path}: record {name!r} claims an impossible compression ratio"
-            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            if info.file_size > _MAX_DEFLATE_RATIO * max(info.compress_size, 1):
+                raise TorchCheckpointError(
+                    f"{self.path}: record {short_repr(name)} claims an impossible compression ratio"
+                )
+            if limit is None:  # a storage: compressed records together are bounded by the file size
+                self._inflated += info.file_size
+                if self._inflated > MAX_INFLATION * self.file_size + _INFLATION_SLACK:
+                    raise TorchCheckpointError(
+                        f"{self.path}: compressed records inflate to more than {MAX_INFLATION} times the "
+                        "file's size (torch never compresses its records): a zip bomb or a damaged file"
+                    )
         try:
             with self.zf.open(info) as member:
                 data = bytearray(member.read(info.file_size))
         except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-            raise TorchCheckpointError(f"{self.path}: cannot read record {name!r}: {exc}") from exc
+            raise TorchCheckpointError(f"{self.path}: cannot read record {short_repr(name)}: {_exception_text(exc)}") from exc
         if len(data) != info.file_size:
-            raise TorchCheckpointError(f"{self.path}: record {name!r} is truncated")
+            raise TorchCheckpointError(f"{self.path}: record {short_repr(name)} is truncated")
         out = np.frombuffer(data, dtype=np.uint8)
         out.flags.writeable = False
         return out
@@ -802,21 +976,21 @@ class _ZipLoader(_ArchiveLoader):
         """Where a member's bytes begin: after its local file header (30 bytes + name + extra)."""
         header_end = info.header_offset + 30
         if header_end > self.file_size:
-            raise TorchCheckpointError(f"{self.path}: record {info.filename!r} header is truncated")
+            raise TorchCheckpointError(f"{self.path}: record {short_repr(info.filename)} header is truncated")
         header = bytes(self._map[info.header_offset : header_end])
         signature, name_len, extra_len = struct.unpack("<4s22xHH", header)
         if signature != b"PK\x03\x04":
-            raise TorchCheckpointError(f"{self.path}: bad local header for {info.filename!r}")
+            raise TorchCheckpointError(f"{self.path}: bad local header for {short_repr(info.filename)}")
         encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
         name = bytes(self._map[header_end : header_end + name_len])
         if name != info.orig_filename.encode(encoding):
             raise TorchCheckpointError(
-                f"{self.path}: local header name {name!r} does not match {info.filename!r}"
+                f"{self.path}: local header name {short_repr(name)} does not match {short_repr(info.filename)}"
             )
         start = header_end + name_len + extra_len
         if start + info.file_size > self.file_size or info.compress_size != info.file_size:
             raise TorchCheckpointError(
-                f"{self.path}: record {info.filename!r} extends past the end of the file "
+                f"{self.path}: record {short_repr(info.filename)} extends past the end of the file "
                 "(truncated?)"
             )
         return start
@@ -826,16 +1000,16 @@ class _ZipLoader(_ArchiveLoader):
 
     def persistent_load(self, pid: Any) -> _Storage:
         if type(pid) is not tuple or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
-            raise TorchCheckpointError(f"{self.path}: unsupported persistent id {pid!r}")
+            raise TorchCheckpointError(f"{self.path}: unsupported persistent id {short_repr(pid)}")
         _, stype, key, location, numel = pid
         if not isinstance(stype, _StorageType):
-            raise TorchCheckpointError(f"{self.path}: {stype!r} is not a storage type")
+            raise TorchCheckpointError(f"{self.path}: {short_repr(stype)} is not a storage type")
         if type(key) is bytes:
             key = key.decode("ascii", "replace")
         if type(key) is not str or not isinstance(location, (str, bytes)):
-            raise TorchCheckpointError(f"{self.path}: bad storage key {key!r} / location {location!r}")
+            raise TorchCheckpointError(f"{self.path}: bad storage key {short_repr(key)} / location {short_repr(location)}")
         if type(numel) is not int or numel < 0 or numel * stype.itemsize > _MAX_ARRAY_BYTES:
-            raise TorchCheckpointError(f"{self.path}: bad storage size {numel!r}")
+            raise TorchCheckpointError(f"{self.path}: bad storage size {short_repr(numel)}")
         return self.storage(key, stype, numel)
 
 
@@ -845,7 +1019,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     except zipfile.BadZipFile as exc:
         raise TorchCheckpointError(
             f"{path}: starts like a zip archive (torch's format) but its central directory "
-            f"cannot be read ({exc}); the file is probably truncated, e.g. an incomplete download"
+            f"cannot be read ({_exception_text(exc)}); the file is probably truncated, e.g. an incomplete download"
         ) from exc
 
 
@@ -862,20 +1036,20 @@ def _load_zip(path: str, *, mmap: bool, bfloat16: str, unknown_globals: str) -> 
                 f"{path}: a zip archive without a data.pkl record, so not a torch checkpoint"
             )
         if len(pickles) > 1:
-            raise TorchCheckpointError(f"{path}: several data.pkl records: {pickles}")
+            raise TorchCheckpointError(f"{path}: several data.pkl records: {short_repr(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         if f"{prefix}constants.pkl" in names:
             raise TorchCheckpointError(f"{path}: {_HINTS['__torch__']}")
-        big_endian = False
+        loader = _ZipLoader(path, zf, prefix, mmap=mmap, bfloat16=bfloat16, big_endian=False)
         if f"{prefix}byteorder" in names:
-            order = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            raw = loader.read_member(f"{prefix}byteorder", limit=64).tobytes()
+            order = raw.decode("ascii", "replace").strip()
             if order not in ("little", "big"):
-                raise TorchCheckpointError(f"{path}: unknown byteorder record {order!r}")
-            big_endian = order == "big"
-        loader = _ZipLoader(
-            path, zf, prefix, mmap=mmap, bfloat16=bfloat16, big_endian=big_endian
-        )
-        data = loader.read_member(f"{prefix}data.pkl").tobytes()
+                raise TorchCheckpointError(f"{path}: unknown byteorder record {short_repr(order)}")
+            loader.big_endian = order == "big"
+        # The pickle is small beside the tensors: it may not inflate past the whole file's size.
+        pickle_limit = max(loader.file_size, 2**20)
+        data = loader.read_member(f"{prefix}data.pkl", limit=pickle_limit).tobytes()
         return _unpickle(
             data,
             source=path,
@@ -896,11 +1070,11 @@ class _LegacyLoader(_ArchiveLoader):
 
     def read_storage(self, key: str, nbytes: int) -> np.ndarray:
         if key not in self.offsets:
-            raise TorchCheckpointError(f"{self.path}: storage {key!r} is missing from the file")
+            raise TorchCheckpointError(f"{self.path}: storage {short_repr(key)} is missing from the file")
         start, _, record_nbytes = self.offsets[key]
         if nbytes != record_nbytes:
             raise TorchCheckpointError(
-                f"{self.path}: storage {key!r} is used with {nbytes} bytes but the file holds "
+                f"{self.path}: storage {short_repr(key)} is used with {nbytes} bytes but the file holds "
                 f"{record_nbytes}"
             )
         if self._map is not None:
@@ -918,17 +1092,17 @@ class _LegacyLoader(_ArchiveLoader):
                     f"{self.path}: the checkpoint pickles whole nn.Module objects, not tensors; "
                     "save model.state_dict() instead"
                 )
-            raise TorchCheckpointError(f"{self.path}: unsupported persistent id {pid!r}")
+            raise TorchCheckpointError(f"{self.path}: unsupported persistent id {short_repr(pid)}")
         if len(pid) != 6:
-            raise TorchCheckpointError(f"{self.path}: malformed storage id {pid!r}")
+            raise TorchCheckpointError(f"{self.path}: malformed storage id {short_repr(pid)}")
         _, stype, key, location, numel, view = pid
         if not isinstance(stype, _StorageType) or stype.dtype is None:
-            raise TorchCheckpointError(f"{self.path}: {stype!r} is not a typed storage type")
+            raise TorchCheckpointError(f"{self.path}: {short_repr(stype)} is not a typed storage type")
         if type(key) is not str or type(numel) is not int or numel < 0:
-            raise TorchCheckpointError(f"{self.path}: malformed storage id {pid!r}")
+            raise TorchCheckpointError(f"{self.path}: malformed storage id {short_repr(pid)}")
         if key in self.offsets and self.offsets[key][1] != numel:
             raise TorchCheckpointError(
-                f"{self.path}: storage {key!r} declares {numel} elements but the file holds "
+                f"{self.path}: storage {short_repr(key)} declares {numel} elements but the file holds "
                 f"{self.offsets[key][1]}"
             )
         root = self.storage(key, stype, numel)
@@ -937,10 +1111,10 @@ class _LegacyLoader(_ArchiveLoader):
         if type(view) is not tuple or len(view) != 3 or not all(
             type(v) is t for v, t in zip(view, (str, int, int))
         ):
-            raise TorchCheckpointError(f"{self.path}: malformed storage view {view!r}")
+            raise TorchCheckpointError(f"{self.path}: malformed storage view {short_repr(view)}")
         view_key, offset, view_numel = view
         if offset < 0 or view_numel < 0 or offset + view_numel > numel:
-            raise TorchCheckpointError(f"{self.path}: storage view {view!r} is out of range")
+            raise TorchCheckpointError(f"{self.path}: storage view {short_repr(view)} is out of range")
         existing = self._storages.get(view_key)
         if existing is None:
             itemsize = stype.itemsize
@@ -956,7 +1130,7 @@ def _load_legacy(path: str, *, mmap: bool, bfloat16: str, unknown_globals: str) 
         protocol = _unpickle(f, source=path)
         sys_info = _unpickle(f, source=path)
         if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL_VERSION:
-            raise TorchCheckpointError(f"{path}: bad legacy torch header ({magic!r}, {protocol!r})")
+            raise TorchCheckpointError(f"{path}: bad legacy torch header ({short_repr(magic)}, {short_repr(protocol)})")
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise TorchCheckpointError(
                 f"{path}: a big-endian legacy torch file is not supported; re-save it on a "
@@ -974,16 +1148,16 @@ def _load_legacy(path: str, *, mmap: bool, bfloat16: str, unknown_globals: str) 
         position = f.tell()
         for key in keys:
             if key not in itemsizes:
-                raise TorchCheckpointError(f"{path}: storage {key!r} is not used by the pickle")
+                raise TorchCheckpointError(f"{path}: storage {short_repr(key)} is not used by the pickle")
             f.seek(position)
             count_bytes = f.read(8)
             if len(count_bytes) != 8:
-                raise TorchCheckpointError(f"{path}: storage {key!r} is truncated")
+                raise TorchCheckpointError(f"{path}: storage {short_repr(key)} is truncated")
             (count,) = struct.unpack("<q", count_bytes)
             end = position + 8 + count * itemsizes[key]
             if count < 0 or end > file_size:
                 raise TorchCheckpointError(
-                    f"{path}: storage {key!r} ({count} elements) extends past the end of the "
+                    f"{path}: storage {short_repr(key)} ({count} elements) extends past the end of the "
                     "file (truncated?)"
                 )
             offsets[key] = (position + 8, count, count * itemsizes[key])
@@ -1014,7 +1188,7 @@ def _legacy_itemsizes(f, path: str, unknown_globals: str) -> dict[str, int]:
             key, stype = pid[2], pid[1]
             if type(key) is str and stype.dtype is not None:
                 if itemsizes.setdefault(key, stype.itemsize) != stype.itemsize:
-                    raise TorchCheckpointError(f"{path}: storage {key!r} is used with two dtypes")
+                    raise TorchCheckpointError(f"{path}: storage {short_repr(key)} is used with two dtypes")
 
     _unpickle(
         f, source=path, persistent_load=record, unknown_globals=unknown_globals, cls=_ScanUnpickler
@@ -1124,7 +1298,7 @@ def load_state_dict(
             nested = [k for k in ("model", "state_dict", "module") if isinstance(obj.get(k), Mapping)]
             hint = f"; its state dict is probably load_torch_file(path)[{nested[0]!r}]" if nested else ""
             raise TorchCheckpointError(
-                f"{os.fspath(path)}: not a plain state dict: entry {key!r} is a "
+                f"{os.fspath(path)}: not a plain state dict: entry {short_repr(key)} is a "
                 f"{type(value).__name__}, not a tensor{hint}"
             )
     return dict(obj)

@@ -143,21 +143,12 @@ def torch_inputs(inputs: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str,
 
 def write_candidate(path: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> None:
     """Write the captured tensors as safetensors in ``dtype`` (float32, float16 or bfloat16)."""
-    from refimpl.golden import save_tensors
+    from refimpl.io import BF16_BITS, float32_to_bf16_bits, write_safetensors
 
     if dtype == "bfloat16":
-        bits = {k: float32_to_bf16_bits(v) for k, v in tensors.items()}
-        save_tensors(path, bits, dtypes={k: "BF16" for k in bits})
+        write_safetensors(path, {k: float32_to_bf16_bits(v).view(BF16_BITS) for k, v in tensors.items()})
     else:
-        save_tensors(path, {k: np.asarray(v, dtype=dtype) for k, v in tensors.items()})
-
-
-def float32_to_bf16_bits(x) -> np.ndarray:
-    """float32 -> the bits of the nearest bfloat16 (round to nearest even; NaN stays NaN), as uint16."""
-    x = np.asarray(x, np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+        write_safetensors(path, {k: np.asarray(v, dtype=dtype) for k, v in tensors.items()})
 
 
 def load_transformers(folder: str, task: str, dtype: str = "float32"):

@@ -30,7 +30,8 @@ from tolerances import assert_close  # noqa: E402
 
 import refimpl_conversion  # noqa: E402
 from refimpl_conversion import cli  # noqa: E402
-from refimpl_conversion.export import export, export_state_dict, float32_to_bfloat16_bits  # noqa: E402
+from refimpl_conversion.export import export, export_state_dict  # noqa: E402
+from refimpl.io import float32_to_bf16_bits  # noqa: E402
 from refimpl_conversion.keymap import ConversionError  # noqa: E402
 from refimpl_conversion.loaders import detect_format, load  # noqa: E402
 
@@ -233,7 +234,7 @@ def test_tied_weights_written_as_transformers_writes_them(hf_models, tmp_path):
     hf = hf_models("masked-lm")
     theirs = save_hf(hf, tmp_path / "theirs")
     export(refimpl.from_pretrained(theirs, dtype="float64"), tmp_path / "ours")
-    from refimpl.safetensors_io import read_safetensors
+    from refimpl.io import read_safetensors
 
     theirs_keys = set(read_safetensors(os.path.join(theirs, "model.safetensors"))[0])
     ours_keys = set(read_safetensors(os.path.join(tmp_path / "ours", "model.safetensors"))[0])
@@ -331,7 +332,7 @@ def test_original_layout(fmt, hf_models, tmp_path, capsys, caplog):
     assert_outputs_close(run_torch(back.double(), inputs), expected, "float64", "original -> transformers")
     # What transformers' conversion script keeps: the renamed keys minus the unused LayerNorms
     # (and minus the tied decoder weight/bias and the position_ids buffer, which save_pretrained omits).
-    from refimpl.safetensors_io import read_safetensors
+    from refimpl.io import read_safetensors
 
     written = set(read_safetensors(os.path.join(tmp_path / "dst", "model.safetensors"))[0])
     want = set(hf.state_dict()) - {"lm_head.decoder.weight", "lm_head.decoder.bias"}
@@ -412,7 +413,7 @@ def test_bfloat16_rounding_matches_torch():
         np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4e38, -3.4e38, 1e-45, 1.0 + 2**-8, 1.0 + 3 * 2**-8], np.float32),
         (np.arange(1 << 16, dtype=np.uint32) << 16 | 0x8000).view(np.float32),  # every exact tie
         ])
-    ours = float32_to_bfloat16_bits(x)
+    ours = float32_to_bf16_bits(x)
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     nan = np.isnan(x)
     assert np.array_equal(ours[~nan], theirs[~nan])
@@ -446,7 +447,7 @@ def test_export_dtype_conversion(dtype, hf_models, tmp_path):
 
 
 def _leftovers(parent) -> list[str]:
-    return [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
+    return [n for n in os.listdir(parent) if n.startswith(".") or "refimpl-tmp" in n or "refimpl-old" in n]
 
 
 @pytest.fixture
@@ -465,14 +466,17 @@ def test_existing_destination_refused_without_force(small_model, tmp_path):
 
 def test_force_replaces_destination(small_model, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
-    (dst / "stale.safetensors").write_text("old")
+    dst.mkdir()  # an empty folder is replaced ...
+    export(small_model, dst, force=True)
+    (dst / "vocab.json").write_text("{}")  # ... and so is a folder holding only what an export writes
+    (dst / "model-00001-of-00002.safetensors").write_text("old")
     summary = export(small_model, dst, force=True)
     assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"] == summary.files
     assert not _leftovers(tmp_path)
-    (tmp_path / "a-file").write_text("x")  # a file in the way is replaced too
-    export(small_model, tmp_path / "a-file", force=True)
-    assert os.path.isdir(tmp_path / "a-file")
+    (tmp_path / "a-file").write_text("x")  # a file in the way is never replaced (tests/test_hostile_convert.py)
+    with pytest.raises(FileExistsError, match="is a file, not a model folder"):
+        export(small_model, tmp_path / "a-file", force=True)
+    assert (tmp_path / "a-file").read_text() == "x"
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
@@ -483,8 +487,8 @@ def test_interrupted_export_leaves_nothing(exc, existing, small_model, tmp_path,
     dst = tmp_path / "out"
     if existing:
         dst.mkdir()
-        (dst / "keep.txt").write_text("old")
-    real, calls = ex._write_safetensors, []
+        (dst / "config.json").write_text("{}")  # an earlier export: --force may replace it
+    real, calls = ex.write_safetensors, []
 
     def failing(path, tensors, metadata):
         calls.append(path)
@@ -494,11 +498,11 @@ def test_interrupted_export_leaves_nothing(exc, existing, small_model, tmp_path,
             raise exc
         real(path, tensors, metadata)
 
-    monkeypatch.setattr(ex, "_write_safetensors", failing)
+    monkeypatch.setattr(ex, "write_safetensors", failing)
     with pytest.raises(type(exc)):
         export(small_model, dst, max_shard_size="2KB", force=existing)
     assert len(calls) == 2
-    assert os.listdir(dst) == ["keep.txt"] if existing else not os.path.exists(dst)
+    assert os.listdir(dst) == ["config.json"] if existing else not os.path.exists(dst)
     assert not _leftovers(tmp_path)
 
 

@@ -25,10 +25,10 @@ from refimpl.golden import (
     hint_for,
     read_golden,
     reference_model,
-    save_tensors,
     write_golden,
 )
 from refimpl.ops import layer_norm, linear
+from refimpl.io import write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["base", "masked-lm", "causal-lm", "sequence-classification", "token-classification",
@@ -278,36 +278,36 @@ def test_golden_round_trip_with_metadata(hf_factory, tmp_path):
 
 def test_unknown_format_version_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
-    save_tensors(path, {"logits": np.zeros(2)}, {"format": "refimpl-golden", "format_version": "2"})
+    write_safetensors(path, {"logits": np.zeros(2)}, {"format": "refimpl-golden", "format_version": "2"})
     with pytest.raises(GoldenFormatError, match=r"version '2'.*understood versions: 1"):
         read_golden(path)
-    save_tensors(path, {"logits": np.zeros(2)}, {"format": "something-else"})
+    write_safetensors(path, {"logits": np.zeros(2)}, {"format": "something-else"})
     with pytest.raises(GoldenFormatError, match="not a refimpl golden file"):
         read_golden(path)
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    import refimpl.golden as golden_mod
+    import safetensors
 
     model = refimpl.from_pretrained(os.path.join(ROOT, "refimpl", "data", "tiny-random-mlm"), dtype="float64")
     ids = np.array([[0, 31414, 232, 2]])
     target = tmp_path / "golden.safetensors"
     calls = []
 
-    def failing_write(f, a):
+    def failing_write(specs, filename, metadata=None):  # half a file, then Ctrl-C
         calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated interruption mid-write")
-        f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt("simulated interruption mid-write")
 
-    monkeypatch.setattr(golden_mod, "_write_array", failing_write)
+    monkeypatch.setattr(safetensors, "serialize_file", failing_write)
     with pytest.raises(KeyboardInterrupt):
         write_golden(model, target, input_ids=ids)
     assert os.listdir(tmp_path) == []  # neither the target nor a temporary file
     monkeypatch.undo()
     write_golden(model, target, input_ids=ids)
     before = target.read_bytes()
-    monkeypatch.setattr(golden_mod, "_write_array", failing_write)
+    monkeypatch.setattr(safetensors, "serialize_file", failing_write)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         write_golden(model, target, input_ids=ids[:, :3])
@@ -391,7 +391,7 @@ def test_cli_golden_compare(tmp_path, capsys):
     broken = dict(g.tensors)
     broken["embeddings.position"] = broken["embeddings.position"] + 0.01
     cand = str(tmp_path / "broken.safetensors")
-    save_tensors(cand, {k: v.astype(np.float32) for k, v in broken.items()})
+    write_safetensors(cand, {k: v.astype(np.float32) for k, v in broken.items()})
     assert main(["compare", golden, cand]) == 1
     out = capsys.readouterr().out
     assert "first divergence: embeddings.position" in out and "hint:" in out
@@ -418,6 +418,6 @@ def test_cli_input_ids_file_and_errors(tmp_path, capsys):
     assert main(["golden", "--model", "tiny", "--input-ids", str(npy), "--out", out]) == 0
     capsys.readouterr()
     bad = tmp_path / "v2.safetensors"
-    save_tensors(bad, {"logits": np.zeros(1)}, {"format": "refimpl-golden", "format_version": "9"})
+    write_safetensors(bad, {"logits": np.zeros(1)}, {"format": "refimpl-golden", "format_version": "9"})
     assert main(["compare", str(bad), out]) == 2
     assert "understood versions: 1" in capsys.readouterr().err

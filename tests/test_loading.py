@@ -139,7 +139,7 @@ def test_corrupt_shard_index(mlm, tmp_path, content):
     folder = save_hf(model, tmp_path / "sharded", max_shard_size="20KB")
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         f.write(content)
-    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: (not a safetensors index|weight_map must map)"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: (not a safetensors index|weight_map must map|the shard index is not valid JSON)"):
         refimpl.from_pretrained(folder)
 
 
@@ -526,7 +526,7 @@ def test_bad_config_json_in_folder(mlm, tmp_path):
     folder = copy_folder(mlm[1], tmp_path / "badcfg")
     with open(os.path.join(folder, "config.json"), "w") as f:
         f.write("{nope")
-    with pytest.raises(refimpl.ConfigError, match="config.json' is not valid JSON"):
+    with pytest.raises(refimpl.ConfigError, match="config.json: the config is not valid JSON"):
         refimpl.from_pretrained(folder)
 
 
@@ -539,6 +539,6 @@ def test_config_that_does_not_fit_the_weights(mlm, tmp_path):
     cfg["intermediate_size"] = 24
     with open(path, "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match=r"missing \(\d+\): .*encoder.layer.2") as info:
-        refimpl.from_pretrained(folder)
+    with pytest.raises(CheckpointError, match=r"layers: config.json says num_hidden_layers=3, the tensors hold 2") as info:
+        refimpl.from_pretrained(folder)  # (the key table is built for the layers the tensors hold, no more)
     assert "intermediate.dense.weight: file [32, 16], config [24, 16]" in str(info.value)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, LookupError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
         # PipelineError, InputError, CheckpointError, ConfigError, CommandError, GenerationError
         # are ValueErrors; ModelNotFoundError and missing files are OSErrors.
         print(f"refimpl {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -11,18 +11,19 @@ from . import common
 
 
 def cmd_info(args) -> int:
-    from ..hub import resolve, weight_files, weights_format
+    from ..hub import resolve
+    from ..io import locate_weights, tokenizer_files
     from ..tokenizer import Tokenizer
 
     folder = resolve(args.model, **common.hub_args(args))
     model = common.load_model(folder, args.task, args.dtype)
-    files = weight_files(folder)
+    weights = locate_weights(folder)
+    files = weights.files
     tokenizer = None
     try:
         tok = Tokenizer.from_pretrained(folder)
         tokenizer = {
-            "files": [f for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                                  "special_tokens_map.json") if os.path.isfile(os.path.join(folder, f))],
+            "files": tokenizer_files(folder),
             "vocab_size": tok.vocab_size, "size_with_added_tokens": len(tok),
             "model_max_length": tok.model_max_length,
             "special_tokens": {k: getattr(tok, f"{k}_token") for k in ("bos", "eos", "unk", "pad", "mask")},
@@ -35,7 +36,7 @@ def cmd_info(args) -> int:
         "task": model.task,
         "dtype": str(np.dtype(model.dtype)),
         "parameters": model.num_parameters(),
-        "format": weights_format(folder),
+        "format": weights.format,
         "weight_files": [os.path.basename(f) for f in files],
         "weight_bytes": sum(os.path.getsize(f) for f in files),
         "max_sequence_length": model.config.max_sequence_length,
@@ -68,10 +69,14 @@ def parse_ids(text: str) -> np.ndarray:
         raise ValueError("--ids is empty: give token ids such as \"0 31414 232 2\"")
     if len({len(r) for r in rows}) != 1:
         raise ValueError("every row of --ids must have the same length (pad with the pad id, 1)")
-    try:
-        return np.array([[int(x) for x in r] for r in rows], dtype=np.int64)
-    except ValueError:
-        raise ValueError(f"--ids must hold integers, got {text!r}") from None
+    for r in rows:
+        for x in r:
+            if not x.lstrip("-").isdigit() or not x.isascii():
+                raise ValueError(f"--ids must hold integers, got {x[:40]!r}")
+            if len(x.lstrip("-")) > 18:
+                raise ValueError(f"--ids: {x[:40]} is not a token id (too many digits; ids count from 0 to the "
+                                 "vocabulary size)")
+    return np.array([[int(x) for x in r] for r in rows], dtype=np.int64)
 
 
 def cmd_forward(args) -> int:

@@ -11,10 +11,8 @@ import os
 import numpy as np
 
 from ..golden import INPUT_PREFIX, PROFILES, compare, write_golden
-from ..safetensors_io import read_safetensors
+from ..io import has_tokenizer, read_safetensors
 from . import common
-
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def add_golden_commands(subparsers) -> None:
@@ -87,7 +85,7 @@ def _model_folder(name: str) -> str:
 def _tokenize(folder: str, texts: list[str], pairs: list[str] | None):
     from ..tokenizer import Tokenizer
 
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         raise ValueError(f"--text needs tokenizer files (tokenizer.json, or vocab.json + merges.txt) in {folder!r}; "
                          f"pass token ids with --input-ids instead")
     if pairs is not None and len(pairs) != len(texts):
