@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             return _convert(args)
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"{PROG}: interrupted ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        written = getattr(e, "refimpl_written", None)
+        what = f"after {written} was written" if written else "nothing was written"
+        print(f"{PROG}: interrupted ({signal.Signals(signum).name}); {what}", file=sys.stderr)
         return 128 + int(signum)
     except (ValueError, OSError) as e:  # ConversionError, CheckpointError, ConfigError, ... are ValueErrors
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

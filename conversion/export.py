@@ -217,6 +217,7 @@ def export(
         sweep_stale(parent)
     created: list[str] = []
     tmp = temp_name(dst)
+    committed = False
     try:
         with interrupt_on_signals():
             created = _make_parents(parent)
@@ -253,9 +254,14 @@ def export(
                         fsync_file(os.path.join(tmp, name))
             files = sorted(os.listdir(tmp))
             fsync_dir(tmp)
-            _commit(tmp, dst, protected)
-            fsync_dir(parent)
-    except BaseException:
+            with signals_ignored():  # the commit is not interrupted half-way
+                _commit(tmp, dst, protected)
+                fsync_dir(parent)
+                committed = True
+    except BaseException as e:
+        if committed:  # a signal right after the commit: DST holds the new export
+            e.refimpl_written = dst
+            raise
         with signals_ignored():
             _remove_tree(tmp)
             for folder in reversed(created):
@@ -390,7 +396,8 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
 
 
 def _commit(tmp: str, dst: str, protected) -> None:
-    """Put the finished ``tmp`` at ``dst``: a rename, or (``dst`` existing) a swap in one step."""
+    """Put the finished ``tmp`` at ``dst``: a rename, or (``dst`` existing) a swap in one step.
+    (Called with SIGINT/SIGTERM/SIGHUP ignored.)"""
     if not os.path.lexists(dst):
         if not _renameat2(tmp, dst, _RENAME_NOREPLACE):
             if os.path.lexists(dst):
@@ -399,8 +406,7 @@ def _commit(tmp: str, dst: str, protected) -> None:
         return
     check_replaceable(dst, protected)  # again: it may have changed while the export was written
     if _renameat2(tmp, dst, _RENAME_EXCHANGE):  # one step: dst is new, tmp holds the old version
-        with signals_ignored():
-            _remove_tree(tmp)
+        _remove_tree(tmp)
         return
     old = temp_name(dst, "old")
     os.rename(dst, old)
@@ -409,5 +415,4 @@ def _commit(tmp: str, dst: str, protected) -> None:
     except BaseException:
         os.rename(old, dst)
         raise
-    with signals_ignored():
-        _remove_tree(old)
+    _remove_tree(old)

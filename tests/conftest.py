@@ -175,3 +175,10 @@ def assert_outputs_close(got, want, dtype: str, module_prefix: str) -> None:
             label = f"{name}[{i}]" if isinstance(value, tuple) else name
             assert type(a).__module__.startswith(module_prefix), f"{label} left {module_prefix}"
             assert_close(to_numpy(a), b, dtype, label)
+
+
+@pytest.fixture(scope="module")
+def hostile_outcomes(request, tmp_path_factory):
+    """The module's hostile cases (its ``case``: a tests/hostile_harness.Cases), built and run once in
+    a child process under a memory cap and a timeout: -> (the case specs, the results), by name."""
+    return request.module.case.run(tmp_path_factory.mktemp(request.module.__name__))
