@@ -30,7 +30,7 @@ CASE_TIMEOUT = 30.0  # wall seconds per case (the CPU limit is what is asserted)
 START_TIMEOUT = 120.0  # wall seconds for the child's imports and warm-up
 
 _CHILD = r"""
-import gc, json, os, resource, sys, time
+import contextlib, gc, io, json, os, resource, sys, time
 import numpy as np
 import refimpl, refimpl.torch_pickle, refimpl.tokenizer, refimpl.golden, refimpl.cli
 import refimpl_conversion, refimpl_conversion.loaders, refimpl_conversion.fairseq
@@ -59,7 +59,8 @@ for case in cases:
     rss0 = status("VmHWM")
     t0 = time.process_time()
     try:
-        exec(case["code"], namespace)
+        with contextlib.redirect_stdout(io.StringIO()):  # stdout carries the results
+            exec(case["code"], namespace)
         out = {"ok": True}
     except BaseException as e:
         out = {"ok": False, "type": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
@@ -155,7 +156,10 @@ def run_cases(cases: list[dict]) -> dict[str, dict]:
                                                 "message": f"exit status {proc.returncode}: {err}"}
                     todo.pop(0)
                     break
-                r = json.loads(line)
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # not a result line (something printed below Python's sys.stdout)
                 if r.get("ready"):
                     timeout = CASE_TIMEOUT
                     continue
@@ -180,6 +184,7 @@ def check(result: dict, *, error: str | None = None, match: str | None = None, m
         return
     assert not result["ok"] and error in result["mro"], result
     assert result["message_length"] <= 2000, f"a {result['message_length']}-character message"
+    assert "MemoryError" not in result["message"], result  # the cap was hit (and the error disguised)
     if match is not None:
         assert re.search(match, result["message"]), result["message"]
 
