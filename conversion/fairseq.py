@@ -309,12 +309,12 @@ def choose_task(state: Mapping[str, Any], task: str | None, head: str | None, so
         if head is None:
             if len(heads) > 1:
                 raise ConversionError(
-                    f"{source} has {len(heads)} classification heads ({', '.join(heads)}): choose one with --head NAME"
+                    f"{source} has {len(heads)} classification heads ({describe_keys(heads)}): choose one with --head NAME"
                     " (or --task masked-lm / base)"
                 )
             head = heads[0]
         elif head not in heads:
-            raise ConversionError(f"{source} has no classification head {head!r}; it has: {', '.join(heads) or 'none'}")
+            raise ConversionError(f"{source} has no classification head {short_repr(head)}; it has: {describe_keys(heads) or 'none'}")
     if task == "masked-lm" and "encoder.lm_head.bias" not in state:
         raise ConversionError(f"{source} has no LM head (encoder.lm_head.*); use --task base")
     return task, head
@@ -381,7 +381,7 @@ def fairseq_config(
         raise ConversionError(f"{source}: activation_fn={short_repr(act)} has no transformers equivalent ({', '.join(ACTIVATIONS)} do)")
     if task == "masked-lm" and act != "gelu":
         raise ConversionError(
-            f"{source}: fairseq's LM head uses activation_fn={act!r}, transformers' uses exact GELU; "
+            f"{source}: fairseq's LM head uses activation_fn={short_repr(act)}, transformers' uses exact GELU; "
             "the MLM logits would differ (convert with --task base)"
         )
     kwargs: dict[str, Any] = {}
@@ -394,7 +394,7 @@ def fairseq_config(
         dense = tensor(f"classification_heads.{head}.dense.weight", 2)
         if int(dense.shape[0]) != H:
             raise ConversionError(
-                f"{source}: classification head {head!r} has inner dim {dense.shape[0]}; transformers' head needs {H}"
+                f"{source}: classification head {short_repr(head)} has inner dim {dense.shape[0]}; transformers' head needs {H}"
             )
         n_labels = int(tensor(f"classification_heads.{head}.out_proj.weight", 2).shape[0])
         kwargs["num_labels"] = n_labels

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 from refimpl.config import Config
 from refimpl.params import hf_key_table
-from refimpl.io import CheckpointError
+from refimpl.io import CheckpointError, short_repr
 
 _PLACEHOLDERS = {"i": r"(?P<i>\d+)", "wb": r"(?P<wb>weight|bias)"}
 
@@ -71,7 +71,7 @@ def apply_table(
             if m:
                 path = dst.format(**m.groupdict())
                 if path in leaves:
-                    raise ConversionError(f"both {origin[path]!r} and {key!r} map to {path!r}")
+                    raise ConversionError(f"both {short_repr(origin[path])} and {short_repr(key)} map to {path!r}")
                 leaves[path], origin[path] = value, key
                 break
         else:

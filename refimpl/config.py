@@ -214,6 +214,8 @@ class Config:
             )
         if not isinstance(self.hidden_act, str):
             raise ConfigError(f"hidden_act must be a string, got {type(self.hidden_act).__name__}")
+        if len(self.hidden_act) > 64:
+            raise ConfigError(f"hidden_act={short_repr(self.hidden_act)} is not an activation name")
         try:
             activation(self.hidden_act)
         except ValueError as e:

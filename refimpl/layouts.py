@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from .io import CheckpointError
+from .io import CheckpointError, short_repr
 
 # The table of this format: (original prefix, transformers prefix) ...
 ORIGINAL_PREFIXES = (("roberta.", "roberta_prelayernorm."),)
@@ -66,7 +66,7 @@ def refuse_post_layernorm(keys, source: str = "the checkpoint") -> None:
     example = next(k for k in keys if any(rx.search(k) for rx, kind in LAYERNORM_TELLS if kind == "post-LN"))
     raise PostLayerNormError(
         f"{source} is a post-LayerNorm RoBERTa (such as roberta-base: a LayerNorm after each residual add, "
-        f"e.g. {example!r}), which refimpl does not implement: refimpl is RoBERTa-PreLayerNorm only. "
+        f"e.g. {short_repr(example)}), which refimpl does not implement: refimpl is RoBERTa-PreLayerNorm only. "
         "Load it with transformers' RobertaForMaskedLM (or another Roberta* class) instead"
     )
 

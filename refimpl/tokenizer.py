@@ -137,7 +137,7 @@ class Tokenizer:
             token = tokens[key]
             token_id = backend.token_to_id(token)
             if token_id is None:
-                raise ValueError(f"{key}_token {token!r} is not in the vocabulary{' of ' + name if name else ''}")
+                raise ValueError(f"{key}_token {short_repr(token)} is not in the vocabulary{' of ' + name if name else ''}")
             setattr(self, f"{key}_token", token)
             setattr(self, f"{key}_token_id", int(token_id))
         if model_max_length is not None and int(model_max_length) > _NO_LIMIT:
