@@ -28,7 +28,8 @@ The work a file can cause is bounded by its size, not by what it claims:
 * dict keys and set elements may only be what state dicts and fairseq args use (str, bytes, int,
   float, bool, None, and flat tuples of those), so hashing is linear: a memo DAG of nested tuples
   used as a key (2^64 paths from 1 KB) is refused before it is hashed;
-* the objects, memo entries and marks a pickle creates are counted (:data:`MAX_PICKLE_OBJECTS`);
+* the objects, memo entries and marks a pickle creates are counted: at most
+  :data:`MAX_PICKLE_OBJECTS` plus 32 per record of the archive (torch writes ~20 per tensor);
 * a compressed ``data.pkl`` may inflate to at most the size of the whole file (1 MiB for small
   files), and compressed storage records together to at most :data:`MAX_INFLATION` times the file
   size plus 32 MiB (torch itself never compresses);
@@ -100,8 +101,10 @@ _MAX_ARRAY_BYTES = 2**62
 _MAX_NDIM = 64
 # Deflate cannot expand data by more than ~1032x: a larger claimed size is a zip bomb or a lie.
 _MAX_DEFLATE_RATIO = 1100
-# Objects, memo entries and marks one pickle may create (a state dict needs ~15 per tensor).
+# Objects, memo entries and marks one pickle may create, plus _OBJECTS_PER_RECORD per record of a zip
+# archive (torch.save writes ~20 per tensor, and every tensor has a record).
 MAX_PICKLE_OBJECTS = 2**20
+_OBJECTS_PER_RECORD = 32
 # Compressed storage records may inflate to MAX_INFLATION x the file size + 32 MiB in all.
 MAX_INFLATION = 4
 _INFLATION_SLACK = 32 * 2**20
@@ -477,12 +480,14 @@ _UNSUPPORTED_DTYPE_HINT = (
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, file, *, source: str, persistent_load=None, unknown_globals="error"):
+    def __init__(self, file, *, source: str, persistent_load=None, unknown_globals="error",
+                 max_objects: int = MAX_PICKLE_OBJECTS):
         super().__init__(file, encoding="utf-8")
         self._source = source
         self._persistent_load = persistent_load
         self._unknown_globals = unknown_globals
         self._objects = 0
+        self._max_objects = max_objects
 
     # -- globals ----------------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
@@ -646,10 +651,10 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def _count(self, n: int) -> None:
         self._objects += n
-        if self._objects > MAX_PICKLE_OBJECTS:
+        if self._objects > self._max_objects:
             raise TorchCheckpointError(
-                f"{self._source}: the pickle creates more than {MAX_PICKLE_OBJECTS:,} objects; a checkpoint "
-                "needs a few per tensor, so this is not one (or it is damaged)")
+                f"{self._source}: the pickle creates more than {self._max_objects:,} objects; a checkpoint "
+                "needs about 20 per tensor, so this is not one (or it is damaged)")
 
     def _load_ext(self):
         raise UnsafeCheckpointError(f"{self._source}: refusing pickle extension-registry opcodes")
@@ -1055,6 +1060,7 @@ def _load_zip(path: str, *, mmap: bool, bfloat16: str, unknown_globals: str) -> 
             source=path,
             persistent_load=loader.persistent_load,
             unknown_globals=unknown_globals,
+            max_objects=MAX_PICKLE_OBJECTS + _OBJECTS_PER_RECORD * len(names),
         )
 
 
