@@ -162,13 +162,13 @@ def _(d):  # no neg bit: a zero-copy view, but a float64 load would materialise 
     return {**bin_file(d, pkl, {"0": F32_1}), "code": LOAD}
 
 
-@case("millions-of-empty-sets", match="more than 1,048,576 objects")
+@case("millions-of-empty-sets", match=r"more than 1,048,[0-9]{3} objects")
 def _(d):
     pkl = PROTO4 + EMPTY_LIST + MARK + EMPTY_SET * 1_900_000 + APPENDS + STOP  # 1.9 MB
     return {**bin_file(d, pkl), "code": LOAD}
 
 
-@case("millions-of-memo-entries", match="more than 1,048,576 objects")
+@case("millions-of-memo-entries", match=r"more than 1,048,[0-9]{3} objects")
 def _(d):
     pkl = PROTO4 + NONE + MEMOIZE * 1_900_000 + STOP
     return {**bin_file(d, pkl), "code": LOAD}
