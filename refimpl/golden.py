@@ -684,7 +684,7 @@ def diagnose(report: Report, golden: Golden, candidate: Candidate) -> None:
     say more: a hidden_states convention, float32 rounding, a per-unit offset)."""
     report.notes += _field_notes(report, golden, candidate)
     fd = report.first_divergence
-    if fd is None or fd.status != "fail":
+    if fd is None or fd.status != "fail" or fd.name not in golden.tensors:
         return
     report.diagnosis = (_convention_diagnosis(report, golden, candidate)
                         or _float32_diagnosis(report, golden, candidate)
