@@ -200,29 +200,19 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     ``position_ids``, ``inputs_embeds``, ``labels``, ``start_positions``, ``end_positions``,
     ``encoder_hidden_states``, ``encoder_attention_mask``). tokenizer_output: what the tokenizer
     produced for the text, if any (stored as JSON metadata). The golden's dtype is the model's: load
-    it with ``dtype="float64"`` for a reference golden. The tensors are computed with the reference
-    kernels (:func:`reference_model`): a golden is the definition, not a fast path.
+    it with ``dtype="float64"`` for a reference golden. The tensors are computed by the reference
+    (:mod:`refimpl.tasks`; a traced call runs it whatever the model's backend): a golden is the
+    definition, not a fast path.
     """
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
     if unknown:
         raise ValueError(f"write_golden records array inputs only ({', '.join(INPUT_NAMES)}); got {', '.join(unknown)}")
     given = {k: v for k, v in inputs.items() if v is not None}
-    tensors = trace(reference_model(model), **given)
+    tensors = trace(model, **given)
     arrays = {k: np.asarray(to_numpy(v)) for k, v in given.items()}
     meta = golden_metadata(model, tensors, arrays, tokenizer_output)
     save_tensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
     return Golden(tensors, arrays, _parse_metadata(meta), os.fspath(path))
-
-
-def reference_model(model):
-    """The same model computing with the reference kernels (:data:`refimpl.ops.REFERENCE`), the
-    definitions: golden files are written by these, whatever fast paths ``model`` was loaded with."""
-    from .model import Model
-    from .ops import REFERENCE
-
-    if getattr(model, "kernels", REFERENCE) is REFERENCE:
-        return model
-    return Model(model.config, model.params, model.task)
 
 
 def read_golden(path: str | os.PathLike) -> Golden:
