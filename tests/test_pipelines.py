@@ -19,7 +19,7 @@ import torch
 import pipeline_checkpoints
 from refimpl import pipelines as P
 from refimpl.tokenizer import Tokenizer
-from tolerances import TOL, assert_close
+from tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
 
