@@ -17,7 +17,7 @@ import numpy as np
 from .attention import attention_bias
 from .backend import namespace, to_numpy
 from .cache import KVCache, empty_cache, has_cross
-from .embeddings import position_ids_from_input_ids, position_ids_from_inputs_embeds
+from .encoder import position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .losses import IGNORE_INDEX, first_flagged
 from .safetensors_io import CheckpointError
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from . import heads, losses
 from .backend import namespace
 from .config import Config
-from .embeddings import embed
+from .encoder import embed
 from .encoder import EncoderOutput, encode
 from .inputs import Inputs
 from .outputs import (

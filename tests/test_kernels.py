@@ -20,24 +20,13 @@ from hypothesis import strategies as st
 from refimpl import ops
 from refimpl.fast import elementary, kernels, llvm, reductions, schedule
 from refimpl.backend import erf as libm_erf
+from tolerances import KERNEL_ULPS
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
-# Largest difference allowed, in ulps (units in the last place) of the dtype. Measured maxima
-# on this code's test inputs are in the comments.
-ULPS = {
-    # |gelu_kernel - ops.gelu| <= ULPS * eps * |y + b|: the error of erf propagated through
-    # x/2 * (1 + erf) (for negative inputs the result is tiny while its rounding is not).
-    "gelu": {F32: 2, F64: 4},  # measured 1.0 / 1.8
-    # erf itself, against libm's (glibc: ~1 ulp from the truth on both sides; ours: float32
-    # correctly rounded, float64 within 2 ulp).
-    "erf": {F32: 1, F64: 3},  # measured 1 / 2
-    # exp against NumPy's (NumPy uses its own SIMD exp; ours is within 1 ulp of the truth).
-    "exp": {F32: 2, F64: 2},  # measured 1 / 1
-    # softmax probabilities: exp, the sum and the division each round (and NumPy's exp differs
-    # from ours by an ulp or two), on identical inputs in identical summation order.
-    "softmax": {F32: 8, F64: 8},  # measured 6 / 4
-}
+# Largest difference allowed, in ulps (units in the last place) of the dtype: the one tolerance
+# table's kernel entries (refimpl.tolerances.KERNEL_ULPS, each with its measured maximum).
+ULPS = {name: {F32: tol["float32"], F64: tol["float64"]} for name, tol in KERNEL_ULPS.items()}
 # LayerNorm and the residual add are computed with the very operations, in the very order, of
 # the NumPy definitions (including NumPy's pairwise summation), so they must match bitwise.
 
