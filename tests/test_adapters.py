@@ -38,7 +38,6 @@ def test_transformers5_every_head_float32_and_float64(task, tmp_path):
     assert report.profile == "float64"
     if task != "causal-lm":
         assert report.passed, report.format_text()
-        assert max(r.max_abs for r in report.results if r.max_abs is not None) < 1e-12
     else:  # 5.x computes the causal-LM loss in float32, whatever the model's dtype (docs/judge.md)
         fd = report.first_divergence
         assert fd.name == "loss", report.format_text()
@@ -150,7 +149,8 @@ def test_float32_computed_float64_candidate_is_named(tmp_path):
     assert report.hint.startswith("this looks computed in float32, not float64")
     assert "exactly representable in float32" in report.hint and "passes the float32 profile" in report.hint
     assert "eps" not in report.hint
-    # computed in float32 but not stored so: the rounding scale alone names it
+    # computed in float32 but not stored so (a relative nudge of ~1e-12 makes the values float64-only,
+    # far below float32's rounding): the rounding scale alone names it
     jitter = {k: v + np.random.default_rng(0).uniform(-1, 1, v.shape) * 1e-12 * np.abs(v) for k, v in widened.items()}
     assert "float32's rounding" in compare(golden, jitter).hint
 

