@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     args = ap.parse_args(argv)
 
-    from refimpl.cli import resolve_model_path
+    from refimpl.cli.common import resolve_model_path
     from refimpl.golden import read_golden
 
     golden = read_golden(args.golden)

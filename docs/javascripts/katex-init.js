@@ -13,6 +13,7 @@ function renderMath(root) {
       console.error("KaTeX could not render " + JSON.stringify(tex) + ": " + e.message);
     }
   }
+  document.documentElement.dataset.math = "rendered";  // for the site's browser test: rendering is over
 }
 if (typeof document$ !== "undefined") {
   document$.subscribe(({ body }) => renderMath(body));  // Material: every page, instant navigation too
