@@ -222,8 +222,8 @@ def test_walkthrough_runs_and_recomputes_every_traced_tensor(capsys):
     out = capsys.readouterr().out
     assert ns["checked"] == set(ns["trace"]), "the walkthrough left traced tensors unchecked"
     assert len(ns["trace"]) >= 30 and f"all {len(ns['trace'])} traced tensors recomputed" in out
-    # Its tolerance is the project's float64 one, not a number of its own.
-    assert ns["TOL"] == tolerances.TOL["float64"]
+    # Its tolerance is an entry of the one table, not a number of its own.
+    assert ns["TOL"] == tolerances.REORDERED["float64"]
 
 
 def test_walkthrough_check_catches_a_wrong_equation():

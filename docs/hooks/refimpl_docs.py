@@ -8,6 +8,7 @@ page is rendered:
     ::: file tests/tolerances.py           a whole file of the repository, as a code block
     ::: modules refimpl                    a table of a package's modules and their first docstring line
     ::: bench benchmarks/results/x.json    the table of one benchmarks/bench.py --json run
+    ::: tolerances refimpl.tolerances      every entry of the tolerance table: bounds, kind and reason
 
 A name, command or file that does not exist fails the build (one error listing every such marker
 of the site), so a renamed function cannot leave a page behind.
@@ -39,7 +40,7 @@ from mkdocs.structure.files import File
 log = logging.getLogger("mkdocs.hooks.refimpl_docs")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-MARKER = re.compile(r"^::: (source|cli|file|modules|bench) +(\S+) *$", re.M)
+MARKER = re.compile(r"^::: (source|cli|file|modules|bench|tolerances) +(\S+) *$", re.M)
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.M | re.S)
 CLI_PARSERS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli"}  # command -> module with build_parser()
 HELP_WIDTH = "100"  # argparse wraps --help to $COLUMNS; fixed so the page does not depend on the terminal
@@ -187,8 +188,27 @@ def bench_block(path: str) -> str:
     return caption + "\n\n" + "\n".join(rows)
 
 
+def tolerances_block(module: str) -> str:
+    """A table of every Tolerance a module defines (alone or in a dict of them), in source order."""
+    mod = importlib.import_module(module)
+    kind = getattr(mod, "Tolerance", None)
+    if kind is None:
+        raise LookupError(f"{module} defines no Tolerance class")
+    rows = []
+    for name, value in vars(mod).items():
+        entries = [(name, value)] if isinstance(value, kind) else []
+        if isinstance(value, dict):
+            entries = [(f'{name}["{k}"]', v) for k, v in value.items() if isinstance(v, kind)]
+        for label, t in entries:
+            bounds = ", ".join(f"{d} `{b:g}`" for d, b in t.bounds.items())
+            rows.append(f"| `{label}` | {t.kind} | {bounds} | {t.why.replace('|', '&#124;')} |")
+    if not rows:
+        raise LookupError(f"{module} defines no tolerance entries")
+    return "\n".join(["| entry | measure | bound | why |", "|---|---|---|---|", *rows])
+
+
 RENDER = {"source": source_block, "cli": cli_block, "file": file_block, "modules": modules_block,
-          "bench": bench_block}
+          "bench": bench_block, "tolerances": tolerances_block}
 
 
 def expand(markdown: str) -> str:
