@@ -248,3 +248,11 @@ def test_walkthrough_cells_are_jupytext_percent_format():
     assert [k for k, _ in ours] == [k for k, _ in theirs]
     assert [t for _, t in ours] == [t for _, t in theirs]
     assert sum(k == "code" for k, _ in ours) >= 8
+
+
+def test_readme_stays_short():
+    """README.md is the front door: what it is, the two commands, an example each, links into the
+    site. Everything else lives on the site."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        n = len(f.read().splitlines())
+    assert n <= 150, f"README.md has {n} lines; move detail into docs/ (at most 150)"
