@@ -16,6 +16,10 @@ folder holds the checkpoints the pages name, so the examples run as written:
   and ``hf-folder-with-pytorch_model.bin`` the ``tiny`` model saved as a ``.bin``;
 - ``scripts/`` and ``benchmarks/`` are the repository's, as from its root.
 
+A line that is one plain ``refimpl``/``refimpl-convert`` command runs in this process through the
+console script's ``main``, and ``python script.py args`` through ``runpy`` (saving a process start
+and the imports each); other lines (pipes, redirections, other programs) run in bash. ``tests/test_cli.py`` checks the installed console scripts themselves.
+
 A block that cannot run here is marked on the line before it with ``<!-- not-run: reason -->``;
 the reason is required.
 """
@@ -24,11 +28,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib
 import io
 import json
 import os
 import re
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,6 +115,16 @@ def test_block_extraction(tmp_path):
                    ("python", "y = 2", None, True)]
 
 
+def test_plain_commands_run_in_process_and_the_rest_in_bash():
+    assert in_process('refimpl fill-mask --model tiny "A <mask>."   # comment') == \
+        ["refimpl", "fill-mask", "--model", "tiny", "A <mask>."]
+    assert in_process("refimpl-convert a b/ --force") == ["refimpl-convert", "a", "b/", "--force"]
+    assert in_process("python scripts/x.py --out y") == ["python", "scripts/x.py", "--out", "y"]
+    for line in ("printf 'x\\n' | refimpl classify --model m", "refimpl embed --file t.txt > out.json",
+                 "HF_HUB_OFFLINE=1 refimpl fill-mask x", "python -m pytest", "refimpl info --model $M", "# a comment"):
+        assert in_process(line) is None, line
+
+
 def test_every_not_run_marker_gives_a_reason():
     bad = [f"{os.path.relpath(p, ROOT)}:{b['line']}" for p in markdown_files() for b in blocks(p)
            if b["marked"] and b["not_run"] is None]
@@ -182,11 +198,68 @@ def run_python(code: str, namespace: dict, where: str) -> None:
     exec(compile(tree, where, "exec"), namespace)
 
 
-def run_shell(code: str, cwd: str, where: str) -> None:
+ENTRY_POINTS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli"}  # pyproject's scripts
+OPERATORS = set("|&;<>()")
+
+
+def in_process(line: str) -> list[str] | None:
+    """argv of a line that is one plain ``refimpl``/``refimpl-convert`` command (no pipe,
+    redirection, list or substitution), which runs in this process through the console script's own
+    ``main``: the same code without a process start per line. Anything else goes to bash."""
+    if "$" in line or "`" in line:
+        return None
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    try:
+        argv = list(lexer)
+    except ValueError:
+        return None
+    if any(set(t) <= OPERATORS for t in argv):
+        return None
+    if argv and (argv[0] in ENTRY_POINTS or (argv[0] == "python" and len(argv) > 1 and argv[1].endswith(".py"))):
+        return argv
+    return None
+
+
+def run_in_process(argv: list[str], where: str, monkeypatch) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if argv[0] == "python":  # a script, as `python path/to/script.py args` runs it
+                monkeypatch.setattr(sys, "argv", argv[1:])
+                monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(argv[1])))
+                runpy.run_path(argv[1], run_name="__main__")
+                code = 0
+            else:
+                code = importlib.import_module(ENTRY_POINTS[argv[0]]).main(argv[1:])
+        except SystemExit as e:  # argparse's exits, and a script's sys.exit(main())
+            code = e.code
+    assert code in (0, None), f"{where}: {shlex.join(argv)} exited with {code}\n--- stdout\n{out.getvalue()}\n" \
+                              f"--- stderr\n{err.getvalue()}"
+
+
+def run_bash(code: str, cwd: str, where: str) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=SHELL_TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, f"{where} exited with {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
+def run_shell(code: str, cwd: str, where: str, monkeypatch) -> None:
+    """The block's lines in order: plain refimpl commands in process, runs of other lines in bash."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    pending: list[str] = []
+    for line in code.splitlines() + [""]:
+        argv = in_process(line) if line.strip() else None
+        if argv is None and line.strip():
+            pending.append(line)
+            continue
+        if pending:
+            run_bash("\n".join(pending), cwd, where)
+            pending = []
+        if argv is not None:
+            run_in_process(argv, where, monkeypatch)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -203,7 +276,7 @@ def test_every_snippet_runs(page, tmp_path, monkeypatch, doc_checkpoints):
             with contextlib.redirect_stdout(io.StringIO()):
                 run_python(b["code"], namespace, where)
         else:
-            run_shell(b["code"], folder, where)
+            run_shell(b["code"], folder, where, monkeypatch)
         ran += 1
     if ran == 0:
         pytest.skip(f"every block of {page} is marked not-run")
