@@ -31,6 +31,7 @@ import io
 import logging
 import os
 import re
+import sys
 import textwrap
 import traceback
 
@@ -42,6 +43,8 @@ log = logging.getLogger("mkdocs.hooks.refimpl_docs")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 MARKER = re.compile(r"^::: (source|cli|file|modules|bench|tolerances) +(\S+) *$", re.M)
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.M | re.S)
+if ROOT not in sys.path:  # document this tree's refimpl, also where another copy is installed
+    sys.path.insert(0, ROOT)
 CLI_PARSERS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli"}  # command -> module with build_parser()
 HELP_WIDTH = "100"  # argparse wraps --help to $COLUMNS; fixed so the page does not depend on the terminal
 WALKTHROUGH = "walkthrough.py"
@@ -80,12 +83,21 @@ def repo_path(path: str) -> str:
     return os.path.relpath(os.path.abspath(path), ROOT).replace(os.sep, "/")
 
 
+def source_path(obj) -> str:
+    """The repository path of an object's file (``conversion/x.py`` for ``refimpl_conversion.x``),
+    also when the package was imported from an installed copy rather than this tree."""
+    top = obj.__module__.split(".")[0]
+    package_dir = os.path.dirname(importlib.import_module(top).__file__)
+    rel = os.path.relpath(inspect.getsourcefile(obj), package_dir).replace(os.sep, "/")
+    return f"{PACKAGE_FOLDERS.get(top, top)}/{rel}"
+
+
 def source_block(dotted: str) -> str:
     obj = inspect.unwrap(resolve(dotted))
     if not (inspect.isfunction(obj) or inspect.isclass(obj)):
         raise LookupError(f"{dotted} is a {type(obj).__name__}, not a function or class")
     lines, start = inspect.getsourcelines(obj)
-    path = repo_path(inspect.getsourcefile(obj))
+    path = source_path(obj)
     code = textwrap.dedent("".join(lines)).rstrip("\n")
     title = f"{path}, line {start}: {obj.__qualname__}"
     return f'```python title="{title}" linenums="{start}"\n{code}\n```'
