@@ -125,25 +125,41 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data block, as the reference writer pads
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _os_error(FileNotFoundError, 2, f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} "
+                                              f"does not exist")
+    if os.path.isdir(path):
+        raise _os_error(IsADirectoryError, 21, f"cannot write {path!r}: it is a folder; give a file name "
+                                               f"such as {os.path.join(path, 'golden.safetensors')!r}")
     # A fresh name in the target's folder (same file system, so os.replace is atomic); "x" mode
     # refuses to reuse an existing file and, unlike mkstemp's 0600, the file gets the umask's mode.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    f = open(tmp, "xb")
     try:
-        with f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for a in arrays:
-                _write_array(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        f = open(tmp, "xb")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with f:
+                f.write(len(blob).to_bytes(8, "little"))
+                f.write(blob)
+                for a in arrays:
+                    _write_array(f, a)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError as e:  # name the file asked for, never the temporary one beside it
+        raise _os_error(type(e), e.errno, f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def _os_error(kind: type, errno: int | None, message: str) -> OSError:
+    """``kind(message)`` with ``errno`` set: ``str()`` is the message alone, one line."""
+    err = kind(message)
+    err.errno = errno
+    return err
 
 
 def _write_array(f, a: np.ndarray) -> None:

@@ -51,8 +51,12 @@ class Model:
     """A RoBERTa-PreLayerNorm model for one task. Pure data plus a ``__call__`` that runs the math.
 
     Attributes: ``config`` (:class:`Config`), ``params`` (:class:`Params`), ``task`` (a key of
-    :data:`refimpl.params.TASKS`), ``kernels`` (the implementations of the fused steps).
+    :data:`refimpl.params.TASKS`), ``kernels`` (the implementations of the fused steps),
+    ``name_or_path`` (the local folder :func:`refimpl.from_pretrained` loaded, where the tokenizer
+    is; None for a model built in memory; kept by :meth:`to` and :meth:`astype`).
     """
+
+    name_or_path: str | None = None
 
     def __init__(self, config: Config, params: Params, task: str = "base", kernels: Kernels = REFERENCE):
         self.config = config
@@ -86,7 +90,11 @@ class Model:
                 cache[id(a)] = a if a.dtype == target else xp.astype(a, getattr(xp, np.dtype(target).name))
             return cache[id(a)]
 
-        return Model(self.config, map_leaves(convert, self.params), self.task, self.kernels)
+        return self._same_source(Model(self.config, map_leaves(convert, self.params), self.task, self.kernels))
+
+    def _same_source(self, other: "Model") -> "Model":
+        other.name_or_path = self.name_or_path
+        return other
 
     @property
     def backend(self) -> str:
@@ -125,7 +133,7 @@ class Model:
                 cache[id(a)] = move(a)
             return cache[id(a)]
 
-        return Model(self.config, map_leaves(convert, self.params), self.task, kernels)
+        return self._same_source(Model(self.config, map_leaves(convert, self.params), self.task, kernels))
 
     def __repr__(self) -> str:
         c = self.config

@@ -297,9 +297,11 @@ def test_model_object_and_float64(ck):
     model, folder = ck["cls"]
     hf = hf_pipeline("text-classification", model, ck["tokenizer"])
     loaded = refimpl.from_pretrained(folder, dtype="float64")
+    in_memory = refimpl.Model(loaded.config, loaded.params, loaded.task, loaded.kernels)  # built, not loaded: no folder
     with pytest.raises(P.PipelineError, match="tokenizer="):
-        P.TextClassification(loaded)
-    ours = P.TextClassification(loaded, Tokenizer.from_pretrained(folder))(CLS_TEXTS[0], top_k=None)
+        P.TextClassification(in_memory)
+    ours = P.TextClassification(in_memory, Tokenizer.from_pretrained(folder))(CLS_TEXTS[0], top_k=None)
+    assert P.TextClassification(loaded)(CLS_TEXTS[0], top_k=None) == ours  # a loaded Model knows its tokenizer
     err = assert_same(ours, hf(CLS_TEXTS[0], top_k=None), "float64 model")
     assert err < 5e-6  # float64 refimpl vs float32 transformers: float32 rounding only
     with pytest.raises(P.PipelineError, match="sequence-classification model"):
