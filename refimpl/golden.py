@@ -428,8 +428,21 @@ class Report:
         return next((r for r in self.results if r.status in ("fail", "shape")), None)
 
     @property
+    def golden_tensors(self) -> int:
+        """The golden's traced tensors (its inputs not counted)."""
+        return sum(not r.name.startswith(INPUT_PREFIX) for r in self.results)
+
+    @property
+    def compared(self) -> int:
+        """The golden's traced tensors the candidate holds (compared; inputs not counted)."""
+        return sum(r.status != "missing" and not r.name.startswith(INPUT_PREFIX) for r in self.results)
+
+    @property
     def passed(self) -> bool:
-        if self.first_divergence is not None:
+        """Every shared tensor within tolerance, and at least one traced tensor shared: a candidate
+        that shares nothing (a weights file, a dump with other names) compared nothing and fails.
+        ``strict``: also every golden tensor present and no other name."""
+        if self.first_divergence is not None or self.compared == 0:
             return False
         return not (self.strict and (self.missing or self.unexpected))
 
@@ -438,7 +451,7 @@ class Report:
         return {
             "passed": self.passed,
             "profile": self.profile, "rtol": self.rtol, "atol": self.atol, "strict": self.strict,
-            "compared": sum(r.status != "missing" and not r.name.startswith(INPUT_PREFIX) for r in self.results),
+            "compared": self.compared, "golden_tensors": self.golden_tensors,
             "first_divergence": None if fd is None else {"name": fd.name, "hint": hint_for(fd.name), **_result_dict(fd)},
             "missing": self.missing,
             "unexpected": [{"name": n, "closest": c} for n, c in self.unexpected],
@@ -462,18 +475,24 @@ class Report:
                 status = "ok" if r.status == "pass" else f"FAIL ({r.failing} elements)"
                 lines.append(f"{r.name:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
                              f"{str(tuple(r.worst_index)):<18} {status}")
-        tensors = [r for r in self.results if not r.name.startswith(INPUT_PREFIX)]
-        compared = sum(r.status != "missing" for r in tensors)
-        lines.append(f"compared {compared} of {len(tensors)} golden tensors"
-                     + (f" (and {len(self.results) - len(tensors)} inputs)" if len(tensors) < len(self.results) else ""))
-        if self.missing:
+        n_inputs = len(self.results) - self.golden_tensors
+        lines.append(f"compared {self.compared} of {self.golden_tensors} golden tensors"
+                     + (f" (and {n_inputs} inputs)" if n_inputs else ""))
+        if self.missing and self.compared:
             lines.append(f"missing from the candidate ({len(self.missing)}): {', '.join(self.missing[:12])}"
                          + (" ..." if len(self.missing) > 12 else "") + (" [fails under --strict]" if self.strict else ""))
-        for name, close in self.unexpected:
+        for name, close in self.unexpected[:20]:
             lines.append(f"not in the golden: {name}" + (f" (did you mean {close}?)" if close else ""))
+        if len(self.unexpected) > 20:
+            lines.append(f"... and {len(self.unexpected) - 20} more names not in the golden")
         fd = self.first_divergence
         if fd is None:
-            lines.append("PASS" if self.passed else "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
+            if self.compared == 0:
+                lines.append("FAIL: the candidate holds none of the golden's traced tensors, so nothing was compared "
+                             "(its names must be the golden's, see docs/golden.md)")
+            else:
+                lines.append("PASS" if self.passed else
+                             "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
             return "\n".join(lines)
         if fd.status == "shape":
             lines.append(f"first divergence: {fd.name}: shape {fd.candidate_shape} != golden {fd.shape}")
@@ -538,7 +557,8 @@ def compare(golden, candidate, *, rtol: float | None = None, atol: float | None 
     golden: a :class:`Golden` or a path. candidate: a path, a :class:`Golden` or a dict of arrays,
     holding any subset of the golden's names. Tolerances: ``profile`` (a key of :data:`PROFILES`;
     default: from the candidate's least precise float dtype), with ``rtol``/``atol`` overriding it.
-    Missing tensors are reported and fail only with ``strict`` (as do names the golden lacks).
+    Missing tensors are reported and fail only with ``strict`` (as do names the golden lacks); a
+    candidate holding none of the golden's traced tensors fails (``Report.compared`` is 0).
     """
     g = golden if isinstance(golden, Golden) else read_golden(golden)
     c = read_candidate(candidate)
