@@ -14,7 +14,7 @@ import numpy as np
 
 from . import heads, losses
 from .attention import attention_bias
-from .backend import is_cupy, namespace, to_numpy
+from .backend import CUPY_INSTALL_HINT, is_cupy, namespace, to_numpy
 from .config import Config
 from .embeddings import embed, position_ids_from_input_ids, position_ids_from_inputs_embeds
 from .cache import KVCache, empty_cache, has_cross
@@ -115,7 +115,7 @@ class Model:
             try:
                 import cupy
             except ImportError:
-                raise ImportError("backend='cupy' needs CuPy: pip install 'refimpl[gpu]'") from None
+                raise ImportError(f"backend='cupy' needs CuPy: {CUPY_INSTALL_HINT}") from None
             move = cupy.asarray
             kernels = REFERENCE
         else:

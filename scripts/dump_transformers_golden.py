@@ -6,12 +6,12 @@ intermediate under refimpl's trace names, so that ``refimpl compare GOLDEN CANDI
 the first tensor where the implementation diverges. Run it on the golden's own inputs:
 
     refimpl golden --model tiny --text "Hello world" --out golden.safetensors
-    python scripts/dump_transformers_golden.py --model refimpl/data/tiny-random-mlm \\
-        --golden golden.safetensors --out candidate.safetensors
+    python scripts/dump_transformers_golden.py --model tiny --golden golden.safetensors --out candidate.safetensors
     refimpl compare golden.safetensors candidate.safetensors
 
 Only :func:`capture` is specific to transformers; the same pattern (record a named tensor where the
-implementation computes it) works for any framework. Needs torch and transformers.
+implementation computes it) works for any framework. Needs torch and transformers, which refimpl
+itself never imports: ``pip install '.[test]'`` in a checkout of refimpl installs both.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ import sys
 import warnings
 
 import numpy as np
-import torch
+
+NEEDS = ("scripts/dump_transformers_golden.py runs transformers as the candidate, so it needs torch and "
+         "transformers, which refimpl itself never imports: pip install '.[test]' in a checkout of refimpl")
+try:
+    import torch
+    import transformers  # noqa: F401  (imported here so that a missing one is reported at once)
+except ImportError as e:
+    if __name__ == "__main__":
+        print(f"{os.path.basename(__file__)}: error: {NEEDS} ({e})", file=sys.stderr)
+        sys.exit(2)
+    raise ImportError(f"{NEEDS} ({e})") from e
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's refimpl
 from refimpl.params import TASKS  # noqa: E402  (refimpl's one task table)
@@ -172,19 +182,19 @@ def load_transformers(folder: str, task: str, dtype: str = "float32"):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a Hugging Face folder (config.json + weights)")
+    ap.add_argument("--model", required=True, help="a Hugging Face folder (config.json + weights), 'tiny' or a Hub id")
     ap.add_argument("--golden", required=True, help="the golden file whose inputs to run")
     ap.add_argument("--out", required=True, help="the candidate safetensors file to write")
     ap.add_argument("--task", default=None, help="default: the golden's task")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     args = ap.parse_args(argv)
 
-    from refimpl.cli import resolve_model_path
     from refimpl.golden import read_golden
+    from refimpl.hub import resolve
 
     golden = read_golden(args.golden)
     task = args.task or golden.task
-    model = load_transformers(resolve_model_path(args.model), task, args.dtype)
+    model = load_transformers(resolve(args.model), task, args.dtype)
     tensors = capture(model, **torch_inputs(golden.inputs, getattr(torch, args.dtype)))
     write_candidate(args.out, tensors, args.dtype)
     print(f"wrote {len(tensors)} tensors ({args.dtype}) to {args.out}")

@@ -40,8 +40,16 @@ def run(capsys, monkeypatch, argv, stdin=None):
     return code, out, err
 
 
+def records(out: str) -> list[dict]:
+    """The --json records: one per input, in input order, each with its index."""
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in recs] == list(range(len(recs))), out
+    return recs
+
+
 def json_lines(out: str) -> list:
-    return [json.loads(line) for line in out.splitlines()]
+    """The results of the --json records (every input has one: no blank lines here)."""
+    return [r["result"] for r in records(out)]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -64,8 +72,9 @@ def test_fill_mask_json_stdin_and_file(ck, capsys, monkeypatch, tmp_path):
     code, out, err = run(capsys, monkeypatch, ["fill-mask", "--model", folder, "--json", "--top-k", "3",
                                                "--batch-size", "2"], stdin="\n".join(FILL_TEXTS) + "\n\n")
     assert code == 0, err
-    results = json_lines(out)
-    assert len(results) == 3
+    recs = records(out)
+    assert len(recs) == 4 and recs[3] == {"index": 3, "error": "empty line"}  # the blank last line has its record
+    results = [r["result"] for r in recs[:3]]
     for text, got in zip(FILL_TEXTS, results):
         assert_same(got, hf(text, top_k=3), text)
     path = tmp_path / "texts.txt"
@@ -146,7 +155,11 @@ def test_choose_and_embed(ck, capsys, monkeypatch, tmp_path):
     assert code == 0 and "wrote 3 x 32 float32" in err
     np.testing.assert_array_equal(np.load(target), want)
     code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", *CLS_TEXTS])
-    np.testing.assert_allclose(np.array(json_lines(out)), want, rtol=0, atol=1e-7)
+    # Without --json: one JSON list per input (float32 printed through Python floats: exact).
+    np.testing.assert_array_equal(np.array([json.loads(line) for line in out.splitlines()], dtype=np.float32), want)
+    code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", "--json",
+                                             *CLS_TEXTS])
+    np.testing.assert_array_equal(np.array(json_lines(out), dtype=np.float32), want)
 
 
 def test_generate(ck, capsys, monkeypatch):
@@ -197,7 +210,7 @@ def test_errors_are_one_line_with_exit_code_2(ck, capsys, monkeypatch, tmp_path)
     cases = [
         (["fill-mask", "--model", str(tmp_path / "missing"), "a <mask>"], None, "does not exist"),
         (["fill-mask", "--model", "tiny"], "", "no input"),
-        (["fill-mask", "--model", "tiny", "--file", str(tmp_path / "nothing.txt")], None, "No such file"),
+        (["fill-mask", "--model", "tiny", "--file", str(tmp_path / "nothing.txt")], None, "--file: no such file"),
         (["fill-mask", "--model", "tiny", "no mask"], None, "has no <mask>"),
         (["fill-mask", "--model", mlm, long], None, "--truncate"),
         (["classify", "--model", cls], "\n\n", "no input"),

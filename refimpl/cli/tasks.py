@@ -149,8 +149,8 @@ def cmd_embed(args) -> int:
     pipe = common.pipeline(Embedding, args)
     options = dict(pooling=args.pooling, normalize=args.normalize)
     if out is None:  # one JSON list of floats per input (null for a blank line), or --json records
-        return common.run(args, lines, lambda items: pipe.stream(items, **options), lambda line: line.text,
-                          lambda line, text, v: json.dumps([float(x) for x in v]), blank="null")
+        return common.run(args, lines, lambda items: ([float(x) for x in v] for v in pipe.stream(items, **options)),
+                          lambda line: line.text, lambda line, text, v: json.dumps(v), blank="null")
 
     def texts():
         for line in lines:
