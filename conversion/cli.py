@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _source(src: str, revision: str | None, cache_dir: str | None) -> str:
     """SRC as a path: an existing file or folder as it is, else a shipped name or a Hub id (downloaded into
     the Hugging Face cache, as ``refimpl --model`` does)."""
-    if os.path.exists(src):
-        return src
+    if os.path.exists(src) or os.path.isabs(src) or src.startswith((".", "~")) or src.endswith((".pt", ".bin",
+                                                                                                ".safetensors")):
+        return src  # a path (a missing one is reported by the loader, which knows files from folders)
     from refimpl.hub import resolve
 
     return resolve(src, revision=revision, cache_dir=cache_dir)

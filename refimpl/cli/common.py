@@ -128,9 +128,8 @@ def input_lines(args) -> Iterator[Line]:
     except IsADirectoryError:
         raise IsADirectoryError(f"--file: {source!r} is a folder, not a file") from None
     with f:
-        name = os.path.basename(source) if len(source) > 60 else source
-        for number, line in _lines_of(f, name):
-            yield Line(first + number - 1, line if line.strip() else None, f"{name} line {number}")
+        for number, line in _lines_of(f, source):
+            yield Line(first + number - 1, line if line.strip() else None, f"{source} line {number}")
 
 
 def first_input(lines: Iterator[Line], what: str = "texts") -> Iterator[Line]:
