@@ -219,8 +219,10 @@ class Pipeline:
         if show:
             from tqdm.auto import tqdm
 
-            # An unknown count shows after a second only, so that a short stream never flashes a bar.
-            bar = tqdm(total=n, desc=desc, unit="input", file=sys.stderr, leave=False, delay=0 if n else 1.0)
+            # Shown automatically for an unknown count, the bar waits a second, so that a short stream
+            # never flashes one; asked for (progress=True), it shows at once.
+            delay = 1.0 if n is None and self.progress is None else 0.0
+            bar = tqdm(total=n, desc=desc, unit="input", file=sys.stderr, leave=False, delay=delay)
         source = iter(items)
         start = 0
         try:

@@ -587,3 +587,17 @@ def test_cli_argument_error_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("refimpl-convert (refimpl ")
+
+
+def test_export_errors_name_the_destination_not_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    import refimpl_conversion.export as export_module
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(export_module, "_write_safetensors", disk_full)
+    dst = tmp_path / "out"
+    assert cli.main(["tiny", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {str(dst)!r}: No space left on device" in err and ".tmp" not in err
+    assert os.listdir(tmp_path) == []  # the temporary folder is gone too

@@ -395,3 +395,11 @@ def test_same_inputs_same_bits_other_batches_within_reordered(ck):
     alone = [pipe(t, top_k=None) for t in texts]
     assert strip_scores(alone) == strip_scores(first)
     assert_close(np.array(flat_scores(alone)), np.array(flat_scores(first)), "float32", "batched vs alone", REORDERED)
+
+
+def test_progress_bar_over_a_stream(capsys):
+    """progress=True shows a tqdm bar on stderr for a stream of unknown length too (counting inputs)."""
+    pipe = P.FillMask("tiny", batch_size=2, progress=True)
+    assert len(list(pipe.stream(iter(["a <mask>"] * 5), top_k=1))) == 5
+    err = capsys.readouterr().err
+    assert "fill-mask: 0input" in err and "input/s" in err  # tqdm without a total: a count and a rate
