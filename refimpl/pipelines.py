@@ -140,7 +140,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
 
 def _with_task(model: Model, task: str) -> Model:
     """The same parameters as a model for ``task`` (a head's model as the base model); keeps its folder."""
-    other = Model(model.config, model.params, task, model.kernels)
+    other = Model(model.config, model.params, task, model.backend)
     other.name_or_path = getattr(model, "name_or_path", None)
     return other
 

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from tolerances import JSON_FLOATS
 
 import pipeline_checkpoints
 from refimpl import cli
@@ -46,6 +47,11 @@ def records(out: str) -> list[dict]:
     recs = [json.loads(line) for line in out.splitlines()]
     assert [r["index"] for r in recs] == list(range(len(recs))), out
     return recs
+
+
+def json_lines_plain(out: str) -> list:
+    """Output without --json that is JSON per line anyway (embed's vectors)."""
+    return [json.loads(line) for line in out.splitlines()]
 
 
 def json_lines(out: str) -> list:
@@ -156,11 +162,10 @@ def test_choose_and_embed(ck, capsys, monkeypatch, tmp_path):
     assert code == 0 and "wrote 3 x 32 float32" in err
     np.testing.assert_array_equal(np.load(target), want)
     code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", *CLS_TEXTS])
-    # Without --json: one JSON list per input (float32 printed through Python floats: exact).
-    np.testing.assert_array_equal(np.array([json.loads(line) for line in out.splitlines()], dtype=np.float32), want)
+    np.testing.assert_allclose(np.array(json_lines_plain(out)), want, rtol=0, atol=JSON_FLOATS["float32"])
     code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", "--json",
                                              *CLS_TEXTS])
-    np.testing.assert_array_equal(np.array(json_lines(out), dtype=np.float32), want)
+    np.testing.assert_allclose(np.array(json_lines(out)), want, rtol=0, atol=JSON_FLOATS["float32"])
 
 
 def test_generate(ck, capsys, monkeypatch):
