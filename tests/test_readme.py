@@ -55,8 +55,8 @@ def options_rows() -> list[str]:
                 continue
             long = max(a.option_strings, key=len)
             (model if long in MODEL_OPTIONS else own).append(long)
-        assert model in ([], list(MODEL_OPTIONS)), (name, model)  # all of them or none
-        rows.append(f"| `{name}` | {'all' if model else 'none'} | {', '.join(x if x.startswith('`') else f'`{x}`' for x in own)} |")
+        which = "all" if model == list(MODEL_OPTIONS) else ", ".join(f"`{m}`" for m in model) or "none"
+        rows.append(f"| `{name}` | {which} | {', '.join(x if x.startswith('`') else f'`{x}`' for x in own)} |")
     return rows
 
 
@@ -128,12 +128,11 @@ def test_readme_golden_workflow_runs(tmp_path, monkeypatch, capsys):
 
 def test_golden_md_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    os.symlink(os.path.join(ROOT, "scripts"), tmp_path / "scripts")
     code, _, err = run_command(["golden", "--model", "tiny", "--text", "Hello world", "--out", "golden.safetensors"],
                                "", monkeypatch, capsys)
     assert code == 0, err
     text = read(os.path.join(ROOT, "docs", "golden.md"))
-    example = next(b for b in code_blocks(text, "python") if "dump_transformers_golden" in b)
+    example = next(b for b in code_blocks(text, "python") if "capture(" in b and "load_transformers" in b)
     saved = list(sys.path)
     try:
         exec(compile(example, "docs/golden.md", "exec"), {"__name__": "golden_md_example"})
@@ -143,17 +142,24 @@ def test_golden_md_python_example_runs_as_written(tmp_path, monkeypatch, capsys)
     assert "compared 38 of 38 golden tensors" in out and out.rstrip().endswith("PASS")
 
 
-def test_dump_script_says_what_it_needs_in_one_line(tmp_path):
-    """Without torch (README command 1 installs no torch) the script names the extra to install."""
+def test_dump_says_what_it_needs_in_one_line(tmp_path):
+    """Without torch (README command 1 installs no torch) `refimpl dump` and the old script name the
+    extra to install, in one line."""
     fake = tmp_path / "no-torch" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no-torch")}
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "dump_transformers_golden.py"), "--model",
-                           "tiny", "--golden", "g.safetensors", "--out", "c.safetensors"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.count("\n") == 1 and "pip install '.[test]'" in done.stderr and "Traceback" not in done.stderr
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no-torch"), "HF_HUB_OFFLINE": "1"}
+    golden = subprocess.run([sys.executable, "-m", "refimpl", "golden", "--model", "tiny", "--text", "hi", "--out",
+                             "g.safetensors"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert golden.returncode == 0, golden.stderr
+    for argv in (["-m", "refimpl", "dump", "--impl", "transformers", "--model", "tiny", "g.safetensors", "--out",
+                  "c.safetensors"],
+                 [os.path.join(ROOT, "scripts", "dump_transformers_golden.py"), "--model", "tiny", "--golden",
+                  "g.safetensors", "--out", "c.safetensors"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120, env=env,
+                              cwd=tmp_path)
+        assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "pip install '.[adapters-torch]' in a checkout" in done.stderr
 
 
 INSTALL_HINT = re.compile(r"pip install[^\n`\"]*")
