@@ -127,25 +127,41 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data block, as the reference writer pads
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _os_error(FileNotFoundError, 2, f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} "
+                                              f"does not exist")
+    if os.path.isdir(path):
+        raise _os_error(IsADirectoryError, 21, f"cannot write {path!r}: it is a folder; give a file name "
+                                               f"such as {os.path.join(path, 'golden.safetensors')!r}")
     # A fresh name in the target's folder (same file system, so os.replace is atomic); "x" mode
     # refuses to reuse an existing file and, unlike mkstemp's 0600, the file gets the umask's mode.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    f = open(tmp, "xb")
     try:
-        with f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for a in arrays:
-                _write_array(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        f = open(tmp, "xb")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with f:
+                f.write(len(blob).to_bytes(8, "little"))
+                f.write(blob)
+                for a in arrays:
+                    _write_array(f, a)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError as e:  # name the file asked for, never the temporary one beside it
+        raise _os_error(type(e), e.errno, f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def _os_error(kind: type, errno: int | None, message: str) -> OSError:
+    """``kind(message)`` with ``errno`` set: ``str()`` is the message alone, one line."""
+    err = kind(message)
+    err.errno = errno
+    return err
 
 
 def _write_array(f, a: np.ndarray) -> None:
@@ -383,8 +399,22 @@ class Report:
         return next((r for r in self.results if r.status in ("fail", "shape")), None)
 
     @property
+    def golden_tensors(self) -> int:
+        """The golden's traced tensors (its inputs not counted)."""
+        return len({r.name for r in self.results if not r.name.startswith(INPUT_PREFIX)})
+
+    @property
+    def compared(self) -> int:
+        """The golden's traced tensors the candidate gave, under their name or as an output field
+        (compared; inputs not counted)."""
+        return _compared(self.results)
+
+    @property
     def passed(self) -> bool:
-        if self.first_divergence is not None:
+        """Every shared tensor within tolerance, and at least one traced tensor shared: a candidate
+        that shares nothing (a weights file, a dump with other names) compared nothing and fails.
+        ``strict``: also every golden tensor present and no other name."""
+        if self.first_divergence is not None or self.compared == 0:
             return False
         return not (self.strict and (self.missing or self.unexpected))
 
@@ -393,7 +423,7 @@ class Report:
         return {
             "passed": self.passed,
             "profile": self.profile, "rtol": self.rtol, "atol": self.atol, "strict": self.strict,
-            "compared": _compared(self.results),
+            "compared": self.compared, "golden_tensors": self.golden_tensors,
             "first_divergence": None if fd is None else {"name": fd.name, "hint": self.hint, **_result_dict(fd)},
             "hidden_states": self.hidden_states, "notes": list(self.notes), "diagnosis": self.diagnosis,
             "missing": self.missing,
@@ -419,19 +449,25 @@ class Report:
                 status = "ok" if r.status == "pass" else f"FAIL ({r.failing} elements)"
                 lines.append(f"{label:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
                              f"{str(tuple(r.worst_index)):<18} {status}")
-        names = {r.name for r in self.results if not r.name.startswith(INPUT_PREFIX)}
         inputs = sum(r.name.startswith(INPUT_PREFIX) for r in self.results)
-        lines.append(f"compared {_compared(self.results)} of {len(names)} golden tensors"
+        lines.append(f"compared {self.compared} of {self.golden_tensors} golden tensors"
                      + (f" (and {inputs} inputs)" if inputs else ""))
-        if self.missing:
+        if self.missing and self.compared:
             lines.append(f"missing from the candidate ({len(self.missing)}): {', '.join(self.missing[:12])}"
                          + (" ..." if len(self.missing) > 12 else "") + (" [fails under --strict]" if self.strict else ""))
-        for name, close in self.unexpected:
+        for name, close in self.unexpected[:20]:
             lines.append(f"not in the golden: {name}" + (f" (did you mean {close}?)" if close else ""))
+        if len(self.unexpected) > 20:
+            lines.append(f"... and {len(self.unexpected) - 20} more names not in the golden")
         lines += [f"note: {n}" for n in self.notes]
         fd = self.first_divergence
         if fd is None:
-            lines.append("PASS" if self.passed else "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
+            if self.compared == 0:
+                lines.append("FAIL: the candidate holds none of the golden's traced tensors, so nothing was compared "
+                             "(its names must be the golden's, see docs/golden.md)")
+            else:
+                lines.append("PASS" if self.passed else
+                             "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
             return "\n".join(lines)
         where = fd.name if fd.source is None else f"{fd.name} (the candidate's {fd.source})"
         if fd.status == "shape":
@@ -504,7 +540,8 @@ def compare(golden, candidate, *, rtol: float | None = None, atol: float | None 
     :data:`PROFILES`; default: from the candidate's least precise float dtype), with ``rtol``/``atol``
     overriding it. ``hidden_states``: ``"5.x"`` (refimpl's and transformers 5.x's convention, the
     default) or ``"4.x"`` (transformers 4.x: the last entry is the last block's raw output). Missing
-    tensors are reported and fail only with ``strict`` (as do names the golden lacks).
+    tensors are reported and fail only with ``strict`` (as do names the golden lacks); a candidate
+    holding none of the golden's traced tensors fails (``Report.compared`` is 0).
     """
     g = golden if isinstance(golden, Golden) else read_golden(golden)
     c = read_candidate(candidate)

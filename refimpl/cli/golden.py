@@ -5,6 +5,7 @@ The library side (writing, reading and comparing golden files) is :mod:`refimpl.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -17,12 +18,14 @@ from . import common
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
-def add_golden_commands(subparsers) -> None:
+def add_golden_commands(subparsers, add_model_options) -> None:
     p = subparsers.add_parser(
         "golden", help="write a golden file: inputs, every intermediate tensor, metadata",
-        epilog='example: refimpl golden --model tiny --text "Hello world" --out golden.safetensors',
+        description="write a golden file: inputs, every intermediate tensor, metadata",
+        epilog='example:\n  refimpl golden --model tiny --text "Hello world" --out golden.safetensors',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="tiny", help="model folder, or 'tiny' for the shipped random checkpoint")
+    add_model_options(p, "tiny", "float64")
     p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="input text (repeat for a batch, or for the choices of multiple-choice)")
@@ -30,13 +33,16 @@ def add_golden_commands(subparsers) -> None:
                      help="token ids: .npy, .safetensors (input_ids [+ attention_mask, token_type_ids]), or text "
                           "with one row per line (or ';'), ids separated by spaces or commas")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype (default float64)")
     p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
     p.set_defaults(func=cmd_golden)
 
     p = subparsers.add_parser(
         "compare", help="compare a candidate's tensors with a golden file; report the first divergence",
-        epilog="example: refimpl compare golden.safetensors candidate.safetensors --dtype-profile float32",
+        description="compare a candidate's tensors with a golden file; report the first divergence. Exit status "
+                    "0 when every tensor the candidate shares with the golden is within tolerance and it shares at "
+                    "least one traced tensor (inputs do not count); 1 otherwise.",
+        epilog="example:\n  refimpl compare golden.safetensors candidate.safetensors --dtype-profile float32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("golden", help="a golden file written by `refimpl golden`")
     p.add_argument("candidate", help="a safetensors file holding any subset of the golden's tensor names")
@@ -47,15 +53,16 @@ def add_golden_commands(subparsers) -> None:
     p.add_argument("--hidden-states", choices=list(HIDDEN_STATES_CONVENTIONS), default=None,
                    help="the convention of a candidate's hidden_states.i fields: 5.x (default; the last entry is "
                         "after the final LayerNorm, as refimpl) or 4.x (transformers 4.x: the last block's raw output)")
-    p.add_argument("--strict", action="store_true", help="missing tensors (and names the golden lacks) fail too")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true",
+                   help="the candidate must hold every golden tensor and no other name (default: any non-empty subset)")
+    p.add_argument("--json", action="store_true", help="print the report as one line of JSON")
     p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-tensor table")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_golden(args) -> int:
-    model = common.load_model(args.model, args.task, args.dtype)
-    folder = _model_folder(args.model)
+    model = common.load_model(args.model, args.task, args.dtype, args.backend, **common.hub_args(args))
+    folder = model.name_or_path or _model_folder(args.model)
     pad = model.config.pad_token_id
     tokenizer_output = None
     if args.text:
@@ -122,8 +129,7 @@ def read_input_ids(path: str) -> dict[str, np.ndarray]:
         if "input_ids" not in out:
             raise ValueError(f"--input-ids: {path} holds no 'input_ids' (or 'inputs.input_ids') tensor")
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = common.read_text(path, "--input-ids")
         rows = [r.replace(",", " ").split() for r in text.replace(";", "\n").splitlines() if r.strip()]
         if not rows:
             raise ValueError(f"--input-ids: {path} holds no token ids")
@@ -146,7 +152,7 @@ def cmd_compare(args) -> int:
     report = compare(args.golden, args.candidate, rtol=args.rtol, atol=args.atol,
                      profile=args.dtype_profile, strict=args.strict, hidden_states=args.hidden_states)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict()))  # one line: JSON lines, as every --json
     else:
         print(report.format_text(verbose=not args.quiet))
     return 0 if report.passed else 1
