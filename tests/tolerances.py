@@ -50,3 +50,12 @@ def assert_close(actual, expected, dtype: str, name: str = "value", table: dict 
     finite = np.isfinite(expected)
     err = max_scaled_error(actual[finite], expected[finite])
     assert err <= table[dtype], f"{name}: scaled max error {err:.3e} > {table[dtype]:.0e} ({dtype})"
+
+
+# Central finite differences (L(x+h) - L(x-h)) / 2h in float64 with h = 1e-5, against the
+# backward's gradient, scaled like TOL (by max(1, max|gradient of that tensor|)). The difference
+# quotient is off by its truncation term h^2 L'''(x) / 6 (~1e-10 for the tests' tiny models with
+# O(1) curvature) plus the rounding of L, eps |L| / h (~1e-11); a crossed kink of a relu-like
+# activation adds O(h). Observed over tests/test_backward.py's cases: <= 1.1e-10; 1e-8 leaves a
+# 90x margin, while a wrong derivative (a missing term, a factor) is off by 1e-3 or more.
+FINITE_DIFFERENCE = 1e-8
