@@ -56,6 +56,8 @@ from .tracing import Trace, record, scope
 # Keys of grad()'s result that are not parameters.
 INPUTS_EMBEDS_KEY = "inputs_embeds"
 ENCODER_STATES_KEY = "encoder_hidden_states"
+# Golden gradients (docs/golden.md): grad.<trace name> and grad.<transformers parameter name>.
+GRAD_PREFIX = "grad."
 
 
 class GradientError(ValueError):
@@ -589,7 +591,6 @@ def cross_entropy_backward(logits, labels, *, ignore_index: int = IGNORE_INDEX):
     counted rows, 0 on ignored ones. With no counted label the loss is NaN and, as in torch, the
     gradient is 0.
     """
-    m, k = logits.shape
     valid = labels != ignore_index  # [M]
     n_valid = int(valid.sum())
     d_logp = np.zeros_like(logits)  # [M, K]: d loss / d log_softmax
@@ -672,7 +673,6 @@ class ResolvedInputs(NamedTuple):
     labels: Any  # labels as given (None for question answering)
     start_positions: Any
     end_positions: Any
-    choices: int | None  # C for multiple choice
     inputs_embeds_shape: tuple | None  # the shape inputs_embeds were given in, or None
     encoder_states: Any  # [B, S_enc, H] encoder_hidden_states (cross-attention's k/v source), or None
 
@@ -707,10 +707,7 @@ def resolve_inputs(model, inputs: dict) -> ResolvedInputs:
 
     ids, embeds = arr("input_ids"), arr("inputs_embeds")
     types, positions = arr("token_type_ids"), arr("position_ids")
-    choices = None
     if model.task == "multiple-choice":
-        ref = ids if ids is not None else embeds
-        choices = ref.shape[1]
 
         def flat(a):
             return None if a is None else a.reshape(-1, *a.shape[2:])
@@ -726,7 +723,7 @@ def resolve_inputs(model, inputs: dict) -> ResolvedInputs:
         types = np.zeros((b, t), dtype=np.int64)
     return ResolvedInputs(
         None if ids is None else ids.astype(np.int64), types.astype(np.int64), positions.astype(np.int64),
-        arr("labels"), arr("start_positions"), arr("end_positions"), choices,
+        arr("labels"), arr("start_positions"), arr("end_positions"),
         None if inputs.get("inputs_embeds") is None else np.asarray(to_numpy(inputs["inputs_embeds"])).shape,
         arr("encoder_hidden_states"),
     )
@@ -917,3 +914,26 @@ def grad(model, **inputs) -> tuple[Any, dict[str, Any]]:
     """
     g = gradients(model, **inputs)
     return g.loss, named_gradients(model, g)
+
+
+def gradient_trace(model, **inputs) -> dict[str, np.ndarray]:
+    """The golden gradients of ``model(**inputs)``'s loss, in the order the backward computes them.
+
+    ``grad.<trace name>``: the gradient with respect to each traced intermediate (docs/golden.md's
+    names; ``grad.loss`` is 1). ``grad.<transformers name>``: the gradient of each parameter as
+    ``named_parameters()`` names it, placed right after the block that completes it (the word
+    embeddings last: a tied decoder adds to them). ``grad.encoder_hidden_states`` last when
+    cross-attention read them. Parameters the loss does not read are left out.
+    """
+    recorder = Trace()
+    g = gradients(model, trace=recorder, **inputs)
+    names = parameter_names(model.config, model.task)
+    out: dict[str, np.ndarray] = {}
+    for name, value in recorder.tensors.items():
+        if name.startswith("params."):
+            out[GRAD_PREFIX + names[name[len("params."):]]] = value
+        else:
+            out[GRAD_PREFIX + name] = value
+    if g.encoder_hidden_states is not None:
+        out[GRAD_PREFIX + ENCODER_STATES_KEY] = g.encoder_hidden_states
+    return out
