@@ -33,9 +33,9 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from .backend import erf, to_numpy
+from .backend import erf
 from .config import Config
-from .embeddings import position_ids_from_input_ids, position_ids_from_inputs_embeds
+from .inputs import Inputs, validate
 from .losses import IGNORE_INDEX
 from .ops import gelu, log_softmax, sigmoid, softplus
 from .params import (
@@ -51,6 +51,7 @@ from .params import (
     hf_key_table,
     iter_leaves,
 )
+from .tasks import FORWARD
 from .tracing import Trace, record, scope
 
 # Keys of grad()'s result that are not parameters.
@@ -634,47 +635,19 @@ def span_loss_backward(start_logits, end_logits, start_positions, end_positions)
     return d_start, d_end
 
 
-def sequence_classification_problem(config: Config, labels) -> str:
-    """The ``problem_type`` of a sequence-classification loss, inferred as transformers does when the
-    config leaves it unset: one label -> regression; integer labels -> single-label; else multi-label."""
-    if config.problem_type is not None:
-        return config.problem_type
-    if config.num_labels == 1:
-        return "regression"
-    if np.issubdtype(np.asarray(labels).dtype, np.integer):
-        return "single_label_classification"
-    return "multi_label_classification"
-
-
-def sequence_classification_loss_backward(logits, labels, config: Config):
-    """Backward of the sequence-classification loss for ``problem_type``. logits: [B, K] -> [B, K]."""
-    problem = sequence_classification_problem(config, labels)
-    if problem == "regression":
-        y = np.asarray(labels).astype(logits.dtype)
-        if config.num_labels == 1:  # logits and labels are flattened
-            return mse_backward(logits.reshape(-1), y.reshape(-1)).reshape(logits.shape)
-        return mse_backward(logits, y)
-    if problem == "single_label_classification":
-        return cross_entropy_backward(logits, np.asarray(labels).reshape(-1))
-    return bce_with_logits_backward(logits, np.asarray(labels).astype(logits.dtype))
+def sequence_classification_loss_backward(logits, labels, problem_type: str):
+    """Backward of ``losses.sequence_classification_loss`` for ``problem_type`` (resolved with the
+    inputs, as transformers infers it). logits: [B, K]; labels as the loss takes them -> [B, K]."""
+    if problem_type == "regression":  # labels [B] (K = 1) or [B, K]
+        return mse_backward(logits.reshape(labels.shape), labels).reshape(logits.shape)
+    if problem_type == "single_label_classification":
+        return cross_entropy_backward(logits, labels)
+    return bce_with_logits_backward(logits, labels)
 
 
 # =============================================================================================
 # 7. The composition: loss -> head -> final LayerNorm -> blocks in reverse -> embeddings
 # =============================================================================================
-
-
-class ResolvedInputs(NamedTuple):
-    """The model inputs as the forward used them (NumPy, multiple choice flattened to [B*C, ...])."""
-
-    input_ids: Any  # [B, T] or None
-    token_type_ids: Any  # [B, T]
-    position_ids: Any  # [B, T]
-    labels: Any  # labels as given (None for question answering)
-    start_positions: Any
-    end_positions: Any
-    inputs_embeds_shape: tuple | None  # the shape inputs_embeds were given in, or None
-    encoder_states: Any  # [B, S_enc, H] encoder_hidden_states (cross-attention's k/v source), or None
 
 
 @dataclass
@@ -695,40 +668,6 @@ class Gradients:
     tensors: dict | None = None  # the forward trace the backward read
 
 
-def resolve_inputs(model, inputs: dict) -> ResolvedInputs:
-    """The id arrays the embedding lookups used, resolved as the forward resolves them (after the
-    forward has validated the inputs): RoBERTa positions from the ids (sequential from
-    ``inputs_embeds``), token types zero when not given; multiple choice flattened to [B*C, T]."""
-    c = model.config
-
-    def arr(name):
-        v = inputs.get(name)
-        return None if v is None else np.asarray(to_numpy(v))
-
-    ids, embeds = arr("input_ids"), arr("inputs_embeds")
-    types, positions = arr("token_type_ids"), arr("position_ids")
-    if model.task == "multiple-choice":
-
-        def flat(a):
-            return None if a is None else a.reshape(-1, *a.shape[2:])
-
-        ids, embeds, types, positions = flat(ids), flat(embeds), flat(types), flat(positions)
-    b, t = (ids if ids is not None else embeds).shape[:2]
-    if positions is None:
-        if ids is not None:
-            positions = np.asarray(position_ids_from_input_ids(ids.astype(np.int64), c.pad_token_id))
-        else:
-            positions = np.asarray(position_ids_from_inputs_embeds(b, t, c.pad_token_id, np))
-    if types is None:
-        types = np.zeros((b, t), dtype=np.int64)
-    return ResolvedInputs(
-        None if ids is None else ids.astype(np.int64), types.astype(np.int64), positions.astype(np.int64),
-        arr("labels"), arr("start_positions"), arr("end_positions"),
-        None if inputs.get("inputs_embeds") is None else np.asarray(to_numpy(inputs["inputs_embeds"])).shape,
-        arr("encoder_hidden_states"),
-    )
-
-
 def _record_params(ptrace: Trace | None, path: str, tree) -> None:
     """Record every gradient leaf of ``tree`` as ``<path>.<leaf path>`` (parameter-gradient names)."""
     if ptrace is None or tree is None:
@@ -741,9 +680,11 @@ def _record_params(ptrace: Trace | None, path: str, tree) -> None:
             ptrace(f"{path}.{leaf_path}", value)
 
 
-def backward(tensors: dict, params: Params, config: Config, task: str, inputs: ResolvedInputs, *,
+def backward(tensors: dict, params: Params, config: Config, task: str, x: Inputs, *,
              trace: Trace | None = None) -> Gradients:
-    """The whole backward pass for ``task`` from a forward trace (``tensors``: name -> array).
+    """The whole backward pass for ``task`` from a forward trace (``tensors``: name -> array) and the
+    forward's validated inputs ``x`` (:class:`refimpl.inputs.Inputs`: ids, positions, token types,
+    labels as the losses took them; multiple choice flattened to [B*C, T]).
 
     ``trace``, when given, records the gradient of the loss with respect to each traced
     intermediate under the intermediate's own name, in the order computed (the reverse of the
@@ -763,10 +704,10 @@ def backward(tensors: dict, params: Params, config: Config, task: str, inputs: R
     if task in ("masked-lm", "causal-lm"):
         logits = t["logits"]  # [B, T, V]
         if task == "masked-lm":
-            d_logits = cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), inputs.labels.reshape(-1))
+            d_logits = cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))
             d_logits = d_logits.reshape(logits.shape)
         else:
-            d_logits = causal_lm_loss_backward(logits, inputs.labels)
+            d_logits = causal_lm_loss_backward(logits, x.labels)
         record(trace, "logits", d_logits)
         saved = LMHeadSaved(seq, t["head.dense"], t["head.gelu"], t["head.layer_norm"])
         d_seq, g.lm_head = lm_head_backward(d_logits, saved, params.lm_head, eps=eps, trace=head_trace)
@@ -774,23 +715,23 @@ def backward(tensors: dict, params: Params, config: Config, task: str, inputs: R
         if not config.tie_word_embeddings:
             _record_params(ptrace, "lm_head.decoder_weight", g.lm_head.decoder_weight)
     elif task == "sequence-classification":
-        d_logits = record(trace, "logits", sequence_classification_loss_backward(t["logits"], inputs.labels, config))
+        d_logits = record(trace, "logits", sequence_classification_loss_backward(t["logits"], x.labels, x.problem_type))
         d_seq, g.classifier = classification_head_backward(d_logits, seq, t["head.tanh"], params.classifier, trace=head_trace)
         _record_params(ptrace, "classifier", g.classifier)
     elif task == "token-classification":
         logits = t["logits"]  # [B, T, K]
-        d_logits = cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), inputs.labels.reshape(-1))
+        d_logits = cross_entropy_backward(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))
         d_logits = record(trace, "logits", d_logits.reshape(logits.shape))
         d_seq, g.token_classifier = token_classification_head_backward(d_logits, seq, params.token_classifier)
         _record_params(ptrace, "token_classifier", g.token_classifier)
     elif task == "question-answering":
-        d_start, d_end = span_loss_backward(t["start_logits"], t["end_logits"], inputs.start_positions, inputs.end_positions)
+        d_start, d_end = span_loss_backward(t["start_logits"], t["end_logits"], x.start_positions, x.end_positions)
         record(trace, "start_logits", d_start)
         record(trace, "end_logits", d_end)
         d_seq, g.qa_outputs = question_answering_head_backward(d_start, d_end, seq, params.qa_outputs)
         _record_params(ptrace, "qa_outputs", g.qa_outputs)
     elif task == "multiple-choice":
-        d_logits = record(trace, "logits", cross_entropy_backward(t["logits"], inputs.labels.reshape(-1)))  # [B, C]
+        d_logits = record(trace, "logits", cross_entropy_backward(t["logits"], x.labels.reshape(-1)))  # [B, C]
         d_pooled, g.choice_classifier = multiple_choice_head_backward(d_logits, t["head.pooler"], params.choice_classifier)
         _record_params(ptrace, "choice_classifier", g.choice_classifier)
         d_seq, g.pooler = pooler_backward(d_pooled, seq, t["head.pooler"], params.pooler, trace=head_trace)
@@ -810,14 +751,14 @@ def backward(tensors: dict, params: Params, config: Config, task: str, inputs: R
     d_enc = None
     for i in reversed(range(config.num_hidden_layers)):
         x_in = t[f"layers.{i - 1}.ffn.residual"] if i else t["embeddings.output"]
-        saved = layer_saved(t, i, x_in, inputs.encoder_states)
+        saved = layer_saved(t, i, x_in, x.encoder_hidden_states)
         dx, d_enc_i, g.layers[i] = transformer_layer_backward(dx, saved, params.layers[i], config, trace=scope(trace, f"layers.{i}"))
         _record_params(ptrace, f"layers.{i}", g.layers[i])
         if d_enc_i is not None:
             d_enc = d_enc_i if d_enc is None else d_enc + d_enc_i
 
     # -- embeddings --------------------------------------------------------------------------------
-    esaved = EmbeddingsSaved(t["embeddings.sum"], inputs.input_ids, inputs.token_type_ids, inputs.position_ids)
+    esaved = EmbeddingsSaved(t["embeddings.sum"], x.input_ids, x.token_type_ids, x.position_ids)
     d_word_rows, g.embeddings = embed_backward(dx, esaved, params.embeddings, eps=eps, pad_token_id=pad,
                                                trace=scope(trace, "embeddings"))
     _record_params(ptrace, "embeddings", dataclasses.replace(g.embeddings, word=None))
@@ -828,33 +769,33 @@ def backward(tensors: dict, params: Params, config: Config, task: str, inputs: R
         _record_params(ptrace, "embeddings.word", word)
 
     d_embeds = None
-    if inputs.inputs_embeds_shape is not None:
-        d_embeds = d_word_rows.reshape(inputs.inputs_embeds_shape)
+    if x.inputs_embeds is not None:  # multiple choice: back to [B, C, T, H]
+        d_embeds = d_word_rows if x.num_choices is None else d_word_rows.reshape(-1, x.num_choices, *d_word_rows.shape[1:])
     return Gradients(t["loss"], g, d_embeds, d_enc, t)
 
 
 def gradients(model, *, trace: Trace | None = None, **inputs) -> Gradients:
     """Run the reference forward of ``model(**inputs)`` with a trace and differentiate its loss.
 
-    ``inputs`` are the model's arguments and must produce a loss (``labels``, or
-    ``start_positions``/``end_positions`` for question answering). The forward runs on the NumPy
-    reference (``model.to("numpy")``) whatever backend ``model`` uses. ``trace``: see :func:`backward`.
+    ``inputs`` are the model's arguments, validated as the forward validates them
+    (:func:`refimpl.inputs.validate`), and must give a loss: ``labels``, or
+    ``start_positions``/``end_positions`` for question answering. The forward is the reference
+    (:mod:`refimpl.tasks`) on NumPy whatever backend ``model`` uses. ``trace``: see :func:`backward`.
     """
     if model.task == "base":
         raise GradientError("the base model has no loss to differentiate; load a task model and pass labels")
-    for name in ("past_key_values", "cache"):
-        if inputs.get(name) is not None:
-            raise GradientError("gradients run without a KV cache: pass the whole sequence, not past_key_values")
-    if model.task == "question-answering":
-        if inputs.get("start_positions") is None or inputs.get("end_positions") is None:
-            raise GradientError("question answering needs start_positions and end_positions for a loss to differentiate")
-    elif inputs.get("labels") is None:
+    if inputs.get("past_key_values") is not None or inputs.get("cache") is not None:
+        raise GradientError("gradients run without a KV cache: pass the whole sequence, not past_key_values")
+    ref = model if model.backend == "numpy" else model.to("numpy")
+    x = validate(ref, **inputs)
+    if model.task == "question-answering" and x.start_positions is None:
+        raise GradientError("question answering needs start_positions and end_positions for a loss to differentiate")
+    if model.task != "question-answering" and x.labels is None:
         raise GradientError(f"task {model.task!r} needs labels for a loss to differentiate")
-    ref = model.to("numpy")
     recorder = Trace()
-    ref(**inputs, trace=recorder)  # validates the inputs; records every intermediate
+    FORWARD[ref.task](ref.params, ref.config, x, trace=recorder)  # records every intermediate
     tensors = {k: v for k, v in recorder.tensors.items() if v is not None}
-    return backward(tensors, ref.params, ref.config, ref.task, resolve_inputs(ref, inputs), trace=trace)
+    return backward(tensors, ref.params, ref.config, ref.task, x, trace=trace)
 
 
 def parameter_names(config: Config, task: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .cache import empty_cache
-from .embeddings import position_ids_from_input_ids
+from .encoder import position_ids_from_input_ids
 
 _FROM_CONFIG = object()  # "use the config's value" (None is a meaningful value for the ids)
 POSITION_STYLES = ("roberta", "zero-based")

@@ -19,7 +19,8 @@ text, ``tokenizer`` (the text and the tokenizer's output, JSON).
 A comparison walks the golden's tensors in forward order and checks each present in the candidate
 elementwise, ``|c - g| <= atol + rtol * |g|``, in float64. The first tensor that fails is the
 *first divergence*, reported with a hint keyed by its name. Tolerances come from one table,
-:data:`PROFILES`, justified by the measurements in docs/golden.md.
+:data:`PROFILES` (``refimpl.tolerances.GOLDEN_PROFILES``), justified by the measurements in
+docs/golden.md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .safetensors_io import bf16_bits_to_float32, read_safetensors
+from .tolerances import GOLDEN_PROFILES, profile_bound
 from .tracing import Trace
 
 FORMAT_NAME = "refimpl-golden"
@@ -201,8 +203,9 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     ``position_ids``, ``inputs_embeds``, ``labels``, ``start_positions``, ``end_positions``,
     ``encoder_hidden_states``, ``encoder_attention_mask``). tokenizer_output: what the tokenizer
     produced for the text, if any (stored as JSON metadata). The golden's dtype is the model's: load
-    it with ``dtype="float64"`` for a reference golden. The tensors are computed with the reference
-    kernels (:func:`reference_model`): a golden is the definition, not a fast path.
+    it with ``dtype="float64"`` for a reference golden. The tensors are computed by the reference
+    (:mod:`refimpl.tasks`; a traced call runs it whatever the model's backend): a golden is the
+    definition, not a fast path.
 
     gradients: also record the gradient of the loss with respect to every traced intermediate and
     every parameter (``grad.*`` names, after the forward's, in backward order: docs/golden.md), from
@@ -212,7 +215,7 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     if unknown:
         raise ValueError(f"write_golden records array inputs only ({', '.join(INPUT_NAMES)}); got {', '.join(unknown)}")
     given = {k: v for k, v in inputs.items() if v is not None}
-    tensors = trace(reference_model(model), **given)
+    tensors = trace(model, **given)
     if gradients:
         from .backward import gradient_trace
 
@@ -221,17 +224,6 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     meta = golden_metadata(model, tensors, arrays, tokenizer_output)
     save_tensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
     return Golden(tensors, arrays, _parse_metadata(meta), os.fspath(path))
-
-
-def reference_model(model):
-    """The same model computing with the reference kernels (:data:`refimpl.ops.REFERENCE`), the
-    definitions: golden files are written by these, whatever fast paths ``model`` was loaded with."""
-    from .model import Model
-    from .ops import REFERENCE
-
-    if getattr(model, "kernels", REFERENCE) is REFERENCE:
-        return model
-    return Model(model.config, model.params, model.task)
 
 
 def read_golden(path: str | os.PathLike) -> Golden:
@@ -280,45 +272,12 @@ def _jsonable(x):
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+# Tolerances: the profiles of the one tolerance table (refimpl.tolerances)
 # ---------------------------------------------------------------------------------------------
-# Tolerances: the one table
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    rtol: float
-    atol: float
-    why: str
-
 
 # A candidate computing in <dtype> passes when every element satisfies |c - g| <= atol + rtol*|g|
-# against a float64 golden. Measured in docs/golden.md ("Accuracy table"); every number there is
-# reproduced by scripts/accuracy_table.py.
-PROFILES: dict[str, Tolerance] = {
-    "float64": Tolerance(
-        1e-10, 1e-10,
-        "the same formulas in IEEE double; only BLAS summation order differs: torch float64 needs 6e-15 on "
-        "every traced tensor. 1e-10 keeps four orders of margin and still catches every real mistake "
-        "(a LayerNorm eps of 1e-12 for 1e-5 moves values by ~1e-6).",
-    ),
-    "float32": Tolerance(
-        1e-4, 1e-4,
-        "torch float32 and refimpl float32 need <= 4.7e-6 on every traced tensor (tiny std-0.5 and "
-        "roberta-base-shaped models, with and without padding): 1e-4 leaves a 20x margin for deeper "
-        "models, and still catches tanh GELU for erf GELU (up to 4.7x over tolerance at |x| ~ 2.7).",
-    ),
-    "float16": Tolerance(
-        5e-2, 5e-2,
-        "torch float16 needs 1.9e-2 on a roberta-base-shaped model (2.6x margin). Models with "
-        "saturated attention (tiny std-0.5 weights, scores in the tens) need ~8e-2: pass --rtol/--atol.",
-    ),
-    "bfloat16": Tolerance(
-        1e-1, 1e-1,
-        "torch bfloat16 (8-bit significand) needs 2.9e-2 on a roberta-base-shaped model (3.4x margin); "
-        "the tiny std-0.5 models need ~0.15: pass --rtol/--atol.",
-    ),
-}
+# against a float64 golden, with rtol = atol = the profile's bound.
+PROFILES = GOLDEN_PROFILES
 
 _ST_TO_PROFILE = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _PRECISION_RANK = ["float64", "float32", "float16", "bfloat16"]
@@ -595,9 +554,8 @@ def compare(golden, candidate, *, rtol: float | None = None, atol: float | None 
         profile = profile_for(c)
     if profile not in PROFILES:
         raise ValueError(f"unknown dtype profile {profile!r}; known: {', '.join(PROFILES)}")
-    tol = PROFILES[profile]
-    rtol = tol.rtol if rtol is None else float(rtol)
-    atol = tol.atol if atol is None else float(atol)
+    rtol = profile_bound(profile) if rtol is None else float(rtol)
+    atol = profile_bound(profile) if atol is None else float(atol)
     if rtol < 0 or atol < 0:
         raise ValueError(f"rtol and atol must be >= 0; got rtol={rtol}, atol={atol}")
     results = []

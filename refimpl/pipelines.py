@@ -77,7 +77,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
         if tokenizer is None:
             raise PipelineError("a Model object needs tokenizer= (a refimpl Tokenizer or a tokenizer folder)")
         if task == "base" and model.task != "base":
-            model = Model(model.config, model.params, "base", model.kernels)
+            model = Model(model.config, model.params, "base", model.backend)
         elif model.task != task:
             raise PipelineError(f"this pipeline needs a {task} model; the Model given is a {model.task} model")
     else:

@@ -205,7 +205,7 @@ def main() -> int:
         print(f"| {label} | {name} | {la:.1e} | {lr:.1e} | {lrms:.1e} | {ha:.1e} | {hr:.1e} | {need:.1e} ({where}) | "
               f"{profile}: {ok} |")
     print()
-    print("profiles: " + "; ".join(f"{k} rtol={v.rtol:g} atol={v.atol:g}" for k, v in PROFILES.items()))
+    print("profiles: " + "; ".join(f"{k} rtol=atol={v[k]:g}" for k, v in PROFILES.items()))
     return 0
 
 

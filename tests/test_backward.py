@@ -333,7 +333,7 @@ def finite_difference_check(model, inputs: dict, rng, per_tensor: int = 2, h: fl
                 assert up == down, f"{name}: no gradient, but the loss moves"
                 continue
             err = abs(fd - g[idx]) / max(1.0, float(np.max(np.abs(g))))
-            assert err <= FINITE_DIFFERENCE, f"{name}{list(idx)}: finite difference {fd:.10g}, backward {g[idx]:.10g}"
+            assert err <= FINITE_DIFFERENCE["float64"], f"{name}{list(idx)}: finite difference {fd:.10g}, backward {g[idx]:.10g}"
             worst = max(worst, err)
     assert float(model(**inputs).loss) == float(loss)  # every coordinate restored
     return worst

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tolerances import JSON_FLOATS
 
 import pipeline_checkpoints
 from refimpl import cli
@@ -146,7 +147,7 @@ def test_choose_and_embed(ck, capsys, monkeypatch, tmp_path):
     assert code == 0 and "wrote 3 x 32 float32" in err
     np.testing.assert_array_equal(np.load(target), want)
     code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", *CLS_TEXTS])
-    np.testing.assert_allclose(np.array(json_lines(out)), want, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(np.array(json_lines(out)), want, rtol=0, atol=JSON_FLOATS["float32"])
 
 
 def test_generate(ck, capsys, monkeypatch):
