@@ -66,17 +66,10 @@ def torch_gradients(hf, task: str, inputs: dict, dtype: str = "float64"):
     """-> (loss as NumPy, {name: gradient or None}) from torch autograd, model in ``dtype``."""
     tdtype = getattr(torch, dtype)
     hf = hf.to(tdtype)
-    def outputs(module, args, kwargs, output):
-        for name in ("logits", "start_logits", "end_logits"):
-            if getattr(output, name, None) is not None:
-                keep(name, getattr(output, name))
-
-    handles.append(hf.register_forward_hook(outputs, with_kwargs=True))
     try:
         hf.zero_grad(set_to_none=True)
         tin = torch_inputs(inputs, tdtype)
         loss = torch_loss(hf, task, dict(tin))
-        keep("loss", loss)
         loss.backward()
         grads = {n: None if p.grad is None else p.grad.detach().numpy().copy() for n, p in hf.named_parameters()}
         for k in ("inputs_embeds", "encoder_hidden_states"):

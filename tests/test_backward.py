@@ -447,5 +447,7 @@ def test_question_answering_needs_positions():
     from conftest import TINY
 
     _, model = build("question-answering", {**TINY, "num_labels": 2}, seed=2)
-    with pytest.raises(bw.GradientError, match="start_positions and end_positions"):
+    with pytest.raises(bw.GradientError, match="needs start_positions and end_positions"):
+        refimpl.grad(model, input_ids=[[0, 5, 2]])
+    with pytest.raises(ValueError, match="pass both start_positions and end_positions"):
         refimpl.grad(model, input_ids=[[0, 5, 2]], start_positions=[1])
