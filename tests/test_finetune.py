@@ -19,7 +19,7 @@ from refimpl.cli import main
 from refimpl.optim import AdamWState, clip_grad_norm, decays, linear_schedule
 from backward_oracle import build, torch_inputs
 from conftest import TINY
-from tolerances import TOL, assert_close
+from tolerances import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
