@@ -276,7 +276,7 @@ def check_against_torch(task, cfg, inputs, seed, dtype) -> float:
     return worst
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(grad_cases())
 def test_gradients_match_torch_autograd(case):
     check_against_torch(*case)
