@@ -28,7 +28,7 @@ import os
 import sys
 
 from .. import __version__
-from . import common, describe, dump, golden, tasks
+from . import common, describe, dump, finetune, golden, tasks
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
     golden.add_golden_commands(sub, add_model_options)  # refimpl golden, refimpl compare
     dump.add_dump_command(sub)  # refimpl dump
+    finetune.add_finetune_command(sub)  # refimpl finetune
     return parser
 
 

@@ -34,6 +34,14 @@ def add_golden_commands(subparsers, add_model_options) -> None:
                           "with one row per line (or ';'), ids separated by spaces or commas")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
     p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
+    p.add_argument("--gradients", action="store_true",
+                   help="also record the gradient of the loss with respect to every intermediate and parameter "
+                        "(grad.* names, in backward order); the loss uses --labels or the default labels")
+    p.add_argument("--labels", default=None, metavar="INTS",
+                   help="labels for --gradients: rows separated by ';', integers by spaces. Per-token tasks: one row "
+                        "per text (-100 = ignored); sequence classification: one per text; multiple choice: the right "
+                        "choice; question answering: 'start end' per text. Default: the input ids (LM tasks), "
+                        "0 per token / text / example, start = end = 0 (QA)")
     p.set_defaults(func=cmd_golden)
 
     p = subparsers.add_parser(
@@ -76,10 +84,47 @@ def cmd_golden(args) -> int:
         inputs["attention_mask"] = (ids != pad).astype(np.int64)
     if model.task == "multiple-choice" and ids.ndim == 2:  # the rows are the choices of one example
         inputs = {k: v[None] for k, v in inputs.items()}
-    golden = write_golden(model, args.out, tokenizer_output=tokenizer_output, **inputs)
+    if args.labels is not None and not args.gradients:
+        raise ValueError("--labels goes with --gradients")
+    if args.gradients:
+        inputs.update(golden_labels(model, inputs, args.labels))
+    golden = write_golden(model, args.out, tokenizer_output=tokenizer_output, gradients=args.gradients, **inputs)
     print(f"wrote {args.out}: {len(golden.tensors)} tensors ({golden.dtype}, task {golden.task}), "
           f"inputs {', '.join(f'{k} {list(v.shape)}' for k, v in golden.inputs.items())}")
     return 0
+
+
+def golden_labels(model, inputs: dict, text: str | None) -> dict:
+    """The loss arguments for ``--gradients``: parsed from ``--labels`` or the documented defaults."""
+    task, ids, mask = model.task, inputs["input_ids"], inputs["attention_mask"]
+    if task == "base":
+        raise ValueError("--gradients needs a loss: the base model has none; pass --task with a head")
+    rows = None
+    if text is not None:
+        try:
+            rows = [[int(x) for x in r.replace(",", " ").split()] for r in text.split(";") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--labels must hold integers (rows separated by ';'); got {text!r}") from None
+    if task in ("masked-lm", "causal-lm", "token-classification"):
+        if rows is None:
+            fill = ids if task != "token-classification" else np.zeros_like(ids)
+            return {"labels": np.where(mask != 0, fill, -100)}
+        labels = np.array(rows, dtype=np.int64) if len({len(r) for r in rows}) == 1 else None
+        if labels is None or labels.shape != ids.shape:
+            raise ValueError(f"--labels for {task} needs one row of {ids.shape[1]} per text ({ids.shape[0]} rows)")
+        return {"labels": labels}
+    if task == "question-answering":
+        pos = np.zeros((ids.shape[0], 2), dtype=np.int64) if rows is None else np.array(rows, dtype=np.int64)
+        if pos.shape != (ids.shape[0], 2):
+            raise ValueError(f"--labels for question answering needs 'start end' for each of the {ids.shape[0]} texts")
+        return {"start_positions": pos[:, 0], "end_positions": pos[:, 1]}
+    n = ids.shape[0]
+    flat = [0] * n if rows is None else [x for r in rows for x in r]
+    if len(flat) != n:
+        raise ValueError(f"--labels for {task} needs {n} label(s), one per {'example' if task == 'multiple-choice' else 'text'}")
+    if task == "sequence-classification" and model.config.num_labels == 1:
+        return {"labels": np.array(flat, dtype=np.float64)}  # one label: regression
+    return {"labels": np.array(flat, dtype=np.int64)}
 
 
 def _model_folder(name: str) -> str:
