@@ -69,10 +69,10 @@ def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 def forward_gemms(model, b: int, t: int):
     """A function that runs the GEMMs of ``model``'s forward on [b, t] inputs, and nothing else.
 
-    The same shapes, the same weights and the same scheduling rule as ``refimpl.ops.linear``
+    The same shapes, the same weights and the same scheduling rule as ``refimpl.fast.schedule.linear``
     (few rows: ``(W x^T)^T``); activations are random (GEMM time does not depend on values).
     """
-    from refimpl.ops import THIN_ROWS
+    from refimpl.fast.schedule import THIN_ROWS
 
     cfg, dtype = model.config, model.dtype
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads

@@ -11,7 +11,7 @@ Reported per batch size: end-to-end tokens/s (prefill included) and decode-only 
 
 Also measured, interleaved with both: the **GEMV floor**, the time of one step's matrix products
 alone (every projection of every layer, the LM head's dense layer and its [V, H] decoder, on the
-model's own weights, B rows, scheduled as ``refimpl.ops.linear`` does). At batch 1 a step streams
+model's own weights, B rows, scheduled as ``refimpl.fast.schedule.linear`` does). At batch 1 a step streams
 all ~500 MB of float32 weights once, so this is what memory bandwidth allows any implementation
 that computes the full logits in float32; ``transformers ms/step / floor ms/step`` is the largest
 speed-up over transformers this machine permits.
@@ -57,7 +57,7 @@ def build(threads: int, backend: str = "numba"):
 
 def step_gemvs(model, batch: int):
     """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix."""
-    from refimpl.ops import THIN_ROWS
+    from refimpl.fast.schedule import THIN_ROWS
 
     p = model.params
     mats = [w for lp in p.layers for w in (

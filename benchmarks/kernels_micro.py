@@ -1,4 +1,4 @@
-"""Micro-benchmark: refimpl.kernels vs the NumPy definitions (refimpl.ops) vs torch, float32.
+"""Micro-benchmark: refimpl.fast.kernels vs the NumPy definitions (refimpl.ops) vs torch, float32.
 
 Shapes are roberta-base's (H=768, I=3072, N=12, D=64) at batch 8 x 128 tokens, plus 4 x 512 for
 the softmax and the attention context, and the in-place GELU of one half-batch (4 x 128 tokens) as
@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refimpl import kernels, ops  # noqa: E402
+from refimpl import ops  # noqa: E402
+from refimpl.fast import kernels  # noqa: E402
 
 
 def interleaved(candidates: dict, repeats: int) -> dict:
@@ -51,7 +52,7 @@ _FIRST_CALLS = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-from refimpl import kernels
+from refimpl.fast import kernels
 res = {"import": time.perf_counter() - t0}
 dtype = np.dtype(sys.argv[1])
 rng = np.random.default_rng(0)

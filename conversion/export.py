@@ -58,6 +58,7 @@ from refimpl.io import (
     WEIGHT_FORMATS,
     float32_to_bf16_bits,
     interrupt_on_signals,
+    os_error,
     short_repr,
     signals_ignored,
     write_safetensors,
@@ -269,6 +270,10 @@ def export(
                     os.rmdir(folder)
                 except OSError:
                     pass
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError) and tmp in str(e):
+            # (disk full, a file size limit, permissions): name the folder asked for, not the temporary one
+            reason = os.strerror(e.errno) if e.errno else str(e).replace(tmp, dst)
+            raise os_error(type(e), e.errno, f"cannot write {dst!r}: {reason}") from None
         raise
     return ExportSummary(
         path=dst, task=model.task, architecture=TASKS[model.task][0], dtype=dtype, tensors=len(state),

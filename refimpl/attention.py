@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .backend import finfo_min, namespace
 from .cache import LayerCache, append, has_cross, set_cross
-from .ops import REFERENCE, Kernels
+from .ops import layer_norm, linear, softmax
 from .params import Attention
 from .tracing import Trace, record
 
@@ -93,23 +93,19 @@ def merge_heads(x):
     return xp.reshape(xp.permute_dims(x, (0, 2, 1, 3)), (b, t, n * d))
 
 
-def scaled_dot_product_attention(
-    q, k, v, bias, *, kernels: Kernels = REFERENCE, trace: Trace | None = None, need_probs: bool = True
-):
+def scaled_dot_product_attention(q, k, v, bias, *, trace: Trace | None = None):
     """``softmax(q k^T / sqrt(D) + bias) v``.
 
     q: [B, N, T, D]; k, v: [B, N, S, D]; bias: [B|1, 1|N, T|1, S] or None.
-    -> context [B, N, T, D], probabilities [B, N, T, S] (None when ``need_probs`` is False and
-    nothing is traced: then ``kernels.attention_context`` may schedule the work its own way).
+    -> context [B, N, T, D], probabilities [B, N, T, S]. The scale multiplies before the mask is
+    added, as in transformers' eager attention.
     """
     xp = namespace(q, k)
     scale = q.shape[-1] ** -0.5  # 1/sqrt(D), written as transformers writes it
-    if not need_probs and trace is None:
-        return kernels.attention_context(q, k, v, bias, scale), None  # [B, N, T, D]
-    scores = xp.matmul(q, xp.matrix_transpose(k))  # [B, N, T, S], before the scale
-    if trace is not None:  # recorded scaled and before the mask, as eager attention materialises them
-        trace("scores", scores * scale)  # the same product the softmax kernel forms
-    probs = record(trace, "probs", kernels.scaled_masked_softmax(scores, bias, scale))  # [B, N, T, S]
+    scores = record(trace, "scores", xp.matmul(q, xp.matrix_transpose(k)) * scale)  # [B, N, T, S]
+    if bias is not None:
+        scores = scores + bias  # masked keys: + finfo(dtype).min
+    probs = record(trace, "probs", softmax(scores, axis=-1))  # [B, N, T, S]
     context = record(trace, "context", xp.matmul(probs, v))  # [B, N, T, D]
     return context, probs
 
@@ -124,9 +120,7 @@ def attention_block(
     key_value_states=None,
     cache: LayerCache | None = None,
     cross: bool = False,
-    kernels: Kernels = REFERENCE,
     trace: Trace | None = None,
-    need_probs: bool = True,
 ):
     """The pre-LN attention sub-block: ``x + W_o · attention(LayerNorm(x))``.
 
@@ -136,25 +130,33 @@ def attention_block(
     :class:`~refimpl.cache.LayerCache`: for self-attention this step's [B, N, T, D] keys/values are
     appended to the P cached ones and attention runs over all S = P + T; for cross-attention the
     encoder keys/values [B, N, S, D] are computed on the first call, stored, and reused after.
-    -> (output [B, T, H], probabilities [B, N, T, S] or None unless ``need_probs``,
-    (k, v) each [B, N, S, D]).
+    -> (output [B, T, H], probabilities [B, N, T, S], (k, v) each [B, N, S, D]).
     """
-    h = record(trace, "layer_norm", kernels.layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps))  # [B, T, H]
-    q = record(trace, "q", split_heads(kernels.linear(h, p.query.weight, p.query.bias), num_heads))  # [B, N, T, D]
-    if cross and cache is not None and has_cross(cache):
-        k, v = cache.cross_keys, cache.cross_values  # cross-attention: reuse the encoder's keys/values, [B, N, S, D]
-    else:
-        source = key_value_states if cross else h  # [B, S, H] or [B, T, H]
-        k = split_heads(kernels.linear(source, p.key.weight, p.key.bias), num_heads)  # [B, N, T|S, D]
-        v = split_heads(kernels.linear(source, p.value.weight, p.value.bias), num_heads)  # [B, N, T|S, D]
-        if cache is not None and cross:
-            set_cross(cache, k, v)  # computed once, reused by every later step
-        elif cache is not None:  # self-attention with a cache: write [B, N, T, D] after the P cached
-            k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
-    record(trace, "k", k)
-    record(trace, "v", v)
-    context, probs = scaled_dot_product_attention(
-        q, k, v, bias, kernels=kernels, trace=trace, need_probs=need_probs
-    )
-    attn = record(trace, "output", kernels.linear(merge_heads(context), p.output.weight, p.output.bias))  # [B, T, H]
+    h = record(trace, "layer_norm", layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps))  # [B, T, H]
+    q = record(trace, "q", split_heads(linear(h, p.query.weight, p.query.bias), num_heads))  # [B, N, T, D]
+    k, v = keys_values(h, p, num_heads=num_heads, key_value_states=key_value_states, cache=cache, cross=cross)
+    record(trace, "k", k)  # [B, N, S, D]
+    record(trace, "v", v)  # [B, N, S, D]
+    context, probs = scaled_dot_product_attention(q, k, v, bias, trace=trace)  # [B, N, T, D], [B, N, T, S]
+    attn = record(trace, "output", linear(merge_heads(context), p.output.weight, p.output.bias))  # [B, T, H]
     return record(trace, "residual", x + attn), probs, (k, v)
+
+
+def keys_values(h, p: Attention, *, num_heads: int, key_value_states=None, cache: LayerCache | None = None,
+                cross: bool = False):
+    """The keys and values one attention sub-block attends over -> (k, v), each [B, N, S, D].
+
+    Self-attention projects ``h = LayerNorm(x)`` [B, T, H]; with a cache, these T positions are
+    appended to the P cached ones (S = P + T). Cross-attention projects ``key_value_states``
+    [B, S, H] once and then reuses the cached projections.
+    """
+    if cross and cache is not None and has_cross(cache):
+        return cache.cross_keys, cache.cross_values  # computed on the first call, [B, N, S, D]
+    source = key_value_states if cross else h  # [B, S, H] or [B, T, H]
+    k = split_heads(linear(source, p.key.weight, p.key.bias), num_heads)  # [B, N, T|S, D]
+    v = split_heads(linear(source, p.value.weight, p.value.bias), num_heads)  # [B, N, T|S, D]
+    if cache is not None and cross:
+        set_cross(cache, k, v)  # computed once, reused by every later step
+    elif cache is not None:  # self-attention with a cache: write [B, N, T, D] after the P cached
+        k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
+    return k, v

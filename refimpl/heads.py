@@ -6,7 +6,7 @@ sequence: [B, T, H] is the encoder output after the final LayerNorm throughout.
 from __future__ import annotations
 
 from .backend import namespace
-from .ops import REFERENCE, Kernels, gelu, linear
+from .ops import gelu, layer_norm, linear
 from .params import ClassificationHead, LMHead, Linear
 from .tracing import Trace, record
 
@@ -17,7 +17,7 @@ def pooler(sequence, p: Linear, *, trace: Trace | None = None):
     return record(trace, "pooler", xp.tanh(linear(sequence[:, 0, :], p.weight, p.bias)))
 
 
-def lm_head(sequence, p: LMHead, *, eps: float, kernels: Kernels = REFERENCE, trace: Trace | None = None):
+def lm_head(sequence, p: LMHead, *, eps: float, trace: Trace | None = None):
     """Masked/causal LM head: dense -> exact GELU -> LayerNorm -> tied decoder + bias.
 
     [..., H] -> [..., V]. The decoder weight is the word-embedding matrix [V, H] unless the config
@@ -25,7 +25,7 @@ def lm_head(sequence, p: LMHead, *, eps: float, kernels: Kernels = REFERENCE, tr
     """
     x = record(trace, "dense", linear(sequence, p.dense.weight, p.dense.bias))  # [..., H]
     x = record(trace, "gelu", gelu(x))  # [..., H]
-    x = record(trace, "layer_norm", kernels.layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps))  # [..., H]
+    x = record(trace, "layer_norm", layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps))  # [..., H]
     return linear(x, p.decoder_weight, p.bias)  # [..., V]
 
 

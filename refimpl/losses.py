@@ -78,6 +78,21 @@ def span_loss(start_logits, end_logits, start_positions, end_positions):
     return (start + end) / 2
 
 
+def sequence_classification_loss(logits, labels, problem_type: str):
+    """The loss ``problem_type`` names (resolved by :mod:`refimpl.inputs` as transformers infers it).
+
+    logits: [B, K]. ``"regression"``: MSE against labels [B] (K = 1) or [B, K];
+    ``"single_label_classification"``: cross-entropy against class ids [B];
+    ``"multi_label_classification"``: BCE with logits against 0/1 targets [B, K].
+    """
+    xp = namespace(logits)
+    if problem_type == "regression":
+        return mse(xp.reshape(logits, labels.shape), labels)  # [B, 1] -> [B] when K = 1
+    if problem_type == "single_label_classification":
+        return cross_entropy(logits, labels)
+    return bce_with_logits(logits, labels)
+
+
 def first_flagged(xp, labels, bad) -> int:
     flat_bad = xp.reshape(bad, (-1,))
     flat = xp.reshape(labels, (-1,))
@@ -85,4 +100,5 @@ def first_flagged(xp, labels, bad) -> int:
     return int(flat[idx])
 
 
-__all__ = ["cross_entropy", "mse", "bce_with_logits", "causal_lm_loss", "span_loss", "IGNORE_INDEX"]
+__all__ = ["cross_entropy", "mse", "bce_with_logits", "causal_lm_loss", "span_loss", "sequence_classification_loss",
+           "IGNORE_INDEX", "first_flagged"]

@@ -2,7 +2,8 @@
 
 These are the definitions. Every function is pure (arrays in, arrays out), computes in its input's
 dtype, and uses only the Array API namespace of its inputs, so NumPy, CuPy and ``array_api_strict``
-share one code path. Faster kernels (Numba, CuPy) live beside these and are tested against them.
+share one code path. The fast path (:mod:`refimpl.fast`) has its own kernels for some of them, each
+held to the definition here by tests.
 
 Shape legend used throughout refimpl: B batch, C choices, T query length, P past length,
 S = P + T key length, H hidden, N heads, D = H / N head size, I intermediate, V vocab, L layers.
@@ -11,30 +12,21 @@ S = P + T key length, H hidden, N heads, D = H / N head size, I intermediate, V 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 from .backend import erf, namespace
-
-
-THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T (see below)
 
 
 def linear(x, weight, bias=None):
     """``x @ W.T + b`` with ``W`` in PyTorch's ``[out, in]`` orientation.
 
     x: [..., in]; weight: [out, in]; bias: [out] or None -> [..., out].
-    This is the only place in refimpl that writes ``x @ W.T``.
+    This is the only place in the reference that writes ``x @ W.T``.
     """
     xp = namespace(x, weight)
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = xp.reshape(x, (-1, n_in))  # [..., in] -> [R, in]: one GEMM, not one per leading index
-    if rows.shape[0] <= THIN_ROWS:
-        # The same products and sums, scheduled as (W x^T)^T: for a few rows (decoding, short
-        # inputs) BLAS streams W in its stored order, ~1.7x faster than x W^T on OpenBLAS.
-        y = xp.matrix_transpose(xp.matmul(weight, xp.matrix_transpose(rows)))  # [out, R] -> [R, out]
-    else:
-        y = xp.matmul(rows, xp.matrix_transpose(weight))  # [R, in] @ [in, out] -> [R, out]
+    y = xp.matmul(rows, xp.matrix_transpose(weight))  # [R, in] @ [in, out] -> [R, out]
     if bias is not None:
         y = y + bias
     return xp.reshape(y, (*lead, weight.shape[0]))  # [R, out] -> [..., out]
@@ -222,59 +214,3 @@ def activation(name: str) -> Callable:
         raise ValueError(
             f"unknown hidden_act={name!r}; supported: {', '.join(sorted(ACTIVATIONS))}"
         ) from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Fused steps with swappable implementations
-# ---------------------------------------------------------------------------------------------
-
-
-def scaled_masked_softmax(scores, bias, scale: float):
-    """``softmax(scores * scale + bias)`` over the last axis.
-
-    scores: [B, N, T, S]; bias: additive, broadcastable to scores ([B, 1, T|1, S]) or None.
-    The scale multiplies before the mask is added, as in transformers' eager attention.
-    """
-    scores = scores * scale
-    if bias is not None:
-        scores = scores + bias
-    return softmax(scores, axis=-1)
-
-
-def attention_context(q, k, v, bias, scale: float):
-    """``softmax(q k^T * scale + bias) v`` when the probabilities themselves are not needed.
-
-    q: [B, N, T, D]; k, v: [B, N, S, D]; bias as in :func:`scaled_masked_softmax`.
-    -> context [B, N, T, D]. The same steps as ``attention.scaled_dot_product_attention``.
-    """
-    xp = namespace(q, k)
-    probs = scaled_masked_softmax(xp.matmul(q, xp.matrix_transpose(k)), bias, scale)  # [B, N, T, S]
-    return xp.matmul(probs, v)  # [B, N, T, D]
-
-
-def linear_act(x, weight, bias, act_name: str):
-    """``act(x @ W.T + b)``: the FFN's first projection and its activation."""
-    return activation(act_name)(linear(x, weight, bias))
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """The implementations of the few steps that have fast paths.
-
-    The forward functions receive one of these explicitly. :data:`REFERENCE` holds the
-    definitions above; ``refimpl.kernels`` builds the Numba versions, each tested against these.
-    """
-
-    name: str
-    linear: Callable = linear  # (x, weight, bias) -> [..., out]
-    layer_norm: Callable = layer_norm  # (x, weight, bias, eps) -> [..., H]
-    scaled_masked_softmax: Callable = scaled_masked_softmax  # (scores, bias, scale) -> probs
-    linear_act: Callable = linear_act  # (x, weight, bias, act_name) -> [..., out]
-    # (q, k, v, bias, scale) -> context [B, N, T, D], used when no one asks for the probabilities
-    attention_context: Callable = attention_context
-    # (fn, n) -> [fn(slice), ...] over consecutive slices covering range(n), possibly concurrent;
-    # None: the whole batch runs at once (see refimpl.split.encode_maybe_split)
-    split_batch: Callable | None = None
-
-
-REFERENCE = Kernels("numpy")

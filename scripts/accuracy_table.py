@@ -66,7 +66,7 @@ def build(cfg: dict, std: float, bias_std: float, seed: int = 0):
 def shipped():
     """The checkpoint shipped as ``--model tiny`` (transformers' default init: std 0.02, zero biases)."""
     from dump_transformers_golden import load_transformers
-    from refimpl.cli import resolve_model_path
+    from refimpl.cli.common import resolve_model_path
 
     folder = resolve_model_path("tiny")
     hf = load_transformers(folder, "masked-lm", "float64")
@@ -205,7 +205,7 @@ def main() -> int:
         print(f"| {label} | {name} | {la:.1e} | {lr:.1e} | {lrms:.1e} | {ha:.1e} | {hr:.1e} | {need:.1e} ({where}) | "
               f"{profile}: {ok} |")
     print()
-    print("profiles: " + "; ".join(f"{k} rtol={v.rtol:g} atol={v.atol:g}" for k, v in PROFILES.items()))
+    print("profiles: " + "; ".join(f"{k} rtol=atol={v[k]:g}" for k, v in PROFILES.items()))
     return 0
 
 

@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import refimpl  # noqa: E402
-from tolerances import TOL, assert_close, max_scaled_error  # noqa: E402
+from tolerances import FAIRSEQ, TOL, assert_close, max_scaled_error  # noqa: E402
 
 from refimpl_conversion import cli  # noqa: E402
 from refimpl_conversion.export import export  # noqa: E402
@@ -112,7 +112,7 @@ def test_reproduces_fairseq(dtype, reference):
     # own float32 rounding): float32 precision. The table's float32 bound is 5e-5.
     for name, err in errors.items():
         assert err <= TOL["float32"], f"{name}: {err:.2e} ({dtype})"
-    assert max(errors.values()) < 2e-6
+    assert max(errors.values()) <= FAIRSEQ[dtype]
     # The reason for comparing non-pad positions only: fairseq zeroed the pad rows, we do not.
     pad = ~reference["nonpad"]
     assert np.all(reference["inner"][0][pad] == 0) and np.all(np.abs(got["inner"][0][pad]).max(axis=-1) > 0)
@@ -135,8 +135,8 @@ def test_export_loads_in_transformers(reference, tmp_path, capsys):
         assert_close(a.numpy(), b, "float64", f"hidden_states[{j}]")
     # transformers and fairseq: float32 precision at non-pad positions.
     m = reference["nonpad"]
-    assert max_scaled_error(out.logits.numpy()[m], reference["logits"][m]) < 2e-6
-    assert max_scaled_error(out.hidden_states[-1].numpy()[m], reference["features"][m]) < 2e-6
+    assert max_scaled_error(out.logits.numpy()[m], reference["logits"][m]) <= FAIRSEQ["float32"]
+    assert max_scaled_error(out.hidden_states[-1].numpy()[m], reference["features"][m]) <= FAIRSEQ["float32"]
 
 
 @pytest.mark.parametrize("dtype, st", [("float16", "F16"), ("bfloat16", "BF16")])
@@ -363,3 +363,27 @@ def test_fairseq_tasks(tmp_path):
         load_fairseq(FIXTURE, task="sequence-classification")
     assert load_fairseq(os.path.join(FIXTURE, "model.pt"), task="base").model.task == "base"
 
+
+
+def _strings(obj, path=""):
+    """(path, string) for every string inside a checkpoint object (dicts, lists, namespaces)."""
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k, f"{path}[{k!r}] (key)")
+            yield from _strings(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{path}[{i}]")
+    elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+        yield from _strings(vars(obj), path)
+
+
+def test_shipped_checkpoint_holds_no_absolute_path():
+    """The fixture is redistributed: its cfg/args must not carry paths of the machine that trained it
+    (fairseq stores `task.data`, `common.plasma_path`, ...)."""
+    ck = torch_checkpoint()
+    absolute = [(p, s) for p, s in _strings({k: v for k, v in ck.items() if k != "model"})
+                if s.startswith(("/", "~", "\\")) or (len(s) > 2 and s[1] == ":" and s[2] in "/\\")]
+    assert absolute == []

@@ -17,26 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import kernels, ops
+from refimpl import ops
+from refimpl.fast import elementary, kernels, llvm, reductions, schedule
 from refimpl.backend import erf as libm_erf
+from tolerances import KERNEL_ULPS
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
-# Largest difference allowed, in ulps (units in the last place) of the dtype. Measured maxima
-# on this code's test inputs are in the comments.
-ULPS = {
-    # |gelu_kernel - ops.gelu| <= ULPS * eps * |y + b|: the error of erf propagated through
-    # x/2 * (1 + erf) (for negative inputs the result is tiny while its rounding is not).
-    "gelu": {F32: 2, F64: 4},  # measured 1.0 / 1.8
-    # erf itself, against libm's (glibc: ~1 ulp from the truth on both sides; ours: float32
-    # correctly rounded, float64 within 2 ulp).
-    "erf": {F32: 1, F64: 3},  # measured 1 / 2
-    # exp against NumPy's (NumPy uses its own SIMD exp; ours is within 1 ulp of the truth).
-    "exp": {F32: 2, F64: 2},  # measured 1 / 1
-    # softmax probabilities: exp, the sum and the division each round (and NumPy's exp differs
-    # from ours by an ulp or two), on identical inputs in identical summation order.
-    "softmax": {F32: 8, F64: 8},  # measured 6 / 4
-}
+# Largest difference allowed, in ulps (units in the last place) of the dtype: the one tolerance
+# table's kernel entries (refimpl.tolerances.KERNEL_ULPS, each with its measured maximum).
+ULPS = {name: {F32: tol["float32"], F64: tol["float64"]} for name, tol in KERNEL_ULPS.items()}
 # LayerNorm and the residual add are computed with the very operations, in the very order, of
 # the NumPy definitions (including NumPy's pairwise summation), so they must match bitwise.
 
@@ -132,13 +122,13 @@ def test_bias_gelu_in_place_and_out():
 @numba.njit
 def _map_erf64(x, out):
     for i in range(x.shape[0]):
-        out[i] = kernels._erf_f64(x[i])
+        out[i] = elementary._erf_f64(x[i])
 
 
 @numba.njit
 def _map_erf32(x, out):
     for i in range(x.shape[0]):
-        out[i] = kernels._erf_f32(x[i])
+        out[i] = elementary._erf_f32(x[i])
 
 
 def _map_erf(x, out):
@@ -148,7 +138,7 @@ def _map_erf(x, out):
 @numba.njit
 def _map_exp(x, out):
     for i in range(x.shape[0]):
-        out[i] = kernels._exp(x[i])
+        out[i] = elementary._exp(x[i])
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -445,15 +435,15 @@ _KERNELS = [
     kernels._masked_softmax_kernel,
     kernels._gelu_full_run,
     kernels._gelu_main_run,
-    kernels._pairwise_sum_div_at,
+    reductions.pairwise_sum_div_at,
 ]
 
 
 def test_import_compiles_nothing():
     code = (
-        "import refimpl.kernels as k\n"
+        "import refimpl, refimpl.fast.kernels as k, refimpl.fast.reductions as r, refimpl.fast.elementary as e\n"
         "fs = [k._bias_gelu_kernel, k._layer_norm_kernel, k._residual_layer_norm_kernel,"
-        " k._masked_softmax_kernel, k._pairwise_sum, k._erf_f64]\n"
+        " k._masked_softmax_kernel, r.pairwise_sum, e._erf_f64]\n"
         "assert not any(f.signatures for f in fs), [f.signatures for f in fs]\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -482,15 +472,24 @@ def test_bias_gelu_in_place_is_bitwise_out_of_place(dtype, h):
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (64,), (65,), (2, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_is_bitwise_ops_linear(dtype, lead, with_bias):
+def test_linear_matches_ops_linear(dtype, lead, with_bias):
+    """schedule.linear: (W x^T)^T for at most THIN_ROWS rows, x W^T above, bias added in place.
+    Bitwise the same BLAS call written out; against ops.linear (always x W^T) within the bound of
+    another GEMM kernel's rounding."""
+    from tolerances import REORDERED, assert_close
+
     rng = np.random.default_rng(len(lead))
     x = rng.standard_normal(lead + (24,)).astype(dtype)
     w = rng.standard_normal((40, 24)).astype(dtype)
     b = rng.standard_normal(40).astype(dtype) if with_bias else None
-    got = kernels.numba_kernels().linear(x, w, b)
+    got = schedule.linear(x, w, b)
+    rows = x.reshape(-1, 24)
+    same_calls = (w @ rows.T).T if rows.shape[0] <= schedule.THIN_ROWS else rows @ w.T
+    same_calls = same_calls.reshape(*lead, 40) + (0 if b is None else b)
     want = ops.linear(x, w, b)
-    assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_array_equal(got, want)
+    assert got.shape == want.shape == lead + (40,) and got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(got, same_calls)
+    assert_close(got, want, np.dtype(dtype).name, "linear", REORDERED)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -498,7 +497,7 @@ def test_linear_is_bitwise_ops_linear(dtype, lead, with_bias):
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "rows", "full"])
 @pytest.mark.parametrize("b,n,t,s_len", [(1, 1, 1, 1), (2, 3, 5, 5), (2, 3, 4, 9), (1, 2, 33, 40)])
 def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, b, n, t, s_len):
-    monkeypatch.setattr(kernels, "PER_HEAD_FROM", 1 if per_head else 10**9)
+    monkeypatch.setattr(schedule, "PER_HEAD_FROM", 1 if per_head else 10**9)
     rng = np.random.default_rng(t * s_len)
     d = 8
     # q, k, v as the model makes them: [B, N, T, D] views of [B, T, H] projections
@@ -507,10 +506,10 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
     v = rng.standard_normal((b, s_len, n * d)).astype(dtype).reshape(b, s_len, n, d).transpose(0, 2, 1, 3)
     mask = _make_mask(mask_kind, b, t, s_len, dtype, rng)
     scale = d**-0.5
-    got = kernels.numba_kernels().attention_context(q, k, v, mask, scale)
-    want = ops.attention_context(q, k, v, mask, scale)
+    got = schedule.attention_context(q, k, v, mask, scale)
+    want = ops.softmax(q @ k.swapaxes(-1, -2) * scale + (0 if mask is None else mask)) @ v  # the reference's steps
     assert got.shape == want.shape == (b, n, t, d) and got.dtype == dtype
-    probs = ops.scaled_masked_softmax(q @ k.swapaxes(-1, -2), mask, scale)
+    probs = ops.softmax(q @ k.swapaxes(-1, -2) * scale + (0 if mask is None else mask))
     bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
     assert np.all(np.abs(got - want) <= bound)
     # the heads merge without a copy: [B, N, T, D] -> [B, T, N, D] is C-contiguous
@@ -521,28 +520,31 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_split_batch_forward_matches_the_whole_batch(dtype, batch):
-    """numba_kernels().split_batch runs the batch as two halves on two threads (single-threaded
-    OpenBLAS); every sequence is computed on its own either way, so the outputs agree up to the
-    rounding of BLAS kernels picked for the other call shapes (tolerances.REORDERED; bitwise on
-    machines where BLAS picks the same kernel for both shapes, which no test may assume)."""
-    import dataclasses
-
+def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
+    """The fast forward runs a batch as two halves on two threads (single-threaded OpenBLAS);
+    every sequence is computed on its own either way, so the outputs agree up to the rounding of
+    BLAS kernels picked for the other call shapes (tolerances.REORDERED; bitwise on machines where
+    BLAS picks the same kernel for both shapes, which no test may assume)."""
     import refimpl
+    import refimpl.fast.tasks
     from tolerances import REORDERED, assert_close
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    split = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype)
-    assert split.kernels.split_batch is not None
-    whole = refimpl.Model(split.config, split.params, split.task, dataclasses.replace(split.kernels, split_batch=None))
+    model = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype)
+    assert model.backend == "numba"
     rng = np.random.default_rng(batch)
-    ids = rng.integers(3, split.config.vocab_size, size=(batch, 11))
+    ids = rng.integers(3, model.config.vocab_size, size=(batch, 11))
     mask = np.ones_like(ids)
     mask[0, 7:] = 0  # a padded row: the per-row attention bias is sliced with the batch
-    ids[0, 7:] = split.config.pad_token_id
+    ids[0, 7:] = model.config.pad_token_id
+    calls = []
+    split_batch = schedule.split_batch
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
-        a = split(input_ids=ids, attention_mask=mask, **kwargs)
-        b = whole(input_ids=ids, attention_mask=mask, **kwargs)
+        a = model(input_ids=ids, attention_mask=mask, **kwargs)
+        with monkeypatch.context() as m:  # the whole batch in one stream
+            m.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: [fn(slice(0, n))])
+            b = model(input_ids=ids, attention_mask=mask, **kwargs)
         assert a.logits.dtype == b.logits.dtype == np.dtype(dtype)
         assert_close(a.logits, b.logits, dtype, "logits", REORDERED)
         for name in ("hidden_states", "attentions"):
@@ -552,15 +554,16 @@ def test_split_batch_forward_matches_the_whole_batch(dtype, batch):
                     assert_close(x, y, dtype, f"{name}[{i}]", REORDERED)
             else:
                 assert getattr(a, name) is None
+    assert calls == [batch, batch]  # the split path ran, once per call
 
 
 def test_split_batch_restores_blas_threads_and_covers_the_batch():
-    blas = kernels._openblas_threads()
+    blas = schedule.openblas_threads()
     before = blas[0]() if blas else None
     seen = []
-    parts = kernels._split_batch(lambda rows: seen.append(rows) or rows, 5)
+    parts = schedule.split_batch(lambda rows: seen.append(rows) or rows, 5)
     assert sorted((s.start, s.stop) for s in seen) == [(0, 3), (3, 5)] or parts == [slice(0, 5)]
-    assert kernels._split_batch(lambda rows: rows, 1) == [slice(0, 1)]
+    assert schedule.split_batch(lambda rows: rows, 1) == [slice(0, 1)]
     if blas:
         assert blas[0]() == before
 
@@ -577,18 +580,18 @@ _TABLES = {
     "_ERF64_A": "a00e2ea048693850", "_ERF64_G": "e804c94a01fb8598", "_EXPM1_64": "ac75cdc550036973",
     "_ERF32_A": "bc7c550ba660d79d", "_ERF32_D": "6062abba0325f64a", "_EXPM1_32": "afb2a8b580ba9fc8",
 }  # fmt: skip
-_OLD_ERF64_A, _OLD_ERF64_G, _OLD_EXPM1_64 = kernels._ERF64_A, kernels._ERF64_G, kernels._EXPM1_64
-_OLD_ERF32_A, _OLD_ERF32_D, _OLD_EXPM1_32 = kernels._ERF32_A, kernels._ERF32_D, kernels._EXPM1_32
+_OLD_ERF64_A, _OLD_ERF64_G, _OLD_EXPM1_64 = elementary._ERF64_A, elementary._ERF64_G, elementary._EXPM1_64
+_OLD_ERF32_A, _OLD_ERF32_D, _OLD_EXPM1_32 = elementary._ERF32_A, elementary._ERF32_D, elementary._EXPM1_32
 _OLD_LOG2E, _OLD_LN2_HI, _OLD_LN2_LO = 1.4426950408889634, 0.6931471803691238, 1.9082149292705877e-10
 _OLD_LN2, _OLD_SQRT2 = 0.6931471805599453, 1.4142135623730951
-_fma, _bits = kernels._fma, kernels._f64_from_bits
+_fma, _bits = llvm.fma, llvm.f64_from_bits
 
 
 def test_frozen_reference_tables_are_the_kernels_tables():
     import hashlib
 
     for name, digest in _TABLES.items():
-        assert hashlib.sha256(getattr(kernels, name).tobytes()).hexdigest()[:16] == digest, name
+        assert hashlib.sha256(getattr(elementary, name).tobytes()).hexdigest()[:16] == digest, name
 
 
 @numba.njit
@@ -770,7 +773,7 @@ def test_bias_gelu_dense_grid_is_bitwise_the_previous_kernel(dtype):
 @numba.njit
 def _map_gelu_main(x, out):
     for i in range(x.shape[0]):
-        out[i] = kernels._gelu_main(x[i])
+        out[i] = elementary.gelu_main(x[i])
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -810,7 +813,7 @@ def test_exp_is_bitwise_the_previous_formula(dtype):
 @numba.njit
 def _map_exp_nonpos(x, out):
     for i in range(x.shape[0]):
-        out[i] = kernels._exp_nonpos(x[i])
+        out[i] = elementary.exp_nonpos(x[i])
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -854,7 +857,7 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
     results (a cached kernel calling a recursive helper once crashed on load: numba#6061)."""
     code = (
         "import numpy as np\n"
-        "from refimpl import kernels as k\n"
+        "from refimpl.fast import kernels as k\n"
         "rng = np.random.default_rng(0)\n"
         "x = rng.standard_normal((2, 3, 5, 300)).astype(np.float32)\n"
         "w = np.ones(300, np.float32)\n"
@@ -874,16 +877,16 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
 
 @pytest.mark.parametrize("task", ["base", "masked-lm", "causal-lm", "sequence-classification", "token-classification",
                                   "question-answering", "multiple-choice"])
-def test_split_batch_heads_are_bitwise_the_whole_batch(task):
-    """With the numba backend the heads run over the halves of the batch too (refimpl.split.rows_maybe_split),
-    so BLAS stays single-threaded for the whole forward; every output field equals the unsplit forward,
-    to rounding: a half of one row takes BLAS's GEMV where the whole batch takes its GEMM (another
+def test_split_batch_heads_match_the_whole_batch(monkeypatch, task):
+    """The fast forward runs encoder *and* head over the halves of the batch (one thread hop, BLAS
+    single-threaded for the whole forward); every output field equals the unsplit forward to
+    rounding: a half of one row takes BLAS's GEMV where the whole batch takes its GEMM (another
     summation order), so not always bitwise."""
-    import dataclasses
-
     import refimpl
+    import refimpl.fast.tasks
     from conftest import task_inputs
     from refimpl.params import build_params, hf_key_table
+    from tolerances import REORDERED, assert_close
 
     config = refimpl.Config.from_dict(dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=37, max_position_embeddings=40, pad_token_id=1,
@@ -891,16 +894,18 @@ def test_split_batch_heads_are_bitwise_the_whole_batch(task):
                             is_decoder=task == "causal-lm"))  # fmt: skip
     rng = np.random.default_rng(0)
     leaves = {e.path: rng.normal(scale=0.3, size=e.shape) for e in hf_key_table(config, task)}
-    split = refimpl.Model(config, build_params(config, task, leaves), task).astype("float64").to("numba")
-    assert split.kernels.split_batch is not None
-    whole = refimpl.Model(split.config, split.params, task, dataclasses.replace(split.kernels, split_batch=None))
+    model = refimpl.Model(config, build_params(config, task, leaves), task).astype("float64").to("numba")
     inputs = task_inputs(task, config, rng)
-    a, b = split(**inputs), whole(**inputs)
-    from tolerances import assert_close
-
+    calls = []
+    split_batch = schedule.split_batch
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
+    a = model(**inputs)
+    assert calls, "the split path did not run"
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: [fn(slice(0, n))])
+    b = model(**inputs)
     checked = 0
     for name in ("logits", "start_logits", "end_logits", "pooler_output", "last_hidden_state", "loss"):
         if getattr(b, name, None) is not None:
-            assert_close(getattr(a, name), getattr(b, name), "float64", name)
+            assert_close(getattr(a, name), getattr(b, name), "float64", name, REORDERED)
             checked += 1
     assert checked >= 2

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = {"refimpl": "refimpl", "refimpl_conversion": "conversion"}
 CLI_MODULES = ("refimpl.cli", "refimpl_conversion.cli")
 # The reference: the math a learner reads. The fast path and the scheduling must stay out of it.
-REFERENCE = ("refimpl.ops", "refimpl.embeddings", "refimpl.attention", "refimpl.encoder", "refimpl.heads",
+REFERENCE = ("refimpl.ops", "refimpl.attention", "refimpl.encoder", "refimpl.heads",
              "refimpl.losses", "refimpl.tasks", "refimpl.params", "refimpl.config", "refimpl.tracing",
              "refimpl.cache", "refimpl.backward")
 FAST = ("refimpl.fast", "refimpl.kernels", "refimpl.split")
@@ -179,3 +179,53 @@ def test_each_rule_catches_a_planted_violation():
     assert "rule 5: refimpl.ops:1 (reference) imports the fast path refimpl.kernels" in text
     assert not any(p.split(": ")[1].startswith(("refimpl.cli:", "refimpl_conversion.export:")) for p in problems)
     assert len(problems) == 6, text
+
+
+# The reference path of a masked-LM forward, as a reader follows it from the task function (input
+# validation aside, in refimpl/inputs.py): every function and record it reaches, per module.
+MASKED_LM_PATH = {
+    "refimpl.tasks": ["masked_lm", "encoder_forward", "extras"],
+    "refimpl.encoder": ["lookup", "embed", "feed_forward_block", "LayerOutput", "transformer_layer",
+                        "EncoderOutput", "encode"],
+    "refimpl.attention": ["split_heads", "merge_heads", "scaled_dot_product_attention", "attention_block",
+                          "keys_values"],
+    "refimpl.heads": ["lm_head"],
+    "refimpl.losses": ["cross_entropy", "first_flagged"],
+    "refimpl.ops": ["linear", "layer_norm", "softmax", "log_softmax", "gelu", "activation"],
+}
+
+
+def test_the_reference_forward_reads_in_one_sitting():
+    """A masked-LM forward on the reference path reads in at most ~350 lines (docstrings and
+    comments included) across at most 6 modules, and each listed function calls no function of
+    refimpl outside the list (so the count cannot silently leave part of the path out)."""
+    sources = _modules()
+    listed = {(m, n) for m, names in MASKED_LM_PATH.items() for n in names}
+    total = 0
+    for mod, names in MASKED_LM_PATH.items():
+        tree = ast.parse(sources[mod])
+        defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        imported = {}  # local name -> (our module, name)
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(mod, node, sources)
+                for a in node.names:
+                    imported[a.asname or a.name] = (base, a.name)
+        for name in names:
+            node = defs[name]
+            total += node.end_lineno - node.lineno + 1
+            for call in ast.walk(node):
+                if isinstance(call, ast.Call):
+                    f = call.func
+                    target = None
+                    if isinstance(f, ast.Name) and f.id in defs:
+                        target = (mod, f.id)
+                    elif isinstance(f, ast.Name) and f.id in imported:
+                        target = imported[f.id]
+                    elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in imported:
+                        base, sub = imported[f.value.id]
+                        target = (f"{base}.{sub}", f.attr)
+                    if target and target[0] in MASKED_LM_PATH and target not in listed:
+                        raise AssertionError(f"{mod}.{name} calls {target[0]}.{target[1]}, which the count leaves out")
+    assert len(MASKED_LM_PATH) <= 6
+    assert total <= 350, f"the masked-LM reference path is {total} lines"

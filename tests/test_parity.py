@@ -282,9 +282,9 @@ def test_backends_agree_and_switch(hf_factory):
 @pytest.mark.parametrize("kind", ["right", "left"])
 def test_numba_per_head_attention_schedule_parity(hf_factory, monkeypatch, kind, dtype):
     """The per-(batch, head) schedule that the Numba backend uses for long inputs, forced on."""
-    from refimpl import kernels
+    from refimpl.fast import schedule
 
-    monkeypatch.setattr(kernels, "PER_HEAD_FROM", 1)
+    monkeypatch.setattr(schedule, "PER_HEAD_FROM", 1)
     hf, folder = hf_factory("base", seed=100 + ["right", "left"].index(kind))
     inputs = cast_inputs(make_inputs(kind, np.random.default_rng(1)), dtype)
     theirs = torch_forward(hf, dtype, **inputs)

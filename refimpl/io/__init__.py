@@ -33,6 +33,7 @@ from .base import (
     float32_to_bf16_bits,
     is_float_weight,
     loads_json,
+    os_error,
     parse_dtype,
     read_json,
     safetensors_name_of,
@@ -57,7 +58,7 @@ __all__ = [
     "BF16_BITS", "BY_NAME", "BY_SAFETENSORS", "COMPUTE_DTYPES", "DTYPES", "FLOAT_DTYPES", "CheckpointError", "DType",
     "Interrupted", "TOKENIZER_FILES", "WEIGHT_FORMATS", "WeightFiles", "bf16_bits_to_float32", "dtype_name_of",
     "float32_to_bf16_bits", "has_tokenizer", "interrupt_on_signals", "is_float_weight", "loads_json",
-    "locate_weights", "parse_dtype", "read_json", "read_safetensors", "read_shard_index", "read_weights",
+    "locate_weights", "os_error", "parse_dtype", "read_json", "read_safetensors", "read_shard_index", "read_weights",
     "safetensors_metadata", "safetensors_name_of", "short_repr", "signals_ignored", "to_compute_dtype",
     "tokenizer_files", "weight_files", "weights_format", "write_safetensors",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "CheckpointError", "short_repr", "loads_json", "read_json", "MAX_JSON_BYTES",
+    "CheckpointError", "short_repr", "os_error", "loads_json", "read_json", "MAX_JSON_BYTES",
     "DType", "DTYPES", "BY_NAME", "BY_SAFETENSORS", "FLOAT_DTYPES", "BF16_BITS", "dtype_name_of",
     "safetensors_name_of", "bf16_bits_to_float32", "float32_to_bf16_bits", "COMPUTE_DTYPES", "parse_dtype",
     "to_compute_dtype", "is_float_weight",
@@ -107,6 +107,14 @@ def short_repr(obj: Any, limit: int = 200) -> str:
     except Exception:  # noqa: BLE001 - a message must never fail because of what it quotes
         text = f"<{type(obj).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def os_error(kind: type, errno: int | None, message: str) -> OSError:
+    """``kind(message)`` with ``errno`` set: ``str()`` is the message alone (one line naming the file
+    asked for, never a temporary one beside it)."""
+    err = kind(message)
+    err.errno = errno
+    return err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the file: nothing is copied until a dtype conversion asks for it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .atomic import fsync_dir, fsync_file, interrupt_on_signals, signals_ignored
-from .base import BY_SAFETENSORS, CheckpointError, loads_json, safetensors_name_of, short_repr
+from .base import BY_SAFETENSORS, CheckpointError, loads_json, os_error, safetensors_name_of, short_repr
 
 __all__ = ["read_safetensors", "write_safetensors", "safetensors_metadata", "MAX_HEADER_BYTES"]
 
@@ -198,26 +199,32 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
         else:  # older safetensors: the bytes
             specs[name] = {"dtype": entry.name, "shape": list(a.shape), "data": a.tobytes()}
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise os_error(FileNotFoundError, errno.ENOENT,
+                       f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} does not exist")
+    if os.path.isdir(path):
+        raise os_error(IsADirectoryError, errno.EISDIR, f"cannot write {path!r}: it is a folder; give a file name")
     tmp = temp_name(path)
     try:
         with interrupt_on_signals():
             try:
                 safetensors.serialize_file(specs, tmp, metadata=dict(metadata) if metadata else None)
-            except safetensors.SafetensorError as e:
+            except safetensors.SafetensorError as e:  # (disk full, a file size limit, permissions)
                 detail = " ".join(str(e).split())
                 m = _OS_ERROR.search(detail)
-                if m:
-                    code = int(m.group(1))
-                    raise OSError(code, f"{os.strerror(code)}: could not write {path}") from None
-                raise OSError(f"could not write {path}: {detail[:300]}") from None
+                code = int(m.group(1)) if m else None
+                reason = os.strerror(code) if code else detail[:300]
+                raise os_error(OSError, code, f"cannot write {path!r}: {reason}") from None
             os.chmod(tmp, 0o666 & ~_umask())  # the library's temporary file is owner-only
             fsync_file(tmp)
             os.replace(tmp, path)
             fsync_dir(folder)
-    except BaseException:
+    except BaseException as e:
         with signals_ignored():
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+        if isinstance(e, OSError) and tmp in str(e):  # name the file asked for, not the temporary one
+            raise os_error(type(e), e.errno, f"cannot write {path!r}: {e.strerror or e}") from None
         raise

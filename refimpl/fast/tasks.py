@@ -1,0 +1,231 @@
+"""The fast forward: the reference tasks (:mod:`refimpl.tasks`) with Numba kernels and BLAS scheduling.
+
+The same equations in the same order as the reference, step by step, with these differences of
+schedule only (each held to the reference by ``tests/test_fast.py``):
+
+- LayerNorm, the masked softmax and bias+GELU run the Numba kernels of :mod:`.kernels`;
+- ``x W^T + b`` is :func:`.schedule.linear` (``(W x^T)^T`` for few rows, bias added in place);
+- without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
+- a batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
+  (:func:`.schedule.split_batch`), encoder and head together; the loss is taken over the whole batch.
+
+Only NumPy arrays; nothing is traced (a traced call runs the reference).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import losses
+from ..attention import merge_heads, split_heads
+from ..cache import append, has_cross, set_cross
+from ..config import Config
+from ..encoder import EncoderOutput
+from ..inputs import Inputs
+from ..outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from ..params import Attention, Layer, Params
+from ..tasks import cross_attentions, extras
+from .kernels import bias_gelu, layer_norm, masked_softmax
+from .schedule import attention_context, linear, linear_act, split_batch
+
+# ---------------------------------------------------------------------------------------------
+# The encoder (refimpl.attention.attention_block, refimpl.encoder.feed_forward_block / encode)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_block(x, p: Attention, bias, *, num_heads: int, eps: float, key_value_states=None, cache=None,
+                    cross: bool = False, need_probs: bool = False):
+    """``x + W_o · attention(LayerNorm(x))`` -> (output [B, T, H], probabilities [B, N, T, S] or None)."""
+    h = layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps)  # [B, T, H]
+    q = split_heads(linear(h, p.query.weight, p.query.bias), num_heads)  # [B, N, T, D]
+    if cross and cache is not None and has_cross(cache):
+        k, v = cache.cross_keys, cache.cross_values  # [B, N, S, D]
+    else:
+        source = key_value_states if cross else h  # [B, S, H] or [B, T, H]
+        k = split_heads(linear(source, p.key.weight, p.key.bias), num_heads)  # [B, N, T|S, D]
+        v = split_heads(linear(source, p.value.weight, p.value.bias), num_heads)  # [B, N, T|S, D]
+        if cache is not None and cross:
+            set_cross(cache, k, v)
+        elif cache is not None:
+            k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
+    scale = q.shape[-1] ** -0.5
+    if need_probs:
+        probs = masked_softmax(q @ np.swapaxes(k, -1, -2), bias, scale)  # [B, N, T, S]
+        context = probs @ v  # [B, N, T, D]
+    else:
+        probs, context = None, attention_context(q, k, v, bias, scale)  # [B, N, T, D]
+    return x + linear(merge_heads(context), p.output.weight, p.output.bias), probs  # [B, T, H]
+
+
+def feed_forward_block(x, p: Layer, *, act: str, eps: float):
+    """``x + W_2 · act(W_1 · LayerNorm(x) + b_1) + b_2``. x: [B, T, H] -> [B, T, H]."""
+    h = layer_norm(x, p.ffn_layer_norm.weight, p.ffn_layer_norm.bias, eps)  # [B, T, H]
+    a = linear_act(h, p.intermediate.weight, p.intermediate.bias, act)  # [B, T, I]
+    return x + linear(a, p.output.weight, p.output.bias)  # [B, T, H]
+
+
+def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None) -> EncoderOutput:
+    """Embeddings, the L blocks and the final LayerNorm for ``rows`` of the batch (None: all)."""
+    c, eps, heads = config, config.layer_norm_eps, config.num_attention_heads
+    pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
+    bias = x.attention_bias
+    if rows is not None and bias is not None and bias.shape[0] > 1:
+        bias = bias[rows]  # [B|1, 1|N, T|1, S]
+    e = params.embeddings
+    word = e.word[pick(x.input_ids)] if x.inputs_embeds is None else pick(x.inputs_embeds)  # [b, T, H]
+    h = layer_norm((word + e.token_type[pick(x.token_type_ids)]) + e.position[pick(x.position_ids)],
+                   e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
+    hidden, attentions, crosses = [h], [], []
+    for i, layer in enumerate(params.layers):
+        cache = None if x.cache is None else x.cache.layers[i]
+        h, probs = attention_block(h, layer.attention, bias, num_heads=heads, eps=eps, cache=cache,
+                                   need_probs=x.output_attentions)
+        cross_probs = None
+        if layer.crossattention is not None and (x.encoder_hidden_states is not None or (cache is not None and has_cross(cache))):
+            h, cross_probs = attention_block(h, layer.crossattention, x.encoder_bias, num_heads=heads, eps=eps,
+                                             key_value_states=x.encoder_hidden_states, cache=cache, cross=True,
+                                             need_probs=x.output_attentions)
+        h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)
+        hidden.append(h)
+        attentions.append(probs)
+        crosses.append(cross_probs)
+    fl = params.final_layer_norm
+    hidden[-1] = layer_norm(h, fl.weight, fl.bias, eps)  # [b, T, H]
+    return EncoderOutput(hidden[-1], hidden, attentions, crosses)
+
+
+def over_rows(params: Params, config: Config, x: Inputs, head):
+    """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
+    batch, the EncoderOutput with the fields the caller returns joined likewise).
+
+    A batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
+    (:func:`split_batch`); every sequence is computed on its own either way. ``head`` maps an
+    EncoderOutput to a tuple of [b, ...] arrays.
+    """
+    b = x.position_ids.shape[0]
+    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None:
+        enc = encode(params, config, x)
+        return head(enc), enc
+    parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays, axis=0)
+
+    outs = tuple(cat([p[0][i] for p in parts]) for i in range(len(parts[0][0])))
+    encs = [p[1] for p in parts]
+    n = len(encs[0].hidden_states)
+    hidden = [cat([e.hidden_states[i] for e in encs]) for i in range(n)] if x.output_hidden_states else [None] * n
+    attentions = [cat([e.attentions[i] for e in encs]) for i in range(n - 1)]
+    crosses = [cat([e.cross_attentions[i] for e in encs]) for i in range(n - 1)]
+    return outs, EncoderOutput(hidden[-1], hidden, attentions, crosses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The heads (refimpl.heads) and the tasks (refimpl.tasks)
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_head(seq, p, eps: float):
+    """dense -> exact GELU -> LayerNorm -> tied decoder + bias. [..., H] -> [..., V]."""
+    h = bias_gelu(linear(seq, p.dense.weight), p.dense.bias)  # [..., H]
+    return linear(layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps), p.decoder_weight, p.bias)  # [..., V]
+
+
+def pooler(seq, p):
+    """``tanh(W · h_<s> + b)`` on the first token. [b, T, H] -> [b, H]."""
+    return np.tanh(linear(seq[:, 0, :], p.weight, p.bias))
+
+
+def base(params: Params, config: Config, x: Inputs):
+    (seq, pooled), enc = over_rows(params, config, x, lambda enc: (
+        enc.last_hidden_state, None if params.pooler is None else pooler(enc.last_hidden_state, params.pooler)))
+    return BaseModelOutputWithPoolingAndCrossAttentions(
+        last_hidden_state=seq, pooler_output=pooled, past_key_values=x.cache if x.return_cache else None,
+        cross_attentions=cross_attentions(enc, x), **extras(enc, x))
+
+
+def masked_lm(params: Params, config: Config, x: Inputs):
+    eps = config.layer_norm_eps
+    (logits,), enc = over_rows(params, config, x, lambda enc: (lm_head(enc.last_hidden_state, params.lm_head, eps),))
+    loss = None
+    if x.labels is not None:
+        loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))  # [B*T, V]
+    return MaskedLMOutput(loss=loss, logits=logits, **extras(enc, x))
+
+
+def causal_lm(params: Params, config: Config, x: Inputs):
+    eps = config.layer_norm_eps
+
+    def head(enc):
+        seq = enc.last_hidden_state  # [b, T, H]
+        return (lm_head(seq if x.keep is None else np.take(seq, x.keep, axis=1), params.lm_head, eps),)  # [b, T', V]
+
+    (logits,), enc = over_rows(params, config, x, head)
+    loss = None if x.labels is None else losses.causal_lm_loss(logits, x.labels)
+    return CausalLMOutputWithCrossAttentions(
+        loss=loss, logits=logits, past_key_values=x.cache if x.return_cache else None,
+        cross_attentions=cross_attentions(enc, x), **extras(enc, x))
+
+
+def sequence_classification(params: Params, config: Config, x: Inputs):
+    p = params.classifier
+
+    def head(enc):  # dense -> tanh -> out_proj on <s>: [b, K]
+        return (linear(np.tanh(linear(enc.last_hidden_state[:, 0, :], p.dense.weight, p.dense.bias)),
+                       p.out_proj.weight, p.out_proj.bias),)
+
+    (logits,), enc = over_rows(params, config, x, head)
+    loss = None if x.labels is None else losses.sequence_classification_loss(logits, x.labels, x.problem_type)
+    return SequenceClassifierOutput(loss=loss, logits=logits, **extras(enc, x))
+
+
+def token_classification(params: Params, config: Config, x: Inputs):
+    p = params.token_classifier
+    (logits,), enc = over_rows(params, config, x, lambda enc: (linear(enc.last_hidden_state, p.weight, p.bias),))
+    loss = None
+    if x.labels is not None:
+        loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))  # [B*T, K]
+    return TokenClassifierOutput(loss=loss, logits=logits, **extras(enc, x))
+
+
+def question_answering(params: Params, config: Config, x: Inputs):
+    p = params.qa_outputs
+
+    def head(enc):  # [b, T, 2] -> start, end [b, T]
+        span = linear(enc.last_hidden_state, p.weight, p.bias)
+        return span[..., 0], span[..., 1]
+
+    (start, end), enc = over_rows(params, config, x, head)
+    loss = None
+    if x.start_positions is not None:
+        loss = losses.span_loss(start, end, x.start_positions, x.end_positions)
+    return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end, **extras(enc, x))
+
+
+def multiple_choice(params: Params, config: Config, x: Inputs):
+    (pooled,), enc = over_rows(params, config, x, lambda enc: (pooler(enc.last_hidden_state, params.pooler),))  # [B*C, H]
+    p = params.choice_classifier
+    logits = linear(pooled, p.weight, p.bias).reshape(-1, x.num_choices)  # [B*C, 1] -> [B, C]
+    loss = None if x.labels is None else losses.cross_entropy(logits, x.labels)
+    return MultipleChoiceModelOutput(loss=loss, logits=logits, **extras(enc, x))
+
+
+FORWARD = {
+    "base": base,
+    "masked-lm": masked_lm,
+    "causal-lm": causal_lm,
+    "sequence-classification": sequence_classification,
+    "token-classification": token_classification,
+    "question-answering": question_answering,
+    "multiple-choice": multiple_choice,
+}

@@ -1,0 +1,146 @@
+"""The fast path (refimpl.fast, the ``numba`` backend) held to the reference (refimpl.tasks).
+
+Step by step (the attention and feed-forward blocks) and task by task, on the same weights and
+inputs. The two compute the same equations in the same order but with other BLAS call shapes
+((W x^T)^T for few rows, attention per head), the kernels' own erf/exp (within 1-2 ulp of libm)
+and the batch in two halves, so they agree to rounding: tolerances.FAST, not bitwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refimpl
+import refimpl.fast.tasks as fast
+from conftest import ALL_TASKS, task_inputs
+from refimpl import attention, encoder, tasks
+from refimpl.cache import empty_cache
+from refimpl.inputs import validate
+from refimpl.params import build_params, hf_key_table
+from tolerances import FAST, assert_close
+
+DTYPES = ["float64", "float32"]
+
+
+def random_model(task: str, seed: int, **config) -> refimpl.Model:
+    """A model with N(0, 0.3^2) weights (LayerNorm scales 1 + N(0, 0.1^2)), numba backend."""
+    base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                max_position_embeddings=40, pad_token_id=1, type_vocab_size=2, layer_norm_eps=1e-5,
+                num_labels=2 if task == "question-answering" else 3)
+    cfg = refimpl.Config.from_dict({**base, **config})
+    rng = np.random.default_rng(seed)
+    leaves = {}
+    for e in hf_key_table(cfg, task):
+        scale = 0.1 if "layer_norm.weight" in e.path else 0.3
+        leaves[e.path] = (1.0 if "layer_norm.weight" in e.path else 0.0) + rng.normal(scale=scale, size=e.shape)
+    return refimpl.Model(cfg, build_params(cfg, task, leaves), task).astype("float64").to("numba")
+
+
+def assert_outputs_match(got, want, dtype: str) -> int:
+    """Every field of ``want`` in ``got`` within FAST; -> the number of arrays compared."""
+    n = 0
+    for name, value in want.to_dict().items():
+        if name == "past_key_values":
+            continue
+        pairs = zip(getattr(got, name), value) if isinstance(value, tuple) else [(getattr(got, name), value)]
+        for i, (a, b) in enumerate(pairs):
+            assert a.dtype == b.dtype == np.dtype(dtype), name
+            assert_close(a, b, dtype, f"{name}[{i}]", FAST)
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("task", ALL_TASKS)
+def test_fast_forward_matches_the_reference_for_every_task(task, dtype):
+    model = random_model(task, seed=ALL_TASKS.index(task), is_decoder=task == "causal-lm").astype(dtype)
+    reference = model.to("numpy")
+    inputs = task_inputs(task, model.config, np.random.default_rng(1))
+    for extra in ({}, {"output_hidden_states": True, "output_attentions": True}):
+        got, want = model(**inputs, **extra), reference(**inputs, **extra)
+        assert type(got) is type(want)
+        n = assert_outputs_match(got, want, dtype)
+        assert n >= (2 if not extra else 2 + 2 * model.config.num_hidden_layers)
+        assert (getattr(got, "loss", None) is None) == (getattr(want, "loss", None) is None) == (task == "base")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_fast_blocks_match_the_reference_blocks(dtype, act):
+    """The fast attention block (with and without probabilities) and feed-forward block against
+    refimpl.attention.attention_block and refimpl.encoder.feed_forward_block, for several
+    activations (the exact GELU is fused with the bias add; the others are the NumPy definitions)."""
+    model = random_model("base", seed=3, hidden_act=act).astype(dtype)
+    p, c = model.params.layers[0], model.config
+    rng = np.random.default_rng(2)
+    for b, t in ((1, 3), (2, 9), (3, 70)):  # few rows ((W x^T)^T) and many (x W^T)
+        x = rng.standard_normal((b, t, c.hidden_size)).astype(dtype)
+        keep = np.ones((b, t), bool)
+        keep[0, t // 2:] = False
+        bias = attention.keep_to_bias(keep[:, None, None, :], np.dtype(dtype))
+        ref, ref_probs, _ = attention.attention_block(x, p.attention, bias, num_heads=c.num_attention_heads,
+                                                      eps=c.layer_norm_eps)
+        for need_probs in (True, False):
+            got, probs = fast.attention_block(x, p.attention, bias, num_heads=c.num_attention_heads,
+                                              eps=c.layer_norm_eps, need_probs=need_probs)
+            assert_close(got, ref, dtype, "attention block", FAST)
+            if need_probs:
+                assert_close(probs, ref_probs, dtype, "probabilities", FAST)
+            else:
+                assert probs is None
+        got = fast.feed_forward_block(x, p, act=act, eps=c.layer_norm_eps)
+        assert_close(got, encoder.feed_forward_block(x, p, act=act, eps=c.layer_norm_eps), dtype, "ffn", FAST)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_cached_decoding_matches_the_reference(dtype):
+    """Token by token with a KV cache (and cross-attention over encoder states): the fast path's
+    logits and cache equal the reference's at every step."""
+    model = random_model("causal-lm", seed=4, is_decoder=True, add_cross_attention=True).astype(dtype)
+    reference = model.to("numpy")
+    rng = np.random.default_rng(5)
+    ids = rng.integers(3, model.config.vocab_size, size=(2, 6))
+    enc = rng.standard_normal((2, 5, model.config.hidden_size)).astype(dtype)
+    enc_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    caches = [None, None]
+    for step in range(ids.shape[1]):
+        outs = []
+        for i, m in enumerate((model, reference)):
+            kwargs = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask) if step == 0 else {}
+            out = m(input_ids=ids[:, step:step + 1], attention_mask=np.ones((2, step + 1), int),
+                    past_key_values=caches[i], use_cache=True, output_attentions=True, **kwargs)
+            caches[i] = out.past_key_values
+            outs.append(out)
+        assert_outputs_match(outs[0], outs[1], dtype)
+        assert caches[0].length == caches[1].length == step + 1
+        assert_close(caches[0].layers[1].keys[:, :, : step + 1], caches[1].layers[1].keys[:, :, : step + 1],
+                     dtype, "cached keys", FAST)
+
+
+def test_fast_path_runs_only_untraced_on_numpy_arrays():
+    """A traced call runs the reference (the traced program is the program); the numba backend
+    otherwise runs refimpl.fast.tasks, and the numpy backend never does."""
+    model = random_model("masked-lm", seed=6)
+    inputs = task_inputs("masked-lm", model.config, np.random.default_rng(7))
+    x = validate(model, **inputs)
+    called = []
+    original = fast.FORWARD["masked-lm"]
+    try:
+        fast.FORWARD["masked-lm"] = lambda *a: called.append(1) or original(*a)
+        model(**inputs)
+        assert called == [1]
+        model(**inputs, trace=refimpl.Trace())
+        model.to("numpy")(**inputs)
+        assert called == [1]
+    finally:
+        fast.FORWARD["masked-lm"] = original
+    traced = refimpl.Trace()
+    want = tasks.masked_lm(model.params, model.config, x, traced)
+    np.testing.assert_array_equal(model(**inputs, trace=refimpl.Trace()).logits, want.logits)
+
+
+def test_fast_decoding_cache_is_the_reference_cache_type():
+    model = random_model("causal-lm", seed=8, is_decoder=True)
+    out = model(input_ids=[[0, 5, 6]], use_cache=True)
+    assert isinstance(out.past_key_values, type(empty_cache(model.config, 1, model.dtype, model.xp)))
