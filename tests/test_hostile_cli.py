@@ -113,4 +113,4 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
         main(["forward", "--model", "tiny", "--ids", "0 5 2"])
     monkeypatch.setattr(convert_cli, "load", bug)
     with pytest.raises(KeyError, match="an internal bug"):
-        convert_cli.main(["src", "dst"])
+        convert_cli.main([os.path.join(ROOT, "refimpl", "data", "tiny-random-mlm"), "dst"])

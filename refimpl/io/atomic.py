@@ -30,10 +30,9 @@ import threading
 from typing import Iterator
 
 __all__ = ["Interrupted", "interrupt_on_signals", "signals_ignored", "fsync_file", "fsync_dir", "temp_name",
-           "stale_temp_owner", "TEMP_MARK"]
+           "stale_temp_owner"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-TEMP_MARK = "refimpl-tmp"
 
 
 class Interrupted(KeyboardInterrupt):
