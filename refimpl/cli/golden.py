@@ -12,7 +12,7 @@ import numpy as np
 
 from ..golden import INPUT_PREFIX, PROFILES, compare, write_golden
 from ..safetensors_io import read_safetensors
-from . import common
+from . import common, corpus
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
@@ -31,8 +31,9 @@ def add_golden_commands(subparsers) -> None:
                           "with one row per line (or ';'), ids separated by spaces or commas")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
     p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="compute dtype (default float64)")
-    p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
+    p.add_argument("--out", required=True, help="the golden file to write (.safetensors); with --file, a folder")
     p.set_defaults(func=cmd_golden)
+    corpus.add_golden_options(p, src)
 
     p = subparsers.add_parser(
         "compare", help="compare a candidate's tensors with a golden file; report the first divergence",
