@@ -14,6 +14,7 @@ run on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Callable
@@ -22,7 +23,7 @@ import dask
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from distributed.client import FutureCancelledError
 
-__all__ = ["ClusterError", "run_calls"]
+__all__ = ["ClusterError", "run_calls", "setup_on_workers", "worker_pids"]
 
 
 class ClusterError(ValueError):
@@ -55,7 +56,7 @@ def _one_line(e: BaseException) -> str:
 def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Callable, teardown: Callable | None = None,
               name: str, threads: int = 1, workers: int | None = None, scheduler: str | None = None,
               client: Client | None = None, on_result: Callable[[Any], None] = lambda r: None,
-              timeout: float = 30.0, log: Callable[[str], None] = lambda s: None) -> str:
+              timeout: float | None = None, log: Callable[[str], None] = lambda s: None) -> str:
     """``fn(arg, item, address)`` for every ``(key, item)`` on a cluster; ``on_result`` gets each
     result as it arrives. -> a description of where it ran.
 
@@ -81,15 +82,16 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
     try:
         if own_client:
             try:
-                client = Client(cluster if cluster is not None else scheduler, timeout=timeout)
+                kw = {} if timeout is None else {"timeout": timeout}  # default: distributed.comm.timeouts.connect
+                client = Client(cluster if cluster is not None else scheduler, **kw)
             except (OSError, TimeoutError, ValueError, TypeError) as e:
                 raise ClusterError(f"cannot reach the Dask scheduler at {scheduler!r} ({_one_line(e)}); check the "
                                    f"address (e.g. tcp://host:8786) and that the scheduler is running") from None
         if cluster is None:
             try:
-                client.wait_for_workers(1, timeout=timeout)
+                client.wait_for_workers(1, timeout=timeout or 60)
             except (TimeoutError, OSError) as e:
-                raise ClusterError(f"no worker joined {where} within {timeout:g} s ({_one_line(e)})") from None
+                raise ClusterError(f"no worker joined {where} within {timeout or 60:g} s ({_one_line(e)})") from None
         info = client.scheduler_info()
         n_workers = len(info.get("workers", {}))
         threads_per = sorted({w.get("nthreads", 1) for w in info.get("workers", {}).values()})
@@ -100,13 +102,7 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
         if threads > 1 and any(t > 1 for t in threads_per):
             log(f"note: a worker runs one of these calls at a time when it computes with {threads} threads; start "
                 f"workers with --nthreads 1 (and more of them) to use every core")
-        plugin = _Setup(setup, teardown, arg)
-        try:
-            client.register_plugin(plugin, name=name)
-        except Exception:
-            _unregister(client, name)
-            raise
-        try:
+        with setup_on_workers(client, setup, teardown, arg, name):
             futures = [client.submit(_call, fn, arg, item, key=key, pure=False, retries=0) for key, item in items]
             try:
                 for future in as_completed(futures):
@@ -118,8 +114,6 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
             except BaseException:
                 client.cancel(futures)
                 raise
-        finally:
-            _unregister(client, name)
     except Exception as e:
         if type(e).__name__ == "KilledWorker":
             raise ClusterError(f"a partition was running on {dask.config.get('distributed.scheduler.allowed-failures') + 1}"
@@ -131,6 +125,21 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
         if cluster is not None:
             cluster.close()
     return where
+
+
+@contextlib.contextmanager
+def setup_on_workers(client: Client, setup: Callable, teardown: Callable | None, arg: Any, name: str):
+    """``setup(arg, address)`` on every worker (and on workers that join later) for the duration of
+    the block, ``teardown(arg)`` after it. An error in ``setup`` on any worker is raised here."""
+    try:
+        client.register_plugin(_Setup(setup, teardown, arg), name=name)
+    except Exception:
+        _unregister(client, name)
+        raise
+    try:
+        yield
+    finally:
+        _unregister(client, name)
 
 
 def _unregister(client: Client, name: str) -> None:

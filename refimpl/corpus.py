@@ -67,7 +67,8 @@ import numpy as np
 
 __all__ = [
     "CorpusError", "Job", "Partition", "Summary", "TASKS", "FORMATS", "make_job", "plan", "run",
-    "run_partition", "prepare_worker", "model_identity", "read_records", "read_embeddings", "read_errors",
+    "run_partition", "prepare_worker", "release_worker", "memory_report", "model_identity", "read_records",
+    "read_embeddings", "read_errors",
 ]
 
 FORMAT_NAME = "refimpl-corpus"
@@ -832,6 +833,69 @@ def prepare_worker(job: Job, where: str) -> None:
         raise CorpusError(f"worker {where} cannot load the model {job.model!r}: {' '.join(str(e).split())}") from None
 
 
+def memory_report(job: Job) -> dict:
+    """How this process holds the weights of ``job``'s model (loaded by :func:`prepare_worker`).
+
+    ``arrays``/``mapped_arrays``/``copied_bytes``: the parameter arrays, how many are views of a
+    memory map of a weight file, and the bytes of the others (copies). From ``/proc/self/smaps``
+    (Linux; absent elsewhere), in bytes: ``weights_file`` (the weight files' size), ``weights_rss``
+    and ``weights_pss`` (their mapped pages resident, and this process's share of them: pages that
+    several workers map are counted once across them), ``weights_anonymous`` (pages of those
+    mappings copied into private memory: 0 when nothing wrote to them), and the process's own
+    ``rss``, ``pss`` and ``anonymous``.
+    """
+    import mmap
+
+    from .params import iter_leaves
+
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(job.key)
+    if runner is None:
+        raise CorpusError("the job's model is not loaded in this process (prepare_worker first)")
+    model = runner.model if runner.pipe is None else runner.pipe.model
+    seen, arrays, mapped, copied = set(), 0, 0, 0
+    for _, leaf in iter_leaves(model.params):
+        if id(leaf) in seen or not isinstance(leaf, np.ndarray):
+            continue
+        seen.add(id(leaf))
+        arrays += 1
+        base, is_mapped = leaf, False
+        while base is not None:
+            if isinstance(base, (np.memmap, mmap.mmap)):
+                is_mapped = True
+                break
+            base = getattr(base, "base", None)
+        mapped += is_mapped
+        copied += 0 if is_mapped else leaf.nbytes
+    from .hub import weight_files
+
+    files = {os.path.realpath(p) for p in weight_files(job.model)}
+    report = {"arrays": arrays, "mapped_arrays": mapped, "copied_bytes": copied,
+              "weights_file": sum(os.path.getsize(p) for p in files)}
+    try:
+        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
+            smaps = f.read().splitlines()
+    except OSError:
+        return report
+    totals = {"weights_rss": 0, "weights_pss": 0, "weights_anonymous": 0, "rss": 0, "pss": 0, "anonymous": 0}
+    current = False
+    for line in smaps:
+        head = line.split()
+        if not head:
+            continue
+        if not head[0].endswith(":") or "-" in head[0]:  # a mapping's header: address perms offset dev inode path
+            current = len(head) >= 6 and os.path.realpath(head[5]) in files
+            continue
+        key, value = head[0][:-1], int(head[1]) * 1024 if len(head) > 1 and head[1].isdigit() else 0
+        for name, field_ in (("rss", "Rss"), ("pss", "Pss"), ("anonymous", "Anonymous")):
+            if key == field_:
+                totals[name] += value
+                if current:
+                    totals["weights_" + name] += value
+    report.update(totals)
+    return report
+
+
 def release_worker(job: Job) -> None:
     """Forget a job's model in this process (a worker plugin's teardown)."""
     with _RUNNERS_LOCK:
@@ -1177,7 +1241,7 @@ class _Progress:
 
 
 def run(job: Job, *, workers: int | None = None, scheduler: str | None = None, client=None,
-        progress: bool | None = None, timeout: float = 30.0, log: Callable[[str], None] | None = None) -> Summary:
+        progress: bool | None = None, timeout: float | None = None, log: Callable[[str], None] | None = None) -> Summary:
     """Run ``job``: skip the partitions an earlier run finished, compute the rest, write the manifest.
 
     One process unless ``workers`` (a Dask ``LocalCluster`` of that many worker processes),
