@@ -347,6 +347,7 @@ class TensorResult:
     golden_value: float | None = None
     candidate_value: float | None = None
     failing: int = 0  # elements over tolerance
+    source: str | None = None  # the candidate's name for it, when not the golden name (an output field)
 
     @property
     def ok(self) -> bool:
@@ -361,10 +362,21 @@ class Report:
     profile: str | None
     strict: bool
     unexpected: list[tuple[str, str | None]] = field(default_factory=list)  # (name, closest golden name)
+    hidden_states: str | None = None  # the convention the output fields were read with (stated), see read_fields
+    notes: list[str] = field(default_factory=list)  # what the comparison recognised (conventions, output fields)
+    diagnosis: str | None = None  # a hint that knows (float32 rounding, a convention), replacing the name's hint
 
     @property
     def missing(self) -> list[str]:
         return [r.name for r in self.results if r.status == "missing"]
+
+    @property
+    def hint(self) -> str:
+        """The hint for the first divergence: the diagnosis when there is one, else the name's."""
+        fd = self.first_divergence
+        if fd is None:
+            return ""
+        return self.diagnosis or hint_for(fd.name)
 
     @property
     def first_divergence(self) -> TensorResult | None:
@@ -381,8 +393,9 @@ class Report:
         return {
             "passed": self.passed,
             "profile": self.profile, "rtol": self.rtol, "atol": self.atol, "strict": self.strict,
-            "compared": sum(r.status != "missing" and not r.name.startswith(INPUT_PREFIX) for r in self.results),
-            "first_divergence": None if fd is None else {"name": fd.name, "hint": hint_for(fd.name), **_result_dict(fd)},
+            "compared": _compared(self.results),
+            "first_divergence": None if fd is None else {"name": fd.name, "hint": self.hint, **_result_dict(fd)},
+            "hidden_states": self.hidden_states, "notes": list(self.notes), "diagnosis": self.diagnosis,
             "missing": self.missing,
             "unexpected": [{"name": n, "closest": c} for n, c in self.unexpected],
             "tensors": [_result_dict(r) for r in self.results],
@@ -395,42 +408,49 @@ class Report:
             lines.append(f"{'tensor':<36} {'shape':<18} {'max abs err':>11} {'max rel err':>11}  {'worst index':<18} status")
             for r in self.results:
                 shape = "x".join(map(str, r.shape)) or "scalar"
+                label = r.name if r.source is None else f"{r.name} <- {r.source}"
                 if r.status == "missing":
-                    lines.append(f"{r.name:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} missing")
+                    lines.append(f"{label:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} missing")
                     continue
                 if r.status == "shape":
-                    lines.append(f"{r.name:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} "
+                    lines.append(f"{label:<36} {shape:<18} {'':>11} {'':>11}  {'':<18} "
                                  f"FAIL shape {'x'.join(map(str, r.candidate_shape))}")
                     continue
                 status = "ok" if r.status == "pass" else f"FAIL ({r.failing} elements)"
-                lines.append(f"{r.name:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
+                lines.append(f"{label:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
                              f"{str(tuple(r.worst_index)):<18} {status}")
-        tensors = [r for r in self.results if not r.name.startswith(INPUT_PREFIX)]
-        compared = sum(r.status != "missing" for r in tensors)
-        lines.append(f"compared {compared} of {len(tensors)} golden tensors"
-                     + (f" (and {len(self.results) - len(tensors)} inputs)" if len(tensors) < len(self.results) else ""))
+        names = {r.name for r in self.results if not r.name.startswith(INPUT_PREFIX)}
+        inputs = sum(r.name.startswith(INPUT_PREFIX) for r in self.results)
+        lines.append(f"compared {_compared(self.results)} of {len(names)} golden tensors"
+                     + (f" (and {inputs} inputs)" if inputs else ""))
         if self.missing:
             lines.append(f"missing from the candidate ({len(self.missing)}): {', '.join(self.missing[:12])}"
                          + (" ..." if len(self.missing) > 12 else "") + (" [fails under --strict]" if self.strict else ""))
         for name, close in self.unexpected:
             lines.append(f"not in the golden: {name}" + (f" (did you mean {close}?)" if close else ""))
+        lines += [f"note: {n}" for n in self.notes]
         fd = self.first_divergence
         if fd is None:
             lines.append("PASS" if self.passed else "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
             return "\n".join(lines)
+        where = fd.name if fd.source is None else f"{fd.name} (the candidate's {fd.source})"
         if fd.status == "shape":
-            lines.append(f"first divergence: {fd.name}: shape {fd.candidate_shape} != golden {fd.shape}")
+            lines.append(f"first divergence: {where}: shape {fd.candidate_shape} != golden {fd.shape}")
         else:
             lines.append(
-                f"first divergence: {fd.name}: max abs err {fd.max_abs:.3e}, max rel err {fd.max_rel:.3e}; "
+                f"first divergence: {where}: max abs err {fd.max_abs:.3e}, max rel err {fd.max_rel:.3e}; "
                 f"worst at index {tuple(fd.worst_index)}: golden {fd.golden_value:.9g}, candidate {fd.candidate_value:.9g} "
                 f"({fd.failing} of {int(np.prod(fd.shape))} elements over tolerance)"
             )
-        hint = hint_for(fd.name)
-        if hint:
-            lines.append(f"  hint: {hint}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
         lines.append("FAIL")
         return "\n".join(lines)
+
+
+def _compared(results: list[TensorResult]) -> int:
+    """How many golden tensors (not inputs) the candidate gave, under their name or as an output field."""
+    return len({r.name for r in results if r.status != "missing" and not r.name.startswith(INPUT_PREFIX)})
 
 
 def _result_dict(r: TensorResult) -> dict[str, Any]:
@@ -475,16 +495,21 @@ def profile_for(candidate: Candidate) -> str:
 
 
 def compare(golden, candidate, *, rtol: float | None = None, atol: float | None = None,
-            profile: str | None = None, strict: bool = False) -> Report:
+            profile: str | None = None, strict: bool = False, hidden_states: str | None = None) -> Report:
     """Compare ``candidate`` with ``golden`` tensor by tensor in the golden's forward order.
 
     golden: a :class:`Golden` or a path. candidate: a path, a :class:`Golden` or a dict of arrays,
-    holding any subset of the golden's names. Tolerances: ``profile`` (a key of :data:`PROFILES`;
-    default: from the candidate's least precise float dtype), with ``rtol``/``atol`` overriding it.
-    Missing tensors are reported and fail only with ``strict`` (as do names the golden lacks).
+    holding any subset of the golden's names, or a model's output fields (``hidden_states.{i}``,
+    ``attentions.{i}``, ... see :func:`output_field_map`). Tolerances: ``profile`` (a key of
+    :data:`PROFILES`; default: from the candidate's least precise float dtype), with ``rtol``/``atol``
+    overriding it. ``hidden_states``: ``"5.x"`` (refimpl's and transformers 5.x's convention, the
+    default) or ``"4.x"`` (transformers 4.x: the last entry is the last block's raw output). Missing
+    tensors are reported and fail only with ``strict`` (as do names the golden lacks).
     """
     g = golden if isinstance(golden, Golden) else read_golden(golden)
     c = read_candidate(candidate)
+    if hidden_states is not None and hidden_states not in HIDDEN_STATES_CONVENTIONS:
+        raise ValueError(f"unknown hidden_states convention {hidden_states!r}; known: {', '.join(HIDDEN_STATES_CONVENTIONS)}")
     if profile is None:
         profile = profile_for(c)
     if profile not in PROFILES:
@@ -498,18 +523,24 @@ def compare(golden, candidate, *, rtol: float | None = None, atol: float | None 
         key = INPUT_PREFIX + name
         if key in c.tensors:
             results.append(_compare_one(key, value, c.tensors[key], c.dtypes.get(key), 0.0, 0.0))
+    fields = read_fields(g, c, hidden_states)  # golden name -> the candidate's output fields holding it
     for name, value in g.tensors.items():
-        if name not in c.tensors:
+        sources = ([name] if name in c.tensors else []) + fields.get(name, [])
+        if not sources:
             results.append(TensorResult(name, "missing", list(value.shape)))
-        else:
-            results.append(_compare_one(name, value, c.tensors[name], c.dtypes.get(name), rtol, atol))
-    known = set(g.tensors) | {INPUT_PREFIX + k for k in g.inputs}
+        for src in sources:
+            r = _compare_one(name, value, c.tensors[src], c.dtypes.get(src), rtol, atol)
+            r.source = None if src == name else src
+            results.append(r)
+    known = set(g.tensors) | {INPUT_PREFIX + k for k in g.inputs} | {f for fs in fields.values() for f in fs}
     unexpected = []
     for name in c.tensors:
         if name not in known:
             close = difflib.get_close_matches(name, list(g.tensors), n=1, cutoff=0.6)
             unexpected.append((name, close[0] if close else None))
-    return Report(results, rtol, atol, profile, strict, unexpected)
+    report = Report(results, rtol, atol, profile, strict, unexpected, hidden_states=hidden_states)
+    diagnose(report, g, c)
+    return report
 
 
 def _compare_one(name: str, golden: np.ndarray, cand: np.ndarray, cand_dtype, rtol: float, atol: float) -> TensorResult:
@@ -543,5 +574,276 @@ def _compare_one(name: str, golden: np.ndarray, cand: np.ndarray, cand_dtype, rt
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: `refimpl golden` and `refimpl compare` (hooked into refimpl.cli.build_parser)
+# Output fields: a model's hidden_states / attentions as golden tensors, and the two conventions
 # ---------------------------------------------------------------------------------------------
+
+# What the last entry of ``hidden_states`` (index L, for L layers) holds.
+HIDDEN_STATES_CONVENTIONS: dict[str, str] = {
+    "5.x": "taken after the final LayerNorm (transformers 5.x and refimpl): it is final_layer_norm",
+    "4.x": "the last block's raw output, before the final LayerNorm (transformers 4.x, PyTorch and Flax; "
+           "fairseq's inner_states): it is layers.{L-1}.ffn.residual",
+}
+
+
+def output_field_map(num_layers: int, hidden_states: str = "5.x") -> dict[str, str]:
+    """Candidate names taken from a model's output fields -> the golden names they hold.
+
+    ``hidden_states.{i}`` is entry i of the ``hidden_states`` tuple (L + 1 entries): 0 is the
+    embedding output, i in 1..L-1 the output of block i-1, and L depends on the convention
+    (:data:`HIDDEN_STATES_CONVENTIONS`). ``attentions.{i}`` / ``cross_attentions.{i}`` are the
+    attention probabilities of block i. ``last_hidden_state`` and ``pooler_output`` stand for
+    ``final_layer_norm`` and ``head.pooler`` where the golden has no tensor of that name (every head
+    but the base model).
+    """
+    if hidden_states not in HIDDEN_STATES_CONVENTIONS:
+        raise ValueError(f"unknown hidden_states convention {hidden_states!r}; known: {', '.join(HIDDEN_STATES_CONVENTIONS)}")
+    n = int(num_layers)
+    table = {"hidden_states.0": "embeddings.output"}
+    for i in range(1, n):
+        table[f"hidden_states.{i}"] = f"layers.{i - 1}.ffn.residual"
+    table[f"hidden_states.{n}"] = "final_layer_norm" if hidden_states == "5.x" else f"layers.{n - 1}.ffn.residual"
+    for i in range(n):
+        table[f"attentions.{i}"] = f"layers.{i}.attention.probs"
+        table[f"cross_attentions.{i}"] = f"layers.{i}.crossattention.probs"
+    table["last_hidden_state"] = "final_layer_norm"
+    table["pooler_output"] = "head.pooler"
+    return table
+
+
+def num_layers(golden: Golden) -> int:
+    """L, from the golden's config (or, failing that, from its tensor names)."""
+    n = (golden.metadata.get("config") or {}).get("num_hidden_layers")
+    if isinstance(n, int) and n > 0:
+        return n
+    found = [int(k.split(".")[1]) for k in golden.tensors if k.startswith("layers.") and k.split(".")[1].isdigit()]
+    return max(found) + 1 if found else 0
+
+
+def read_fields(golden: Golden, candidate: Candidate, hidden_states: str | None = None) -> dict[str, list[str]]:
+    """-> {golden name: [the candidate's output fields that hold it]}, for candidate names that are
+    output fields (:func:`output_field_map`) rather than golden names."""
+    table = output_field_map(num_layers(golden), hidden_states or "5.x")
+    out: dict[str, list[str]] = {}
+    for name in candidate.tensors:
+        target = table.get(name)
+        if name not in golden.tensors and target is not None and target in golden.tensors:
+            out.setdefault(target, []).append(name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnosis: hints that look at the values, not only at the name of the first divergence
+# ---------------------------------------------------------------------------------------------
+
+
+def diagnose(report: Report, golden: Golden, candidate: Candidate) -> None:
+    """Fill ``report.notes`` (which hidden_states convention the candidate follows, which output
+    fields were read) and ``report.diagnosis`` (a hint that replaces the name's hint when the values
+    say more: a hidden_states convention, float32 rounding, a per-unit offset)."""
+    report.notes += _field_notes(report, golden, candidate)
+    fd = report.first_divergence
+    if fd is None or fd.status != "fail" or fd.name not in golden.tensors:
+        return
+    report.diagnosis = (_convention_diagnosis(report, golden, candidate)
+                        or _float32_diagnosis(report, golden, candidate)
+                        or _offset_diagnosis(report, golden, candidate))
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return False
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.all((np.abs(a - b) <= atol + rtol * np.abs(b)) | (a == b)))
+
+
+def hidden_states_followed(golden: Golden, candidate: Candidate, rtol: float, atol: float, name: str | None = None) -> str | None:
+    """Which convention the candidate's last hidden state follows: ``"5.x"`` when it matches
+    ``final_layer_norm``, ``"4.x"`` when it matches the last block's raw output, else None. ``name``:
+    the candidate tensor to look at (default ``hidden_states.{L}``)."""
+    n = num_layers(golden)
+    name = name or f"hidden_states.{n}"
+    raw, final = golden.tensors.get(f"layers.{n - 1}.ffn.residual"), golden.tensors.get("final_layer_norm")
+    value = candidate.tensors.get(name)
+    if value is None or raw is None or final is None:
+        return None
+    after, before = _close(value, final, rtol, atol), _close(value, raw, rtol, atol)
+    return "5.x" if after and not before else "4.x" if before and not after else None
+
+
+def _field_notes(report: Report, golden: Golden, candidate: Candidate) -> list[str]:
+    fields = sorted({r.source for r in report.results if r.source}, key=_natural)
+    if not fields:
+        return []
+    notes = [f"read {len(fields)} output fields as golden tensors ({_abbreviate(fields)}; docs/golden.md, "
+             f"'Output fields')"]
+    n = num_layers(golden)
+    if f"hidden_states.{n}" in candidate.tensors:
+        followed = hidden_states_followed(golden, candidate, report.rtol, report.atol)
+        stated = report.hidden_states
+        if followed is None:
+            notes.append(f"hidden_states.{n} matches neither final_layer_norm (the 5.x convention) nor "
+                         f"layers.{n - 1}.ffn.residual (the 4.x convention)")
+        else:
+            target = "final_layer_norm" if followed == "5.x" else f"layers.{n - 1}.ffn.residual"
+            said = ("as stated" if stated == followed else
+                    f"but {stated} was stated" if stated else
+                    "the default" if followed == "5.x" else "not stated: pass --hidden-states 4.x")
+            notes.append(f"hidden_states: the candidate follows the transformers {followed} convention "
+                         f"(hidden_states.{n} matches {target}; {said})")
+    return notes
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def _abbreviate(names: list[str]) -> str:
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        head, _, tail = n.rpartition(".")
+        key = head if tail.isdigit() else n
+        groups.setdefault(key, []).append(tail if tail.isdigit() else "")
+    parts = []
+    for key, idx in groups.items():
+        idx = [i for i in idx if i]
+        parts.append(key if not idx else f"{key}.{idx[0]}" if len(idx) == 1 else f"{key}.{idx[0]}-{idx[-1]}")
+    return ", ".join(parts)
+
+
+def _later_outputs_pass(report: Report, fd: TensorResult) -> bool | None:
+    """Do the tensors computed after ``fd`` (later in forward order, not themselves hidden states)
+    pass? None when the candidate has none."""
+    i = report.results.index(fd)
+    later = [r for r in report.results[i + 1:] if r.status != "missing" and r.name != fd.name
+             and not r.name.startswith(("layers.", "last_hidden_state"))]
+    if not later:
+        return None
+    return all(r.status == "pass" for r in later)
+
+
+def _convention_diagnosis(report: Report, golden: Golden, candidate: Candidate) -> str | None:
+    fd = report.first_divergence
+    n = num_layers(golden)
+    raw = f"layers.{n - 1}.ffn.residual"
+    src = fd.source or fd.name
+    if fd.name == "final_layer_norm" and src != "last_hidden_state":
+        if hidden_states_followed(golden, candidate, report.rtol, report.atol, src) != "4.x":
+            return None
+        later = _later_outputs_pass(report, fd)
+        if later is False:  # the head fails too: the final LayerNorm really is missing
+            return (f"is the final LayerNorm applied? The candidate's {src} equals the last block's raw output "
+                    f"({raw}) and what is computed from it fails too (pre-LN models have a LayerNorm after the last "
+                    f"block; transformers: roberta_prelayernorm.LayerNorm)")
+        convention = ("it follows the transformers 4.x hidden_states convention: 4.x (PyTorch and Flax) ends "
+                      "hidden_states with the last block's raw output, 5.x and refimpl with the output of the "
+                      "final LayerNorm (= last_hidden_state)")
+        if src == f"hidden_states.{n}":
+            tail = ("" if later else " (or the final LayerNorm is missing: the candidate has nothing computed after it)")
+            return (f"{src} is the last block's raw output (it matches {raw}), not the final LayerNorm's: "
+                    f"{convention}. State it: refimpl compare --hidden-states 4.x{tail}")
+        return (f"the candidate's final_layer_norm is the last block's raw output (it matches {raw}): if it was "
+                f"taken from hidden_states[{n}], {convention}; record it as hidden_states.{n} and pass "
+                f"--hidden-states 4.x, or record last_hidden_state as final_layer_norm"
+                + ("" if later else "; otherwise the final LayerNorm is not applied"))
+    if fd.name == raw and fd.source == f"hidden_states.{n}" and report.hidden_states == "4.x":
+        if hidden_states_followed(golden, candidate, report.rtol, report.atol) == "5.x":
+            return (f"hidden_states.{n} is taken after the final LayerNorm (it matches final_layer_norm): the candidate "
+                    f"follows the transformers 5.x convention, not the 4.x one stated; drop --hidden-states 4.x")
+    return None
+
+
+# Errors of a tensor computed in float32 sit within a few float32 ulps of the value at its first
+# rounding step (the tests' float32 candidates: 0.1-2 ulps median); a float64 computation's are
+# ~1e-9 ulps, and a wrong LayerNorm eps (1e-12 for 1e-5) on the tests' models tens of ulps.
+FLOAT32_ROUNDING_ULPS = (0.01, 8.0)  # median |c - g| in float32 ulps of g that reads as float32 rounding
+WELL_CONDITIONED = 1e-3  # elements with |g| >= this * max|g| (values that cancel to ~0 say nothing)
+
+
+def _ulps32(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """|x - g| in units of float32's spacing at g (float64 arrays, finite g within float32's range)."""
+    return np.abs(x - g) / np.spacing(np.abs(g).astype(np.float32)).astype(np.float64)
+
+
+def float32_evidence(golden_value: np.ndarray, candidate_value: np.ndarray) -> str | None:
+    """Why ``candidate_value`` looks computed in float32 against a float64 ``golden_value``, or None.
+
+    Two signs: the candidate's values are exactly representable in float32 wherever the golden's are
+    not (computed or stored in float32, then widened), or the errors sit at float32's rounding
+    (median between 0.01 and 8 float32 ulps of the golden value over its well-conditioned elements,
+    |g| >= 1e-3 max|g|). A formula mistake moves values by far more; a float64 summation order by far
+    less (~1e-16).
+    """
+    g = np.asarray(golden_value, dtype=np.float64)
+    x = np.asarray(candidate_value, dtype=np.float64)
+    if g.shape != x.shape or g.size == 0:
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.isfinite(g) & np.isfinite(x) & (np.abs(g) < float(np.finfo(np.float32).max))
+        g, x = g[ok], x[ok]
+        exact32 = g.astype(np.float32).astype(np.float64) == g
+        free = ~exact32  # where the golden itself is not a float32 number
+        if free.any() and np.all(x[free].astype(np.float32).astype(np.float64) == x[free]):
+            return (f"its values are exactly representable in float32 ({int(free.sum())} of {int(free.sum())} "
+                    f"where the golden's are not)")
+        wide = np.abs(g) >= WELL_CONDITIONED * np.max(np.abs(g)) if g.size else g
+        if not np.any(wide):
+            return None
+        median = float(np.median(_ulps32(x[wide], g[wide])))
+    low, high = FLOAT32_ROUNDING_ULPS
+    if low <= median <= high:
+        return f"its errors sit at float32's rounding (median {median:.2g} float32 ulps of the golden value)"
+    return None
+
+
+def _float32_diagnosis(report: Report, golden: Golden, candidate: Candidate) -> str | None:
+    f32 = profile_bound("float32")
+    if report.rtol >= f32 / 10:  # the tolerance cannot see float32 rounding anyway
+        return None
+    fd = report.first_divergence
+    value = candidate.tensors[fd.source or fd.name]
+    evidence = float32_evidence(golden.tensors[fd.name], value)
+    if evidence is None:
+        return None
+    as32 = [_compare_one(r.name, golden.tensors[r.name], candidate.tensors[r.source or r.name], None, f32, f32)
+            for r in report.results if r.status == "fail" and r.name in golden.tensors]
+    if not all(r.status == "pass" for r in as32) and as32[0].status != "pass":
+        return None  # wrong by more than float32 rounding: the name's hint applies
+    i = report.results.index(fd)
+    before = [r for r in report.results[:i] if r.status == "pass" and not r.name.startswith(INPUT_PREFIX)
+              and (r.max_abs or 0) > 0]
+    verdict = ("passes the float32 profile" if all(r.status == "pass" for r in as32) else
+               f"still fails the float32 profile at {next(r.name for r in as32 if r.status != 'pass')}")
+    if before:
+        return (f"{fd.name} looks computed in float32 while the tensors before it agree to float64 precision: "
+                f"{evidence}. Look for a float32 cast or a float32 operation at this step (the candidate {verdict})")
+    return (f"this looks computed in float32, not float64: {fd.name} is the first tensor the candidate computes and "
+            f"{evidence}. Compute in float64 (parameters and computation dtype: a module's dtype, a default dtype, "
+            f"a cast), or judge it as float32 with --dtype-profile float32 (the candidate {verdict})")
+
+
+def _offset_diagnosis(report: Report, golden: Golden, candidate: Candidate) -> str | None:
+    """A first divergence whose error is one constant per output unit, at every position: a bias."""
+    fd = report.first_divergence
+    g = np.asarray(golden.tensors[fd.name], dtype=np.float64)
+    x = np.asarray(candidate.tensors[fd.source or fd.name], dtype=np.float64)
+    if g.ndim < 2 or g.ndim > 3 or int(np.prod(g.shape[:-1])) < 2 or g.shape != x.shape:
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = (x - g).reshape(-1, g.shape[-1])
+        if not np.all(np.isfinite(d)):
+            return None
+        offset = d.mean(axis=0)  # [U]
+        rest = d - offset
+        allowed = report.atol + report.rtol * np.abs(g.reshape(d.shape))
+    if not np.all(np.abs(rest) <= allowed) or not np.any(np.abs(offset) > report.atol + report.rtol * np.abs(g).max()):
+        return None
+    units = int(np.count_nonzero(np.abs(offset) > report.atol))
+    hint = (f"the error at {fd.name} is one constant per output unit, the same at every position ({units} of "
+            f"{g.shape[-1]} units offset, by up to {np.abs(offset).max():.3g}): a bias is wrong or missing there")
+    if fd.name == "logits" and golden.task in ("masked-lm", "causal-lm"):
+        hint += ("; for the LM head that is lm_head.bias (the decoder's bias, tied to it). transformers 4.46.3's "
+                 "PyTorch classes load it as zeros when the file has no lm_head.decoder.bias and is loaded in its "
+                 "own dtype (docs/judge.md)")
+    return hint

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import common, corpus, describe, golden, tasks
+from . import common, corpus, describe, dump, golden, tasks
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
     golden.add_golden_commands(sub)  # refimpl golden, refimpl compare
+    dump.add_dump_command(sub)  # refimpl dump
     return parser
 
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ..golden import INPUT_PREFIX, PROFILES, compare, write_golden
+from ..golden import HIDDEN_STATES_CONVENTIONS, INPUT_PREFIX, PROFILES, compare, write_golden
 from ..safetensors_io import read_safetensors
 from . import common, corpus
 
@@ -45,6 +45,9 @@ def add_golden_commands(subparsers) -> None:
                    help="tolerances for a candidate computing in this dtype (default: the candidate's least precise float dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (overrides the profile's)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (overrides the profile's)")
+    p.add_argument("--hidden-states", choices=list(HIDDEN_STATES_CONVENTIONS), default=None,
+                   help="the convention of a candidate's hidden_states.i fields: 5.x (default; the last entry is "
+                        "after the final LayerNorm, as refimpl) or 4.x (transformers 4.x: the last block's raw output)")
     p.add_argument("--strict", action="store_true", help="missing tensors (and names the golden lacks) fail too")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="print the summary only, not the per-tensor table")
@@ -142,7 +145,7 @@ def read_input_ids(path: str) -> dict[str, np.ndarray]:
 
 def cmd_compare(args) -> int:
     report = compare(args.golden, args.candidate, rtol=args.rtol, atol=args.atol,
-                     profile=args.dtype_profile, strict=args.strict)
+                     profile=args.dtype_profile, strict=args.strict, hidden_states=args.hidden_states)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

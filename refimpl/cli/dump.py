@@ -1,0 +1,73 @@
+"""``refimpl dump``: run another implementation on a golden file's inputs and write a candidate.
+
+The adapters themselves are :mod:`refimpl.adapters`; each imports its framework only when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..adapters import ADAPTERS, FLOAT_DTYPES, dump
+from . import common
+
+
+def add_dump_command(subparsers) -> None:
+    impls = "; ".join(f"{a.name}: {a.what} (pip install 'refimpl[{a.extra}]')" for a in ADAPTERS.values())
+    p = subparsers.add_parser(
+        "dump", help="run another implementation on a golden file's inputs; write a candidate with golden names",
+        description=f"Implementations: {impls}.",
+        epilog="example: refimpl dump --impl transformers --model path/to/hf-folder golden.safetensors --out candidate.safetensors",
+    )
+    p.add_argument("golden", help="the golden file whose inputs to run (written by `refimpl golden`)")
+    p.add_argument("--impl", required=True, choices=list(ADAPTERS), help="the implementation to run")
+    p.add_argument("--model", required=True,
+                   help="a transformers folder (config.json + weights; 'tiny' for the shipped one), or for --impl onnx "
+                        "a .onnx file")
+    p.add_argument("--out", required=True, help="the candidate safetensors file to write")
+    p.add_argument("--task", default=None, help="default: the golden's task")
+    p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES), help="the dtype to run in (default float32)")
+    p.add_argument("--outputs-only", action="store_true",
+                   help="record only the model's outputs (logits, loss, hidden_states.i, attentions.i), no intermediates")
+    p.add_argument("--onnx-exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="--impl onnx with a folder: torch.onnx.export's exporter (default dynamo)")
+    p.add_argument("--onnx-save", default=None, metavar="FILE",
+                   help="--impl onnx with a folder: keep the exported graph in FILE")
+    p.set_defaults(func=cmd_dump)
+
+
+def cmd_dump(args) -> int:
+    model = common.resolve_model_path(args.model)
+    options = {}
+    if args.impl == "onnx":
+        options = dict(exporter=args.onnx_exporter, save=args.onnx_save)
+    elif args.onnx_save or args.onnx_exporter != "dynamo":
+        raise common.CommandError("--onnx-exporter and --onnx-save go with --impl onnx")
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"--model: no such file or folder {args.model!r}")
+    result = dump(args.impl, model, args.golden, dtype=args.dtype, task=args.task, outputs_only=args.outputs_only,
+                  **options)
+    result.write(args.out)
+    print(f"wrote {args.out}: {len(result.tensors)} tensors from {result.implementation}")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.missing:
+        print(f"not provided ({len(result.missing)} golden tensors):")
+        for reason in dict.fromkeys(result.missing.values()):
+            names = [n for n, r in result.missing.items() if r == reason]
+            print(f"  {_abbreviate(names)}: {reason}")
+    return 0
+
+
+def _abbreviate(names: list[str]) -> str:
+    """layers.0.attention.scores, layers.1.attention.scores -> layers.{0,1}.attention.scores"""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        parts = n.split(".")
+        if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+            groups.setdefault(("layers", ".".join(parts[2:])), []).append(parts[1])
+        else:
+            groups.setdefault((n, ""), [])
+    out = []
+    for (head, tail), idx in groups.items():
+        out.append(head if not tail else f"layers.{idx[0]}.{tail}" if len(idx) == 1 else f"layers.{{{','.join(idx)}}}.{tail}")
+    return ", ".join(out)
