@@ -97,8 +97,8 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
         threads_per = sorted({w.get("nthreads", 1) for w in info.get("workers", {}).values()})
         if "dashboard" in info.get("services", {}):
             log(f"Dask dashboard: {client.dashboard_link}")
-        log(f"running {len(items)} partitions on {where} ({n_workers} workers, {', '.join(map(str, threads_per))} "
-            f"Dask thread(s) each, {threads} compute thread(s) per process)")
+        log(f"running {len(items)} calls on {where} ({n_workers} workers, {'/'.join(map(str, threads_per))} Dask "
+            f"thread(s) each, {threads} compute thread(s) per process)")
         if threads > 1 and any(t > 1 for t in threads_per):
             log(f"note: a worker runs one of these calls at a time when it computes with {threads} threads; start "
                 f"workers with --nthreads 1 (and more of them) to use every core")

@@ -181,11 +181,15 @@ class Summary:
     def line(self, task: str) -> str:
         rate = (f", {self.inputs_run / self.seconds:.1f} inputs/s" if self.seconds > 0 and self.inputs_run else "")
         errs = f"; {self.errors} unusable (listed in {os.path.join(self.out, 'errors.jsonl')})" if self.errors else ""
-        return (f"refimpl {task}: {self.inputs} inputs, {self.results} results in {self.partitions} partitions "
-                f"({self.computed} computed, {self.skipped} already done){errs}; {self.seconds:.1f} s on "
-                f"{self.where}{rate}; wrote {self.out}")
+        return (f"refimpl {task}: {_n(self.inputs, 'input')}, {_n(self.results, 'result')} in "
+                f"{_n(self.partitions, 'partition')} ({self.computed} computed, {self.skipped} already done){errs}; "
+                f"{self.seconds:.1f} s on {self.where}{rate}; wrote {self.out}")
 
     inputs_run: int = 0
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def make_job(task: str, model: str, source: str, out: str, *, format: str = "auto", column: str = "text",
@@ -1293,8 +1297,8 @@ def run(job: Job, *, workers: int | None = None, scheduler: str | None = None, c
                 where = "nothing left to compute"
             elif workers is None and scheduler is None and client is None:
                 where = "one process"
-                log(f"refimpl {job.task}: {len(parts)} partitions of {job.partition_size} inputs, {len(todo)} to compute "
-                    f"in one process with {job.threads} thread(s)"
+                log(f"refimpl {job.task}: {_n(len(parts), 'partition')} of up to {job.partition_size} inputs, "
+                    f"{len(todo)} to compute in one process with {_n(job.threads, 'thread')}"
                     + (f" (--workers N runs N processes)" if (os.cpu_count() or 1) > job.threads else ""))
                 threads = _Threads(job.threads)
                 try:
@@ -1309,8 +1313,8 @@ def run(job: Job, *, workers: int | None = None, scheduler: str | None = None, c
                 try:
                     from . import cluster
                 except ImportError as e:
-                    raise CorpusError(f"--workers and --scheduler need Dask ({e.name} is not installed): "
-                                      f"pip install 'refimpl[scale]'") from None
+                    raise CorpusError(f"--workers and --scheduler need Dask: pip install 'refimpl[scale]' "
+                                      f"({' '.join(str(e).split())})") from None
                 where = cluster.run_calls(
                     [(f"refimpl-{job.task}-{p.name}-{job.key}", p) for p in todo], run_partition, job,
                     setup=prepare_worker, teardown=release_worker, name=f"refimpl-{job.key}", threads=job.threads,

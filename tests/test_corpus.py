@@ -153,6 +153,30 @@ def test_one_process_run_equals_the_pipeline(tmp_path, models, task):
     assert not [f for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".tmp")]
 
 
+def test_partitions_run_concurrently_in_one_process_write_the_same_bytes(tmp_path, models):
+    """A worker with several Dask threads runs several partitions at once (with --threads 1): the
+    same bytes as one after the other."""
+    lines = corpus_lines("tag")
+    src = write_lines(tmp_path / "c.txt", lines)
+    corpus.run(make("tag", models, src, tmp_path / "seq"), progress=False)
+    job, parts = corpus.plan(make("tag", models, src, tmp_path / "par"))
+    for sub in ("records", "partitions"):
+        os.makedirs(os.path.join(job.out, sub))
+    with threadpoolctl.threadpool_limits(1):
+        corpus.prepare_worker(job, "test")
+        try:
+            threads = [threading.Thread(target=corpus.run_partition, args=(job, p)) for p in parts]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            corpus.release_worker(job)
+    with open(tmp_path / "seq" / "errors.jsonl", "rb") as f:
+        (tmp_path / "par" / "errors.jsonl").write_bytes(f.read())  # written by run() at the end, not by partitions
+    assert_same_outputs(tmp_path / "seq", tmp_path / "par")
+
+
 def test_golden_corpus_writes_one_golden_file_per_batch(tmp_path, models):
     from refimpl import from_pretrained
     from refimpl.golden import read_golden, trace
@@ -333,6 +357,16 @@ def test_cli_corpus_errors_are_one_line(tmp_path, models, capsys, monkeypatch, a
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
 
 
+def test_workers_without_dask_is_one_line(tmp_path, models, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if the scale extra were not installed
+    monkeypatch.setitem(sys.modules, "refimpl.cluster", None)
+    src = write_lines(tmp_path / "c.txt", ["a text"])
+    code = cli.main(["embed", "--model", models["embed"], "--file", src, "--out", str(tmp_path / "o"), "--workers", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "refimpl embed: error: --workers and --scheduler need Dask: pip install 'refimpl[scale]'"), err
+
+
 # ---------------------------------------------------------------------------------------------
 # On a Dask cluster
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +426,7 @@ def test_each_worker_limits_blas_and_maps_the_weights_once(tmp_path, models, das
 
 @pytest.mark.dask
 def test_a_bad_scheduler_address_is_one_line(tmp_path, models, capsys):
+    pytest.importorskip("distributed")
     import dask
 
     src = write_lines(tmp_path / "c.txt", ["a text"])
