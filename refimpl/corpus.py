@@ -1109,7 +1109,7 @@ _SUBFOLDERS = ("records", "embeddings", "golden", "partitions")
 def _open_out(job: Job) -> dict | None:
     """Create the output folder (or check that it holds this job's output). -> the job.json found."""
     out = job.out
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and [f for f in os.listdir(out) if f != ".lock" and not _TEMP.match(f)]:
         path = os.path.join(out, "job.json")
         if not os.path.isfile(path):
             raise CorpusError(f"--out {out!r} is a folder that holds other files and no job.json: give a new or an "

@@ -319,6 +319,11 @@ def test_a_rerun_with_other_options_or_into_a_foreign_folder_is_refused(tmp_path
     assert os.listdir(tmp_path / "foreign") == ["notes.txt"]
     with pytest.raises(corpus.CorpusError, match=r"partition size \(6\) must be a multiple of the batch size \(4\)"):
         make("embed", models, src, tmp_path / "x", partition_size=6)
+    # a first run that failed before writing anything leaves a folder a rerun accepts
+    write_lines(tmp_path / "empty.txt", [])
+    with pytest.raises(corpus.CorpusError, match="no input: .*empty.txt is empty"):
+        corpus.run(make("embed", models, tmp_path / "empty.txt", tmp_path / "again"), progress=False)
+    assert corpus.run(make("embed", models, src, tmp_path / "again"), progress=False).results == 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,13 +389,14 @@ def dask_client():
 
 
 @pytest.mark.dask
-@pytest.mark.parametrize("task", ["embed", "classify", "fill-mask", "tag", "qa", "choose", "golden"])
-def test_two_workers_write_the_one_process_bytes(tmp_path, models, dask_client, task):
+@pytest.mark.parametrize("task, threads", [("embed", 1), ("classify", 1), ("fill-mask", 1), ("tag", 1), ("qa", 1),
+                                           ("choose", 1), ("golden", 1), ("embed", 2)])
+def test_two_workers_write_the_one_process_bytes(tmp_path, models, dask_client, task, threads):
     lines = corpus_lines(task)
     lines[5] = ""  # an unusable line in a partition shifts its later batches: the same way everywhere
     src = write_lines(tmp_path / "c.txt", lines)
-    one = corpus.run(make(task, models, src, tmp_path / "one"), progress=False)
-    two = corpus.run(make(task, models, src, tmp_path / "two"), client=dask_client, progress=False)
+    one = corpus.run(make(task, models, src, tmp_path / "one", threads=threads), progress=False)
+    two = corpus.run(make(task, models, src, tmp_path / "two", threads=threads), client=dask_client, progress=False)
     assert (one.results, one.errors, two.computed) == (35, 1, 5)
     assert_same_outputs(tmp_path / "one", tmp_path / "two")
     workers = {p["worker"] for p in json.load(open(tmp_path / "two" / "manifest.json"))["partitions"]}
