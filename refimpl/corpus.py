@@ -77,6 +77,7 @@ TASKS = ("embed", "classify", "fill-mask", "tag", "qa", "choose", "golden")
 FORMATS = ("text", "jsonl", "parquet")
 DEFAULT_PARTITION_SIZE = 1024  # inputs; rounded up to a multiple of the batch size
 MAX_LINE_BYTES = 8 << 20  # a longer line is an unusable input, never read whole into memory
+MAX_ENDINGS = 256  # choose: the endings of one prompt are one [1, C, T] forward pass
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _PIPELINES = {"embed": "Embedding", "classify": "TextClassification", "fill-mask": "FillMask",
               "tag": "TokenClassification", "qa": "QuestionAnswering", "choose": "MultipleChoice"}
@@ -538,6 +539,8 @@ def _parse_line(job: Job, line: bytes, number: int):
             obj = json.loads(text)
         except ValueError as e:
             raise _Unusable(f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise _Unusable("not valid JSON here (nested too deeply)") from None
         if isinstance(obj, str):
             obj = {job.column: obj}
         if not isinstance(obj, dict):
@@ -577,6 +580,8 @@ def _pair_item(job: Job, text: str, pair: str | None):
 def _choice_item(fields: list):
     if len(fields) < 3:
         raise _Unusable(f"{max(len(fields) - 1, 0)} ending(s): give a prompt and at least two endings")
+    if len(fields) - 1 > MAX_ENDINGS:
+        raise _Unusable(f"{len(fields) - 1} endings, more than {MAX_ENDINGS} (they are scored in one forward pass)")
     prompt = _need_text(fields[0], "prompt")
     return prompt, [_need_text(e, f"ending {i + 1}") for i, e in enumerate(fields[1:])]
 
@@ -806,8 +811,7 @@ def prepare_worker(job: Job, where: str) -> None:
     """Run once in each worker process (a Dask worker plugin's setup): limit the threads, check that
     this process reads the same model and input as the client and can write the output, and load
     the model. Raises :class:`CorpusError` naming ``where`` otherwise."""
-    _Threads(job.threads)  # process-wide, for the life of the worker
-    os.environ["NUMBA_NUM_THREADS"] = str(job.threads)
+    _Threads(job.threads)  # process-wide, for the life of the worker (refimpl's Numba kernels are serial)
     for path, what in ((job.model, "the model folder"), (job.out, "the output folder")):
         if not os.path.isdir(path):
             raise CorpusError(f"worker {where} cannot read {what} {path!r}: every worker must see the same path "
@@ -920,8 +924,6 @@ def run_partition(job: Job, part: Partition, where: str = "") -> dict:
 
 
 def _run_partition(job: Job, part: Partition, runner: _Runner, where: str, t0: float) -> dict:
-    from .pipelines import PipelineError
-
     inputs = _read_inputs(job, part)
     errors: dict[int, str] = {i: str(x) for i, x in inputs if isinstance(x, _Unusable)}
     usable = [(i, x) for i, x in inputs if not isinstance(x, _Unusable)]
@@ -937,11 +939,10 @@ def _run_partition(job: Job, part: Partition, runner: _Runner, where: str, t0: f
         try:
             results, files = _compute(job, part, runner, usable)
             break
-        except (PipelineError, _BatchError) as e:
-            bad = e.found if isinstance(e, _BatchError) else None
-            if not bad:
-                raise
-            errors.update(bad)
+        except _BatchError as e:
+            if not e.found:  # no input is refused on its own: not an input's fault
+                raise e.error from None
+            errors.update(e.found)
     record = {
         "format": FORMAT_NAME, "partition": part.number, "name": part.name, "start": part.start, "stop": part.stop,
         "input_sha256": part.sha256, "rows": len(usable),
@@ -955,11 +956,12 @@ def _run_partition(job: Job, part: Partition, runner: _Runner, where: str, t0: f
 
 
 class _BatchError(Exception):
-    """A batch the pipeline refused; ``found``: {index: reason} for the inputs that caused it."""
+    """A batch the pipeline refused (``error``); ``found``: {index: reason} for the inputs that the
+    pipeline refuses on their own."""
 
-    def __init__(self, found: dict):
-        super().__init__(str(found))
-        self.found = found
+    def __init__(self, found: dict, error: Exception):
+        super().__init__(str(error))
+        self.found, self.error = found, error
 
 
 def _where(job: Job, index: int) -> str:
@@ -1001,7 +1003,7 @@ def _compute(job: Job, part: Partition, runner: _Runner, usable: list) -> tuple[
             try:
                 runner.golden_batch([x for _, x in batch], os.path.join(job.out, rel))
             except ValueError as e:
-                raise _BatchError(_culprits(runner, batch, e)) from None
+                raise _BatchError(_culprits(runner, batch, e), e) from None
             files.append(_file_entry(job.out, rel))
             rows += [{"index": i, "result": {"file": os.path.basename(rel), "row": r}} for r, (i, _) in enumerate(batch)]
         files.insert(0, _write_records(job, part, rows))
@@ -1012,7 +1014,7 @@ def _compute(job: Job, part: Partition, runner: _Runner, usable: list) -> tuple[
         try:
             out = runner.call([x for _, x in batch])
         except PipelineError as e:
-            raise _BatchError(_culprits(runner, batch, e)) from None
+            raise _BatchError(_culprits(runner, batch, e), e) from None
         if job.task == "embed":
             vectors.append(out)
             results += [{"index": i} for i, _ in batch]

@@ -252,7 +252,8 @@ def test_unusable_inputs_are_listed_and_the_rest_kept(tmp_path, models):
 
 @pytest.mark.parametrize("task, lines, reasons", [
     ("qa", ["Where?\tIn Paris.", "no tab here", "\tcontext only"], {1: "no tab", 2: "'question' is empty"}),
-    ("choose", ["p\ta\tb", "p\tonly one", "p\ta\t\t"], {1: "1 ending(s)", 2: "'ending 2' is empty"}),
+    ("choose", ["p\ta\tb", "p\tonly one", "p\ta\t\t", "p" + "\te" * 257],
+     {1: "1 ending(s)", 2: "'ending 2' is empty", 3: "257 endings, more than 256"}),
     ("classify", ["a\tb", "no pair", "c\td"], {1: "no text pair, but this corpus's first input has one"}),
 ])
 def test_task_specific_unusable_lines(tmp_path, models, task, lines, reasons):
@@ -263,12 +264,34 @@ def test_task_specific_unusable_lines(tmp_path, models, task, lines, reasons):
     assert all(errors[i].startswith(r) for i, r in reasons.items()), errors
 
 
+def test_an_input_only_the_pipeline_refuses_is_found_and_the_batch_redone(tmp_path, models):
+    """A question that leaves no room for the context in a 32-token window passes the checks made
+    before batching; the pipeline refuses its batch, the input is found by running each input of
+    that batch alone, and the partition is computed again without it."""
+    lines = corpus_lines("qa", 8)
+    lines[2] = "why " * 40 + "?\tSome context here."
+    src = write_lines(tmp_path / "c.txt", lines)
+    job = make("qa", models, src, tmp_path / "out", options={"max_seq_len": 32, "doc_stride": 4})
+    summary = corpus.run(job, progress=False)
+    errors = corpus.read_errors(tmp_path / "out")
+    assert (summary.results, [e["index"] for e in errors]) == (7, [2])
+    assert "no room is left for the second sequence" in errors[0]["error"], errors
+    kept = [drop_nulls(r) for r in corpus.read_records(tmp_path / "out").column("result").to_pylist()]
+    good = lines[:2] + lines[3:]
+    qs, cs = zip(*(line.split("\t", 1) for line in good))
+    with threadpoolctl.threadpool_limits(1):
+        expected = pipelines.QuestionAnswering(models["qa"], batch_size=BATCH)(list(qs), list(cs), max_seq_len=32,
+                                                                              doc_stride=4)
+    assert kept == [r if isinstance(r, list) else [r] for r in expected]
+
+
 def test_jsonl_unusable_lines(tmp_path, models):
     src = write_lines(tmp_path / "c.jsonl", ['{"text": "fine"}', "{not json", '{"other": 1}', "42", '"a string"',
-                                             '{"text": 7}'])
+                                             '{"text": 7}', "[" * 100000])
     corpus.run(make("embed", models, src, tmp_path / "out"), progress=False)
     errors = {e["index"]: e["error"] for e in corpus.read_errors(tmp_path / "out")}
-    assert sorted(errors) == [1, 2, 3, 5]
+    assert sorted(errors) == [1, 2, 3, 5, 6]
+    assert errors[6] == "not valid JSON here (nested too deeply)"
     assert errors[1].startswith("not valid JSON") and errors[2] == "no 'text'"
     assert errors[3].startswith("a JSON int") and errors[5] == "'text' is a int, not a string"
     assert corpus.read_records(tmp_path / "out").column("index").to_pylist() == [0, 4]
@@ -428,6 +451,16 @@ def test_each_worker_limits_blas_and_maps_the_weights_once(tmp_path, models, das
                                                  r"worker must see the same path"):
         cluster.run_calls([("k", part)], corpus.run_partition, gone, setup=corpus.prepare_worker, name="gone",
                           client=dask_client)
+
+
+@pytest.mark.dask
+def test_strict_stops_a_cluster_run_at_an_unusable_line(tmp_path, models, dask_client):
+    lines = corpus_lines("embed", 24)
+    lines[13] = ""
+    src = write_lines(tmp_path / "c.txt", lines)
+    with pytest.raises(corpus.CorpusError, match=r"^c.txt line 14: empty line \(--strict stops"):
+        corpus.run(make("embed", models, src, tmp_path / "out", strict=True), client=dask_client, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "partitions" / "part-000001.json")
 
 
 @pytest.mark.dask

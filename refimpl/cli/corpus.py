@@ -115,6 +115,6 @@ def run_command(args, task: str) -> int:
         task, common.resolve_model_path(args.model), args.file, args.out, format=args.format, column=args.column,
         options=_options(args, task), dtype=args.dtype, batch_size=args.batch_size, truncate=args.truncate,
         partition_size=args.partition_size, threads=args.threads, strict=args.strict, **common.hub_args(args))
-    summary = corpus.run(job, workers=args.workers, scheduler=args.scheduler)
+    summary = corpus.run(job, workers=args.workers, scheduler=args.scheduler, progress=True)
     print(summary.line(task), file=sys.stderr)
     return 0
