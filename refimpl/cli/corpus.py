@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from . import common
 
-_HELP = ("Corpus mode (writes a folder: Parquet records, .npy embeddings, manifest, errors.jsonl): --file CORPUS "
+_HELP = textwrap.fill("Corpus mode (writes a folder: Parquet records, .npy embeddings, manifest, errors.jsonl): --file CORPUS "
          "(text, .jsonl or .parquet) --out DIR, in one process or with --workers N / --scheduler ADDRESS (Dask: "
-         "pip install 'refimpl[scale]'). See docs/scale.md.")
+         "pip install 'refimpl[scale]'). See docs/scale.md.", 78)
 
 
 def add_options(p: argparse.ArgumentParser, task: str) -> None:
