@@ -66,7 +66,7 @@ def build(cfg: dict, std: float, bias_std: float, seed: int = 0):
 def shipped():
     """The checkpoint shipped as ``--model tiny`` (transformers' default init: std 0.02, zero biases)."""
     from dump_transformers_golden import load_transformers
-    from refimpl.cli import resolve_model_path
+    from refimpl.cli.common import resolve_model_path
 
     folder = resolve_model_path("tiny")
     hf = load_transformers(folder, "masked-lm", "float64")
