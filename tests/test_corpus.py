@@ -216,7 +216,8 @@ def test_jsonl_and_parquet_inputs_give_the_text_run_bytes(tmp_path, models):
     assert job["input_format"] == "parquet"
 
 
-def test_unusable_inputs_are_listed_and_the_rest_kept(tmp_path, models):
+def planted_corpus(path) -> tuple[list[str], dict]:
+    """12 good fill-mask lines with 5 unusable ones planted among them, CRLF line ends."""
     good = corpus_lines("fill-mask", 12, seed=3)
     planted = {  # index: (raw line, the start of its reason)
         1: (b"", "empty line"),
@@ -229,8 +230,13 @@ def test_unusable_inputs_are_listed_and_the_rest_kept(tmp_path, models):
     raw, it = [], iter(good)
     for i in range(len(good) + len(planted)):
         raw.append(planted[i][0] if i in planted else next(it).encode())
+    path.write_bytes(b"\r\n".join(raw) + b"\r\n")  # CRLF line ends are read as line ends
+    return good, planted
+
+
+def test_unusable_inputs_are_listed_and_the_rest_kept(tmp_path, models):
     src = tmp_path / "bad.txt"
-    src.write_bytes(b"\r\n".join(raw) + b"\r\n")  # CRLF line ends are read as line ends
+    good, planted = planted_corpus(src)
     summary = corpus.run(make("fill-mask", models, src, tmp_path / "out"), progress=False)
     assert (summary.inputs, summary.results, summary.errors) == (17, 12, 5)
     errors = corpus.read_errors(tmp_path / "out")
@@ -451,6 +457,17 @@ def test_each_worker_limits_blas_and_maps_the_weights_once(tmp_path, models, das
                                                  r"worker must see the same path"):
         cluster.run_calls([("k", part)], corpus.run_partition, gone, setup=corpus.prepare_worker, name="gone",
                           client=dask_client)
+
+
+@pytest.mark.dask
+def test_planted_unusable_lines_on_two_workers(tmp_path, models, dask_client):
+    src = tmp_path / "bad.txt"
+    _, planted = planted_corpus(src)
+    one = corpus.run(make("fill-mask", models, src, tmp_path / "one"), progress=False)
+    two = corpus.run(make("fill-mask", models, src, tmp_path / "two"), client=dask_client, progress=False)
+    assert (two.inputs, two.results, two.errors) == (one.inputs, one.results, one.errors) == (17, 12, 5)
+    assert [e["line"] for e in corpus.read_errors(tmp_path / "two")] == [i + 1 for i in sorted(planted)]
+    assert_same_outputs(tmp_path / "one", tmp_path / "two")
 
 
 @pytest.mark.dask
