@@ -184,7 +184,7 @@ class Summary:
         errs = f"; {self.errors} unusable (listed in {os.path.join(self.out, 'errors.jsonl')})" if self.errors else ""
         return (f"refimpl {task}: {_n(self.inputs, 'input')}, {_n(self.results, 'result')} in "
                 f"{_n(self.partitions, 'partition')} ({self.computed} computed, {self.skipped} already done){errs}; "
-                f"{self.seconds:.1f} s on {self.where}{rate}; wrote {self.out}")
+                f"{self.seconds:.1f} s ({self.where}){rate}; wrote {self.out}")
 
     inputs_run: int = 0
 
@@ -905,9 +905,11 @@ def memory_report(job: Job) -> dict:
 
 
 def release_worker(job: Job) -> None:
-    """Forget a job's model in this process (a worker plugin's teardown)."""
+    """Forget a job's model (and a cached Parquet row group) in this process (a worker plugin's teardown)."""
     with _RUNNERS_LOCK:
         _RUNNERS.pop(job.key, None)
+    with _PARQUET_LOCK:
+        _PARQUET_CACHE.clear()
 
 
 def run_partition(job: Job, part: Partition, where: str = "") -> dict:
