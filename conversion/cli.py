@@ -6,8 +6,10 @@ Exit status 0 with a one-line summary on stdout; 2 with a one-line error on stde
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from refimpl import __version__
 from refimpl.params import TASKS, normalize_task
 
 from .export import OUT_DTYPES, export, parse_size
@@ -32,6 +34,8 @@ architectures; for fairseq, the classification head if the checkpoint has one, e
 torch rounds it). refimpl itself computes in float32/float64. Default: the source's dtype.
 
 examples:
+  {PROG} tiny out/tiny                                   # the random checkpoint shipped with refimpl
+  {PROG} andreasmadsen/efficient_mlm_m0.40 out/m040      # a Hub id (downloaded into the Hugging Face cache)
   {PROG} path/to/efficient_mlm path/to/out
   {PROG} checkpoints/model.pt out --from fairseq --head mnli --dtype float16
   {PROG} hf-folder out --max-shard-size 500MB --force
@@ -45,8 +49,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=PROG,
         description="Convert a RoBERTa-PreLayerNorm checkpoint (Hugging Face safetensors or .bin, the original "
         "efficient_mlm layout, or fairseq pre-LN RoBERTa) into a folder that transformers' "
@@ -54,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC", help="the checkpoint: a model folder or a fairseq .pt file")
+    p.add_argument("src", metavar="SRC", help="the checkpoint: a model folder, a fairseq .pt file, 'tiny' (the "
+                   "random checkpoint shipped with refimpl) or a Hugging Face Hub id")
     p.add_argument("dst", metavar="DST", help="the folder to write (must not exist unless --force)")
     p.add_argument("--from", dest="fmt", choices=FORMATS, default="auto", help="the source format (default: auto)")
     p.add_argument("--dtype", choices=list(OUT_DTYPES), default=None, help="the dtype to write (default: the source's)")
@@ -63,7 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
                    help="split the weights into shards above this size (default: 5GB)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--revision", default=None, help="Hub revision of SRC (branch, tag or commit)")
+    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+    p.add_argument("--version", action="version", version=f"{PROG} (refimpl {__version__})")
     return p
+
+
+def _source(src: str, revision: str | None, cache_dir: str | None) -> str:
+    """SRC as a path: an existing file or folder as it is, else a shipped name or a Hub id (downloaded into
+    the Hugging Face cache, as ``refimpl --model`` does)."""
+    if os.path.exists(src) or os.path.isabs(src) or src.startswith((".", "~")) or src.endswith((".pt", ".bin",
+                                                                                                ".safetensors")):
+        return src  # a path (a missing one is reported by the loader, which knows files from folders)
+    from refimpl.hub import resolve
+
+    return resolve(src, revision=revision, cache_dir=cache_dir)
 
 
 def _one_line(e: BaseException) -> str:
@@ -79,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task = normalize_task(args.task) if args.task is not None else None
         compute = "float64" if args.dtype == "float64" else "auto" if args.dtype is None else "float32"
-        loaded = load(args.src, args.fmt, task=task, head=args.head, dtype=compute)
+        loaded = load(_source(args.src, args.revision, args.cache_dir), args.fmt, task=task, head=args.head,
+                      dtype=compute)
         model = loaded.model
         dtype = args.dtype or loaded.source_dtype
         for note in loaded.notes:

@@ -216,7 +216,10 @@ def export(
     )
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    except OSError as e:  # name the folder asked for, not the temporary one beside it
+        raise type(e)(f"cannot write {dst!r}: {e.strerror or e}") from None
     try:
         bar = None
         if progress:
@@ -253,8 +256,11 @@ def export(
             os.chmod(os.path.join(tmp, name), 0o644)
         os.chmod(tmp, 0o755)
         _commit(tmp, dst, force)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError) and tmp in str(e):
+            # (disk full, permissions): name the folder asked for, not the temporary one beside it
+            raise type(e)(f"cannot write {dst!r}: {e.strerror or e}") from None
         raise
     return ExportSummary(
         path=dst, task=model.task, architecture=TASKS[model.task][0], dtype=dtype, tensors=len(state),

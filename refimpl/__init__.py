@@ -13,6 +13,7 @@ from .model import InputError, Model
 from .params import TASKS, Params
 from .safetensors_io import CheckpointError
 from .tracing import Trace
+from .backward import grad  # refimpl.grad(model, **inputs) -> (loss, {transformers name: gradient})
 from .golden import trace  # refimpl.trace(model, **inputs) -> {name: array}; the recorder is refimpl.tracing
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Config", "ConfigError", "InputError", "CheckpointError", "Model", "Params", "TASKS", "Trace",
-    "from_pretrained", "params_from_state_dict", "trace", "state_dict", "__version__", "generate", "KVCache",
+    "from_pretrained", "params_from_state_dict", "trace", "state_dict", "__version__", "generate", "KVCache", "grad",
 ]

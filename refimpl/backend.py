@@ -125,6 +125,12 @@ def erf(x):
     return xp.asarray(_get_numba_erf()(to_numpy(x)), device=getattr(x, "device", None))
 
 
+# How to get CuPy (refimpl is installed from a checkout, not from the package index): the one place
+# that says it (tests/test_install_hints.py checks every hint in the code and the docs).
+CUPY_INSTALL_HINT = ("pip install cupy-cuda12x (CUDA 12; cupy-cuda11x for CUDA 11), or pip install '.[gpu]' "
+                     "in a checkout of refimpl")
+
+
 def cupy_status() -> tuple[bool, str]:
     """``(True, device name)`` when CuPy can allocate on a GPU, else ``(False, the reason)``.
 
@@ -134,7 +140,7 @@ def cupy_status() -> tuple[bool, str]:
     try:
         import cupy
     except Exception as e:  # ImportError, or a broken CUDA install
-        return False, f"cupy is not importable ({type(e).__name__}: {e}); pip install 'refimpl[gpu]'"
+        return False, f"cupy is not importable ({type(e).__name__}: {e}); {CUPY_INSTALL_HINT}"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
         if n < 1:

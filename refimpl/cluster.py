@@ -8,8 +8,8 @@ nothing of models: a worker plugin runs ``setup(arg, worker address)`` once in e
 each item, results coming back in completion order. A worker that dies mid-call is replaced and
 its call rerun by Dask (up to ``distributed.scheduler.allowed-failures`` times, 3 by default).
 
-This module imports Dask (``pip install 'refimpl[scale]'``); refimpl imports it only when asked to
-run on a cluster.
+This module imports Dask (the scale extra: ``pip install '.[scale]'`` in a checkout); refimpl imports it
+only when asked to run on a cluster.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class Job:
     column: str = "text"
     options: dict = field(default_factory=dict)
     dtype: str = "float32"
+    backend: str = "numba"
     batch_size: int = 8
     truncate: bool = False
     partition_size: int = DEFAULT_PARTITION_SIZE
@@ -138,7 +139,8 @@ class Job:
         return {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "refimpl_version": __version__,
             "task": self.task, "options": _jsonable(self.options), "input_format": self.format,
-            "column": self.column, "dtype": self.dtype, "batch_size": self.batch_size, "truncate": self.truncate,
+            "column": self.column, "dtype": self.dtype, "backend": self.backend, "batch_size": self.batch_size,
+            "truncate": self.truncate,
             "partition_size": self.partition_size, "threads": self.threads, "pairs": self.pairs,
         }
 
@@ -194,7 +196,8 @@ def _n(count: int, noun: str) -> str:
 
 
 def make_job(task: str, model: str, source: str, out: str, *, format: str = "auto", column: str = "text",
-             options: dict | None = None, dtype: str = "float32", batch_size: int = 8, truncate: bool = False,
+             options: dict | None = None, dtype: str = "float32", backend: str = "numba", batch_size: int = 8,
+             truncate: bool = False,
              partition_size: int | None = None, threads: int = 1, strict: bool = False, pairs: bool | None = None,
              revision=None, cache_dir=None) -> Job:
     """A :class:`Job`, checked: the model resolved to a local folder (``tiny``, a folder or a Hub id),
@@ -241,7 +244,7 @@ def make_job(task: str, model: str, source: str, out: str, *, format: str = "aut
         except ValueError as e:
             raise CorpusError(" ".join(str(e).split())) from None
     return Job(task=task, model=folder, source=os.path.abspath(source), out=os.path.abspath(out), format=format,
-               column=column, options=options, dtype=dtype, batch_size=batch_size, truncate=bool(truncate),
+               column=column, options=options, dtype=dtype, backend=backend, batch_size=batch_size, truncate=bool(truncate),
                partition_size=partition_size, threads=threads, strict=bool(strict), pairs=pairs)
 
 
@@ -407,7 +410,7 @@ def _parquet_file(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise CorpusError("reading Parquet needs pyarrow: pip install 'refimpl[scale]'") from None
+        raise CorpusError("reading Parquet needs pyarrow: pip install '.[scale]' in a checkout") from None
     try:
         return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and OSError subclasses
@@ -670,7 +673,8 @@ class _Runner:
             from . import from_pretrained
             from .tokenizer import Tokenizer, max_length_for
 
-            self.model = from_pretrained(job.model, task=job.options.get("model_task"), dtype=job.dtype)
+            self.model = from_pretrained(job.model, task=job.options.get("model_task"), dtype=job.dtype,
+                                         backend=job.backend)
             self.tokenizer = Tokenizer.from_pretrained(job.model)
             c = self.model.config
             limit = max_length_for(c.max_position_embeddings, c.pad_token_id if c.pad_token_id is not None else -1)
@@ -680,7 +684,8 @@ class _Runner:
             self.pipe = None
         else:
             cls = getattr(pipelines, _PIPELINES[job.task])
-            self.pipe = cls(job.model, dtype=job.dtype, batch_size=job.batch_size, truncate=job.truncate, progress=False)
+            self.pipe = cls(job.model, dtype=job.dtype, batch_size=job.batch_size, truncate=job.truncate, progress=False,
+                            backend=job.backend)
             self.tokenizer, self.max_length = self.pipe.tokenizer, self.pipe.max_length
             self._warm(self.pipe.model)
 
@@ -1317,7 +1322,7 @@ def run(job: Job, *, workers: int | None = None, scheduler: str | None = None, c
                 try:
                     from . import cluster
                 except ImportError as e:
-                    raise CorpusError(f"--workers and --scheduler need Dask: pip install 'refimpl[scale]' "
+                    raise CorpusError(f"--workers and --scheduler need Dask: pip install '.[scale]' in a checkout "
                                       f"({' '.join(str(e).split())})") from None
                 where = cluster.run_calls(
                     [(f"refimpl-{job.task}-{p.name}-{job.key}", p) for p in todo], run_partition, job,

@@ -27,7 +27,20 @@ from .backend import to_numpy
 from .cache import empty_cache
 from .encoder import position_ids_from_input_ids
 
-_FROM_CONFIG = object()  # "use the config's value" (None is a meaningful value for the ids)
+
+
+class _FromConfig:
+    """The default of ``eos_token_id`` / ``pad_token_id``: the model config's value.
+
+    A named sentinel (``None`` is meaningful for these ids: it disables stopping), so that
+    ``help(generate)`` shows ``eos_token_id=FROM_CONFIG`` rather than an object address.
+    """
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG = _FromConfig()
 POSITION_STYLES = ("roberta", "zero-based")
 
 
@@ -124,8 +137,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id=_FROM_CONFIG,
-    pad_token_id=_FROM_CONFIG,
+    eos_token_id=FROM_CONFIG,
+    pad_token_id=FROM_CONFIG,
     seed: int | None = None,
     position_style: str = "roberta",
     encoder_hidden_states=None,
@@ -168,8 +181,8 @@ def generate(
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise GenerationError(f"input_ids must be a non-empty 2-D [batch, length] array; got shape {list(ids.shape)}")
     b, t = ids.shape
-    eos = _eos_list(cfg.eos_token_id if eos_token_id is _FROM_CONFIG else eos_token_id)
-    pad = cfg.pad_token_id if pad_token_id is _FROM_CONFIG else pad_token_id
+    eos = _eos_list(cfg.eos_token_id if eos_token_id is FROM_CONFIG else eos_token_id)
+    pad = cfg.pad_token_id if pad_token_id is FROM_CONFIG else pad_token_id
     if pad is None:
         pad = eos[0] if eos else None  # as transformers: pad with EOS when there is no pad token
     mask = _prompt_mask(ids, attention_mask, pad, eos)  # [B, T] int64

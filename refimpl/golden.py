@@ -127,25 +127,41 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data block, as the reference writer pads
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise _os_error(FileNotFoundError, 2, f"cannot write {path!r}: the folder {os.path.dirname(path) or '.'!r} "
+                                              f"does not exist")
+    if os.path.isdir(path):
+        raise _os_error(IsADirectoryError, 21, f"cannot write {path!r}: it is a folder; give a file name "
+                                               f"such as {os.path.join(path, 'golden.safetensors')!r}")
     # A fresh name in the target's folder (same file system, so os.replace is atomic); "x" mode
     # refuses to reuse an existing file and, unlike mkstemp's 0600, the file gets the umask's mode.
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    f = open(tmp, "xb")
     try:
-        with f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for a in arrays:
-                _write_array(f, a)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        f = open(tmp, "xb")
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with f:
+                f.write(len(blob).to_bytes(8, "little"))
+                f.write(blob)
+                for a in arrays:
+                    _write_array(f, a)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError as e:  # name the file asked for, never the temporary one beside it
+        raise _os_error(type(e), e.errno, f"cannot write {path!r}: {e.strerror or e}") from None
+
+
+def _os_error(kind: type, errno: int | None, message: str) -> OSError:
+    """``kind(message)`` with ``errno`` set: ``str()`` is the message alone, one line."""
+    err = kind(message)
+    err.errno = errno
+    return err
 
 
 def _write_array(f, a: np.ndarray) -> None:
@@ -194,7 +210,8 @@ def golden_metadata(model, tensors: Mapping[str, Any], inputs: Mapping[str, Any]
     return meta
 
 
-def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[str, Any] | None = None, **inputs) -> Golden:
+def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[str, Any] | None = None,
+                 gradients: bool = False, **inputs) -> Golden:
     """Trace ``model(**inputs)`` and write the inputs, every traced tensor and the metadata to
     ``path`` (safetensors, atomically). -> the :class:`Golden` written.
 
@@ -205,12 +222,20 @@ def write_golden(model, path: str | os.PathLike, *, tokenizer_output: Mapping[st
     it with ``dtype="float64"`` for a reference golden. The tensors are computed by the reference
     (:mod:`refimpl.tasks`; a traced call runs it whatever the model's backend): a golden is the
     definition, not a fast path.
+
+    gradients: also record the gradient of the loss with respect to every traced intermediate and
+    every parameter (``grad.*`` names, after the forward's, in backward order: docs/golden.md), from
+    :func:`refimpl.backward.gradient_trace`; the inputs must then give a loss (labels).
     """
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
     if unknown:
         raise ValueError(f"write_golden records array inputs only ({', '.join(INPUT_NAMES)}); got {', '.join(unknown)}")
     given = {k: v for k, v in inputs.items() if v is not None}
     tensors = trace(model, **given)
+    if gradients:
+        from .backward import gradient_trace
+
+        tensors.update(gradient_trace(model, **given))
     arrays = {k: np.asarray(to_numpy(v)) for k, v in given.items()}
     meta = golden_metadata(model, tensors, arrays, tokenizer_output)
     save_tensors(path, {**{INPUT_PREFIX + k: v for k, v in arrays.items()}, **tensors}, meta)
@@ -278,7 +303,63 @@ _PRECISION_RANK = ["float64", "float32", "float16", "bfloat16"]
 # Hints: the likely mistake behind a first divergence, keyed by tensor name (first match wins)
 # ---------------------------------------------------------------------------------------------
 
-HINTS: list[tuple[str, str]] = [
+# A gradient grad.X that diverges while every gradient computed before it (the tensors after X in
+# the forward) agrees points at the backward of the step that reads X.
+_LN_WEIGHT = ("check LayerNorm's backward: dgamma = sum over positions of dy * xhat, with xhat the normalised "
+              "input recomputed with the forward's eps")
+_LN_BIAS = "check LayerNorm's backward: dbeta = sum over positions of dy"
+GRAD_HINTS: list[tuple[str, str]] = [
+    ("grad.loss", "the gradient of the loss with respect to itself is 1"),
+    ("grad.logits", "check the loss's backward: (softmax - onehot) / n over the counted labels (-100 ignored, "
+                    "all ignored: 0); the causal LM shifts labels by one; regression 2 (x - y) / n; multi-label "
+                    "(sigmoid(x) - y) / n over every element"),
+    ("grad.*_logits", "question answering: each of start and end gets its cross-entropy gradient halved; positions "
+                      "are clamped to [0, T] and T is ignored"),
+    ("grad.*word_embeddings.weight", "scatter-add the word rows' gradient at their ids, nothing into the padding_idx "
+                                     "row; a tied LM decoder adds its own dW = dlogits^T x"),
+    ("grad.*position_embeddings.weight", "scatter-add at the RoBERTa position ids; pads (position pad_token_id) add "
+                                         "nothing (padding_idx)"),
+    ("grad.*token_type_embeddings.weight", "scatter-add at the token-type ids (zeros when not given)"),
+    ("grad.*LayerNorm.weight", _LN_WEIGHT),
+    ("grad.*layer_norm.weight", _LN_WEIGHT),
+    ("grad.*LayerNorm.bias", _LN_BIAS),
+    ("grad.*layer_norm.bias", _LN_BIAS),
+    ("grad.*.weight", "check the linear layer's weight gradient: dW = dy^T x summed over every position ([out, in])"),
+    ("grad.*.bias", "check the bias gradient: the sum of dy over every position"),
+    ("grad.encoder_hidden_states", "the encoder states' gradient sums every layer's cross-attention k and v "
+                                   "projections' backward (no LayerNorm on that side)"),
+    ("grad.embeddings.word", "the embedding sum passes its gradient to each term unchanged"),
+    ("grad.embeddings.token_type", "the embedding sum passes its gradient to each term unchanged"),
+    ("grad.embeddings.position", "the embedding sum passes its gradient to each term unchanged"),
+    ("grad.embeddings.sum", "check the embedding LayerNorm's backward: dx = rstd (g - mean(g) - xhat mean(g xhat)), "
+                            "g = dy * gamma"),
+    ("grad.embeddings.output", "check block 0's backward: the skip path plus its attention LayerNorm's backward"),
+    ("grad.*attention.layer_norm", "LN(x) feeds q, k and v (cross-attention: q only): add the three projections' "
+                                   "dx = dy W"),
+    ("grad.*attention.[qk]", "check dq = (dscores * D^-0.5) k and dk = (dscores * D^-0.5)^T q"),
+    ("grad.*attention.v", "check dv = probs^T dcontext"),
+    ("grad.*attention.scores", "check the softmax backward: probs * (dprobs - sum(dprobs * probs)) over keys; the "
+                               "mask is a constant and passes the gradient unchanged"),
+    ("grad.*attention.probs", "check dprobs = dcontext v^T"),
+    ("grad.*attention.context", "check the output projection's backward (dx = dy W_o) and the head split [B, T, H] "
+                                "-> [B, N, T, D]"),
+    ("grad.*.output", "the residual add passes its gradient to the branch unchanged"),
+    ("grad.*.residual", "check the backward of what reads the residual stream: the skip path plus the next "
+                        "LayerNorm's backward (or the final LayerNorm's)"),
+    ("grad.*ffn.activation", "check the FFN's second projection backward: dx = dy W_2"),
+    ("grad.*ffn.pre_activation", "check the activation's derivative (exact erf GELU: Phi(x) + x phi(x); relu'(0) = 0; "
+                                 "the one hidden_act names)"),
+    ("grad.*ffn.layer_norm", "check the FFN's first projection backward: dx = dy W_1"),
+    ("grad.final_layer_norm", "check the head's backward into the sequence (the classification heads and the pooler "
+                              "read token 0 only)"),
+    ("grad.head.pooler", "check the choice classifier's backward: [B, C] -> [B*C, 1], dx = dy W"),
+    ("grad.head.tanh", "check out_proj's backward: dx = dy W"),
+    ("grad.head.dense", "check the derivative after the head's dense: exact GELU for the LM head, 1 - y^2 for tanh"),
+    ("grad.head.gelu", "check the LM head LayerNorm's backward"),
+    ("grad.head.layer_norm", "check the decoder's backward: dx = dlogits W_dec (the tied word embeddings)"),
+]
+
+HINTS: list[tuple[str, str]] = GRAD_HINTS + [
     ("inputs.*", "the candidate was run on other inputs than the golden's: feed it the golden's inputs.* tensors"),
     ("embeddings.word", "check the word-embedding lookup (input ids, the embedding table, its dtype conversion)"),
     ("embeddings.token_type", "check token_type_ids: zeros when not given, rows of the token-type table"),
@@ -383,8 +464,22 @@ class Report:
         return next((r for r in self.results if r.status in ("fail", "shape")), None)
 
     @property
+    def golden_tensors(self) -> int:
+        """The golden's traced tensors (its inputs not counted)."""
+        return len({r.name for r in self.results if not r.name.startswith(INPUT_PREFIX)})
+
+    @property
+    def compared(self) -> int:
+        """The golden's traced tensors the candidate gave, under their name or as an output field
+        (compared; inputs not counted)."""
+        return _compared(self.results)
+
+    @property
     def passed(self) -> bool:
-        if self.first_divergence is not None:
+        """Every shared tensor within tolerance, and at least one traced tensor shared: a candidate
+        that shares nothing (a weights file, a dump with other names) compared nothing and fails.
+        ``strict``: also every golden tensor present and no other name."""
+        if self.first_divergence is not None or self.compared == 0:
             return False
         return not (self.strict and (self.missing or self.unexpected))
 
@@ -393,7 +488,7 @@ class Report:
         return {
             "passed": self.passed,
             "profile": self.profile, "rtol": self.rtol, "atol": self.atol, "strict": self.strict,
-            "compared": _compared(self.results),
+            "compared": self.compared, "golden_tensors": self.golden_tensors,
             "first_divergence": None if fd is None else {"name": fd.name, "hint": self.hint, **_result_dict(fd)},
             "hidden_states": self.hidden_states, "notes": list(self.notes), "diagnosis": self.diagnosis,
             "missing": self.missing,
@@ -419,19 +514,25 @@ class Report:
                 status = "ok" if r.status == "pass" else f"FAIL ({r.failing} elements)"
                 lines.append(f"{label:<36} {shape:<18} {r.max_abs:>11.3e} {r.max_rel:>11.3e}  "
                              f"{str(tuple(r.worst_index)):<18} {status}")
-        names = {r.name for r in self.results if not r.name.startswith(INPUT_PREFIX)}
         inputs = sum(r.name.startswith(INPUT_PREFIX) for r in self.results)
-        lines.append(f"compared {_compared(self.results)} of {len(names)} golden tensors"
+        lines.append(f"compared {self.compared} of {self.golden_tensors} golden tensors"
                      + (f" (and {inputs} inputs)" if inputs else ""))
-        if self.missing:
+        if self.missing and self.compared:
             lines.append(f"missing from the candidate ({len(self.missing)}): {', '.join(self.missing[:12])}"
                          + (" ..." if len(self.missing) > 12 else "") + (" [fails under --strict]" if self.strict else ""))
-        for name, close in self.unexpected:
+        for name, close in self.unexpected[:20]:
             lines.append(f"not in the golden: {name}" + (f" (did you mean {close}?)" if close else ""))
+        if len(self.unexpected) > 20:
+            lines.append(f"... and {len(self.unexpected) - 20} more names not in the golden")
         lines += [f"note: {n}" for n in self.notes]
         fd = self.first_divergence
         if fd is None:
-            lines.append("PASS" if self.passed else "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
+            if self.compared == 0:
+                lines.append("FAIL: the candidate holds none of the golden's traced tensors, so nothing was compared "
+                             "(its names must be the golden's, see docs/golden.md)")
+            else:
+                lines.append("PASS" if self.passed else
+                             "FAIL (--strict: the candidate does not hold exactly the golden's tensors)")
             return "\n".join(lines)
         where = fd.name if fd.source is None else f"{fd.name} (the candidate's {fd.source})"
         if fd.status == "shape":
@@ -504,7 +605,8 @@ def compare(golden, candidate, *, rtol: float | None = None, atol: float | None 
     :data:`PROFILES`; default: from the candidate's least precise float dtype), with ``rtol``/``atol``
     overriding it. ``hidden_states``: ``"5.x"`` (refimpl's and transformers 5.x's convention, the
     default) or ``"4.x"`` (transformers 4.x: the last entry is the last block's raw output). Missing
-    tensors are reported and fail only with ``strict`` (as do names the golden lacks).
+    tensors are reported and fail only with ``strict`` (as do names the golden lacks); a candidate
+    holding none of the golden's traced tensors fails (``Report.compared`` is 0).
     """
     g = golden if isinstance(golden, Golden) else read_golden(golden)
     c = read_candidate(candidate)

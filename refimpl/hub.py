@@ -2,7 +2,7 @@
 
     folder = resolve("andreasmadsen/efficient_mlm_m0.40")   # downloads into the standard HF cache
     folder = resolve("path/to/folder")                      # a local folder is used as it is
-    folder = resolve("tiny")                                # the random checkpoint shipped with refimpl
+    folder = resolve("tiny")                                # a random checkpoint shipped with refimpl (SHIPPED)
 
 Only the files a RoBERTa-PreLayerNorm model needs are fetched: ``config.json``; the tokenizer files
 that exist among ``tokenizer.json``, ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
@@ -26,7 +26,17 @@ __all__ = [
     "is_offline",
 ]
 
-SHIPPED = {"tiny": os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny-random-mlm")}
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The tiny random checkpoints shipped with refimpl (scripts/make_tiny_checkpoint.py; each folder's
+# README.md is its model card): name -> folder. Predictions are meaningless; they run the examples.
+SHIPPED = {name: os.path.join(_DATA, folder) for name, folder in (
+    ("tiny", "tiny-random-mlm"),                                # masked LM, RoBERTa's vocabulary
+    ("tiny-classify", "tiny-random-sequence-classification"),  # labels negative/positive
+    ("tiny-tag", "tiny-random-token-classification"),          # CoNLL-2003 NER labels
+    ("tiny-qa", "tiny-random-question-answering"),
+    ("tiny-choose", "tiny-random-multiple-choice"),
+    ("tiny-generate", "tiny-random-causal-lm"),                 # is_decoder=True
+)}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 _WEIGHTS = (  # (format, single file, index file), in order of preference
     ("safetensors", "model.safetensors", "model.safetensors.index.json"),
@@ -100,8 +110,9 @@ def resolve(model: str | os.PathLike, revision: str | None = None, cache_dir: st
             token: str | bool | None = None) -> str:
     """A local folder holding the model named ``model``; downloads what is missing from the Hub.
 
-    model: a local folder (used as is), ``"tiny"`` (the random checkpoint shipped with refimpl) or a
-        Hub repository id such as ``"andreasmadsen/efficient_mlm_m0.40"``.
+    model: a local folder (used as is), ``"tiny"`` or another name of :data:`SHIPPED` (the random
+        checkpoints shipped with refimpl) or a Hub repository id such as
+        ``"andreasmadsen/efficient_mlm_m0.40"``.
     revision: a branch, tag or commit of the Hub repository (default: its main branch).
     cache_dir: the Hub cache folder (default: huggingface_hub's, i.e. ``HF_HUB_CACHE``).
     token: a Hub token for private or gated repositories (default: huggingface_hub's, i.e. ``HF_TOKEN``

@@ -187,7 +187,9 @@ def load_folder(
         if note is None:
             raise
         raise CheckpointError(f"{e}\n(the names above are after loading did this: {note})") from None
-    return Model(config, params, task)
+    model = Model(config, params, task)
+    model.name_or_path = folder  # where its tokenizer is (pipelines look there), as transformers' name_or_path
+    return model
 
 
 def state_dict(model: Model, task: str | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import tasks
-from .backend import is_cupy, namespace, to_numpy
+from .backend import CUPY_INSTALL_HINT, is_cupy, namespace, to_numpy
 from .config import Config
 from .inputs import InputError, validate
 from .params import TASKS, Params, map_leaves, normalize_task, num_parameters
@@ -30,8 +30,12 @@ class Model:
     """A RoBERTa-PreLayerNorm model for one task. Pure data plus a ``__call__`` that runs the math.
 
     Attributes: ``config`` (:class:`Config`), ``params`` (:class:`Params`), ``task`` (a key of
-    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math).
+    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math),
+    ``name_or_path`` (the local folder :func:`refimpl.from_pretrained` loaded, where the tokenizer
+    is; None for a model built in memory; kept by :meth:`to` and :meth:`astype`).
     """
+
+    name_or_path: str | None = None
 
     def __init__(self, config: Config, params: Params, task: str = "base", backend: str = "numpy"):
         if backend not in BACKENDS:
@@ -67,7 +71,11 @@ class Model:
                 cache[id(a)] = a if a.dtype == target else xp.astype(a, getattr(xp, np.dtype(target).name))
             return cache[id(a)]
 
-        return Model(self.config, map_leaves(convert, self.params), self.task, self._backend)
+        return self._same_source(Model(self.config, map_leaves(convert, self.params), self.task, self._backend))
+
+    def _same_source(self, other: "Model") -> "Model":
+        other.name_or_path = self.name_or_path
+        return other
 
     @property
     def backend(self) -> str:
@@ -89,7 +97,7 @@ class Model:
             try:
                 import cupy
             except ImportError:
-                raise ImportError("backend='cupy' needs CuPy: pip install 'refimpl[gpu]'") from None
+                raise ImportError(f"backend='cupy' needs CuPy: {CUPY_INSTALL_HINT}") from None
             move = cupy.asarray
         else:
             move = to_numpy
@@ -100,7 +108,7 @@ class Model:
                 cache[id(a)] = move(a)
             return cache[id(a)]
 
-        return Model(self.config, map_leaves(convert, self.params), self.task, backend)
+        return self._same_source(Model(self.config, map_leaves(convert, self.params), self.task, backend))
 
     def __repr__(self) -> str:
         c = self.config

@@ -6,12 +6,24 @@
     clf(["great film", "dull film"], top_k=None)
 
 Every pipeline is a class (load once, call many times) with a function of the same task for one-off
-use. ``model`` is a local folder, ``"tiny"``, a Hub id (see :func:`refimpl.hub.resolve`) or a
-:class:`refimpl.Model` (then pass ``tokenizer=``, a :class:`refimpl.tokenizer.Tokenizer` or a
-folder). Loading arguments: ``dtype``, ``revision``, ``cache_dir``, ``token``; running arguments:
-``batch_size`` (texts per forward pass), ``truncate`` (cut inputs longer than the model's limit
-``max_position_embeddings - pad_token_id - 1`` instead of raising), ``progress`` (a tqdm bar on
-stderr; None = only when stderr is a terminal and there is more than one batch).
+use. ``model`` is a local folder, ``"tiny"`` (or another shipped random checkpoint, see
+:data:`refimpl.hub.SHIPPED`), a Hub id (see :func:`refimpl.hub.resolve`) or a :class:`refimpl.Model`.
+The tokenizer comes from the same place; a Model loaded by :func:`refimpl.from_pretrained`
+remembers its folder (``model.name_or_path``), so it needs no ``tokenizer=`` either. ``tokenizer=``
+(a :class:`refimpl.tokenizer.Tokenizer`, a folder, ``"tiny"`` or a Hub id) overrides it, and is
+needed for a Model built in memory. Loading arguments: ``dtype``, ``backend`` (``"numba"``, the
+default, or ``"numpy"``, see :meth:`refimpl.Model.to`), ``revision``, ``cache_dir``, ``token``;
+running arguments: ``batch_size`` (texts per forward pass), ``truncate`` (cut inputs longer than
+the model's limit ``max_position_embeddings - pad_token_id - 1`` instead of raising),
+``progress`` (a tqdm bar on stderr; None = only when stderr is a terminal and there is more than
+one batch, or an unknown number of inputs).
+
+Streaming: ``pipe.stream(inputs, **options)`` takes any iterable (a generator, a file's lines)
+and returns an iterator of results, one per input and in order, computed batch by batch as the
+inputs are read: the results of a batch are available as soon as it finishes, and memory does
+not grow with the number of inputs. Calling a text pipeline with an iterator (not a list),
+``pipe(generator)``, does the same, as transformers' pipelines do. The batches are those of a
+list of the same inputs, so the results are identical to ``pipe(list(inputs))``.
 
 Outputs follow transformers' pipelines (``FillMaskPipeline``, ``TextClassificationPipeline``,
 ``TokenClassificationPipeline``, and the ``QuestionAnsweringPipeline`` of transformers 4.x, which
@@ -27,16 +39,21 @@ results. Where we differ, on purpose:
 - inputs are batched and padded (``batch_size``); transformers runs one text at a time by
   default. Padding changes nothing but float rounding (masked keys get ``finfo.min``);
 - empty texts, a batch with no texts and a fill-mask text without ``<mask>`` raise
-  :class:`PipelineError` with the index of the input;
-- no warnings: the subword heuristic for first/average/max aggregation (RoBERTa's BPE has no
-  continuing-subword prefix) is used silently, as documented here.
+  :class:`PipelineError` with the position of the input (``err.index``, 0-based; the message
+  says "input N", 1-based);
+- the subword heuristic for first/average/max aggregation (RoBERTa's BPE has no
+  continuing-subword prefix) is used silently, as documented here. A fill-mask target that is
+  not one token is replaced by its first token with a warning on the ``"refimpl"`` logger, as
+  transformers warns.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import sys
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -51,10 +68,20 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
+logger = logging.getLogger("refimpl")
 
 
 class PipelineError(ValueError):
-    """A bad pipeline input or a model that cannot do the task; the message is one line."""
+    """A bad pipeline input or a model that cannot do the task; the message is one line.
+
+    ``PipelineError(reason, index=i)`` is about input ``i`` (0-based): its message reads
+    ``"input {i + 1} {reason}"``; ``index`` and ``reason`` stay available to callers that number
+    their inputs otherwise (the command line counts blank lines too).
+    """
+
+    def __init__(self, reason: str, index: int | None = None):
+        self.reason, self.index = reason, index
+        super().__init__(reason if index is None else f"input {index + 1} {reason}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,40 +90,59 @@ class PipelineError(ValueError):
 
 
 def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=None, cache_dir=None,
-         token=None) -> tuple[Model, Tokenizer]:
-    """(Model for ``task``, Tokenizer) from a name/folder/Hub id, or from a Model plus a tokenizer.
+         token=None, backend: str | None = None) -> tuple[Model, Tokenizer]:
+    """(Model for ``task``, Tokenizer) from a name/folder/Hub id, or from a Model.
 
     A :class:`Model` for another task is accepted when ``task`` is ``"base"`` (its encoder is used).
+    The tokenizer: ``tokenizer`` when given (a :class:`Tokenizer`, a folder, a shipped name such as
+    ``"tiny"`` or a Hub id), else the model's own folder (``model.name_or_path`` for a Model).
+    ``backend``: None keeps a Model's backend and loads a name with the default (``"numba"``).
     """
     from . import from_pretrained
     from .config import Config
-    from .hub import resolve
+    from .hub import SHIPPED, resolve
     from .params import task_from_architectures
 
     if isinstance(model, Model):
         if tokenizer is None:
-            raise PipelineError("a Model object needs tokenizer= (a refimpl Tokenizer or a tokenizer folder)")
+            tokenizer = getattr(model, "name_or_path", None)
+            if tokenizer is None:
+                raise PipelineError("this Model was not loaded from a folder, so it has no tokenizer: pass "
+                                    "tokenizer= (a refimpl Tokenizer, a tokenizer folder, 'tiny' or a Hub id)")
         if task == "base" and model.task != "base":
-            model = Model(model.config, model.params, "base", model.backend)
+            model = _with_task(model, "base")
         elif model.task != task:
             raise PipelineError(f"this pipeline needs a {task} model; the Model given is a {model.task} model")
+        if backend is not None and backend != model.backend:
+            model = model.to(backend)
     else:
         folder = resolve(model, revision=revision, cache_dir=cache_dir, token=token)
         if task != "base":
             found = task_from_architectures(Config.from_pretrained(folder).architectures)
             if found not in (task, "base"):
+                shipped = next((name for name in SHIPPED
+                                if task_from_architectures(Config.from_pretrained(SHIPPED[name]).architectures) == task),
+                               None)
+                hint = f" (the random {task} checkpoint shipped with refimpl is {shipped!r})" if shipped else ""
                 raise PipelineError(
                     f"{os.fspath(model)!r} is a {found} checkpoint (config.json architectures); this "
-                    f"pipeline needs a {task} checkpoint")
+                    f"pipeline needs a {task} checkpoint{hint}")
         try:
-            model = from_pretrained(folder, task=task, dtype=dtype)
+            model = from_pretrained(folder, task=task, dtype=dtype, backend=backend or "numba")
         except ValueError as e:  # CheckpointError: keys missing for this task
             raise PipelineError(" ".join(str(e).split())) from e
         if tokenizer is None:
             tokenizer = folder
     if not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.from_pretrained(tokenizer)
+        tokenizer = Tokenizer.from_pretrained(resolve(tokenizer, revision=revision, cache_dir=cache_dir, token=token))
     return model, tokenizer
+
+
+def _with_task(model: Model, task: str) -> Model:
+    """The same parameters as a model for ``task`` (a head's model as the base model); keeps its folder."""
+    other = Model(model.config, model.params, task, model.backend)
+    other.name_or_path = getattr(model, "name_or_path", None)
+    return other
 
 
 def _texts(inputs, name: str = "texts") -> tuple[list[str], bool]:
@@ -110,11 +156,25 @@ def _texts(inputs, name: str = "texts") -> tuple[list[str], bool]:
     if not items:
         raise PipelineError(f"no input: {name} is empty")
     for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise PipelineError(f"{name}[{i}] is a {type(t).__name__}, not a string")
-        if not t.strip():
-            raise PipelineError(f"input {i + 1} is an empty text")
+        _check_text(t, i, name)
     return items, single
+
+
+def _check_text(t, i: int, name: str = "texts") -> None:
+    if not isinstance(t, str):
+        raise PipelineError(f"{name}[{i}] is a {type(t).__name__}, not a string")
+    if not t.strip():
+        raise PipelineError("is an empty text", i)
+
+
+def _checked_text(t, i: int) -> str:
+    _check_text(t, i)
+    return t
+
+
+def _is_stream(inputs) -> bool:
+    """An iterable that is not a string, list or tuple (a generator, a file, ...): stream it."""
+    return not isinstance(inputs, (str, bytes, list, tuple, dict)) and isinstance(inputs, Iterable)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -133,11 +193,12 @@ class Pipeline:
     task = "base"  # the refimpl task the pipeline loads
 
     def __init__(self, model, tokenizer=None, *, dtype: str = "float32", revision=None, cache_dir=None,
-                 token=None, batch_size: int = 8, truncate: bool = False, progress: bool | None = None):
+                 token=None, batch_size: int = 8, truncate: bool = False, progress: bool | None = None,
+                 backend: str | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PipelineError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model, self.tokenizer = load(model, self.task, tokenizer, dtype=dtype, revision=revision,
-                                          cache_dir=cache_dir, token=token)
+                                          cache_dir=cache_dir, token=token, backend=backend)
         self.batch_size, self.truncate, self.progress = batch_size, bool(truncate), progress
         c = self.model.config
         limit = max_length_for(c.max_position_embeddings, c.pad_token_id if c.pad_token_id is not None else -1)
@@ -146,26 +207,57 @@ class Pipeline:
         self.max_length = limit  # the longest input, special tokens included
 
     # ---- helpers shared by the tasks ---------------------------------------------------------
-    def _batches(self, items: Sequence, desc: str) -> Iterator[tuple[int, list]]:
-        """(index of the first item, items) per batch, with a progress bar on stderr when wanted."""
-        n, bs = len(items), self.batch_size
+    def _batches(self, items: Iterable, desc: str) -> Iterator[tuple[int, list]]:
+        """(index of the first item, items) per batch, read lazily from ``items``, with a progress
+        bar on stderr when wanted (it counts the inputs whose results have been taken)."""
+        bs = self.batch_size
+        n = len(items) if isinstance(items, Sequence) else None
         show = self.progress
         if show is None:
-            show = n > bs and sys.stderr.isatty()
+            show = (n is None or n > bs) and sys.stderr.isatty()
         bar = None
         if show:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n, desc=desc, unit="input", file=sys.stderr, leave=False)
+            # Shown automatically for an unknown count, the bar waits a second, so that a short stream
+            # never flashes one; asked for (progress=True), it shows at once.
+            delay = 1.0 if n is None and self.progress is None else 0.0
+            bar = tqdm(total=n, desc=desc, unit="input", file=sys.stderr, leave=False, delay=delay)
+        source = iter(items)
+        start = 0
         try:
-            for start in range(0, n, bs):
-                batch = list(items[start:start + bs])
+            while True:
+                batch = list(itertools.islice(source, bs))
+                if not batch:
+                    return
                 yield start, batch
+                start += len(batch)
                 if bar is not None:
                     bar.update(len(batch))
         finally:
             if bar is not None:
                 bar.close()
+
+    def _run(self, items: Iterable, desc: str, run_batch: Callable[[list, int], list],
+             check: Callable[[Any, int], Any] | None = None) -> Iterator:
+        """The results of ``run_batch(batch, first)`` for each batch, one result per input, in order.
+
+        ``check(item, index)`` validates (and may normalise) each item as it is read.
+        """
+        for first, batch in self._batches(items, desc):
+            if check is not None:
+                batch = [check(item, first + j) for j, item in enumerate(batch)]
+            yield from run_batch(batch, first)
+
+    def stream(self, inputs: Iterable, **options) -> Iterator:
+        """An iterator of results, one per input, computed batch by batch as ``inputs`` is read.
+
+        The inputs are those of one call of the pipeline (a text; for ``TextClassification`` a
+        text or a ``(text, pair)`` tuple; for ``QuestionAnswering`` a ``(question, context)``
+        tuple; for ``MultipleChoice`` a ``(prompt, endings)`` tuple), the options its keyword
+        arguments. Options are checked at once; inputs as they are read.
+        """
+        raise NotImplementedError  # each task's class defines it
 
     def _encode(self, texts: list[str], pairs: list[str] | None = None, first: int = 0, **kw) -> dict:
         """Tokenize a batch (padded right); over-long rows raise unless ``truncate`` (longest_first)."""
@@ -177,9 +269,9 @@ class Pipeline:
                 if not self.truncate:
                     i = int(np.argmax(lengths > self.max_length))
                     raise PipelineError(
-                        f"input {first + i + 1} is {int(lengths[i])} tokens long (special tokens included), "
+                        f"is {int(lengths[i])} tokens long (special tokens included), "
                         f"more than this model's limit of {self.max_length} (max_position_embeddings - "
-                        f"pad_token_id - 1); shorten it or allow truncation (truncate=True, --truncate)")
+                        f"pad_token_id - 1); shorten it or allow truncation (truncate=True, --truncate)", first + i)
                 enc = tok(texts, pairs, padding=True, truncation=True, max_length=self.max_length, **kw)
         except PipelineError:
             raise
@@ -210,25 +302,31 @@ class FillMask(Pipeline):
     task = "masked-lm"
 
     def __call__(self, texts, top_k: int = 5, targets=None):
+        if _is_stream(texts):
+            return self.stream(texts, top_k=top_k, targets=targets)
         items, single = _texts(texts)
+        results = list(self.stream(items, top_k=top_k, targets=targets))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable, top_k: int = 5, targets=None) -> Iterator:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise PipelineError(f"top_k must be a positive integer, got {top_k!r}")
         target_ids = self._target_ids(targets) if targets is not None else None
         tok = self.tokenizer
         mask_id, pad_id = tok.mask_token_id, tok.pad_token_id
-        results = []
-        for first, batch in self._batches(items, "fill-mask"):
+
+        def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first)
             ids, attn = enc["input_ids"], enc["attention_mask"]
             for i in range(len(batch)):
                 if not np.any(ids[i] == mask_id):
-                    raise PipelineError(f"input {first + i + 1} has no {tok.mask_token}: fill-mask needs at least "
-                                        f"one (e.g. \"The capital of France is {tok.mask_token}.\")")
+                    raise PipelineError(f"has no {tok.mask_token}: fill-mask needs at least "
+                                        f"one (e.g. \"The capital of France is {tok.mask_token}.\")", first + i)
             logits = to_numpy(self._forward(enc).logits)  # [B, T, V]
-            for i in range(len(batch)):
-                row = ids[i][attn[i] == 1]  # [T_i], the unpadded tokens
-                results.append(self._postprocess(row, logits[i][attn[i] == 1], top_k, target_ids, mask_id, pad_id))
-        return results[0] if single else results
+            return [self._postprocess(ids[i][attn[i] == 1], logits[i][attn[i] == 1], top_k, target_ids, mask_id, pad_id)
+                    for i in range(len(batch))]  # ids[i][attn[i] == 1]: [T_i], the unpadded tokens
+
+        return self._run(inputs, "fill-mask", run_batch, _checked_text)
 
     def _postprocess(self, row, logits, top_k, target_ids, mask_id, pad_id):
         tok = self.tokenizer
@@ -264,8 +362,18 @@ class FillMask(Pipeline):
                 ids.append(vocab[t])
                 continue
             pieces = self.tokenizer(t, add_special_tokens=False)["input_ids"][0]
-            if len(pieces):
+            if len(pieces) == 1:  # e.g. " Paris" is the one token "ĠParis"
                 ids.append(int(pieces[0]))
+            elif len(pieces):
+                first = int(pieces[0])
+                # transformers' FillMaskPipeline warns too (and scores the first piece).
+                logger.warning("the target %r is not one token of the vocabulary but %d (%s); scoring its "
+                               "first token %r instead", t, len(pieces),
+                               " ".join(self.tokenizer.convert_ids_to_tokens([int(x) for x in pieces])),
+                               self.tokenizer.convert_ids_to_tokens(first))
+                ids.append(first)
+            else:
+                logger.warning("the target %r gives no token; it is ignored", t)
         if not ids:
             raise PipelineError("none of the targets gives a token")
         return np.array(sorted(set(ids)), dtype=np.int64)
@@ -289,29 +397,54 @@ class TextClassification(Pipeline):
     task = "sequence-classification"
 
     def __call__(self, texts, text_pairs=None, top_k: int | None = 1, function_to_apply: str | None = None):
+        if _is_stream(texts) and text_pairs is None:
+            return self.stream(texts, top_k=top_k, function_to_apply=function_to_apply)
         items, single = _texts(texts)
-        pairs = None
+        inputs: list = items
         if text_pairs is not None:
             pairs, pair_single = _texts(text_pairs, "text_pairs")
             if pair_single != single or len(pairs) != len(items):
                 raise PipelineError(f"text_pairs must match texts: {len(items)} texts, {len(pairs)} pairs")
+            inputs = list(zip(items, pairs))
+        results = list(self.stream(inputs, top_k=top_k, function_to_apply=function_to_apply))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable, top_k: int | None = 1, function_to_apply: str | None = None) -> Iterator:
+        """``inputs``: texts, or ``(text, pair)`` tuples (all of them, or none)."""
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise PipelineError(f"top_k must be a positive integer or None, got {top_k!r}")
         fn = function_to_apply or self.default_function()
         if fn not in ("softmax", "sigmoid", "none"):
             raise PipelineError(f"function_to_apply must be softmax, sigmoid or none, got {fn!r}")
         id2label = self.model.config.id2label
-        results = []
-        for first, batch in self._batches(items, "classify"):
-            batch_pairs = pairs[first:first + len(batch)] if pairs is not None else None
-            enc = self._encode(batch, batch_pairs, first=first)
+        paired: list[bool] = []  # whether the first input was a pair: every other must agree
+
+        def check(item, i: int) -> tuple[str, str | None]:
+            text, pair = (item if isinstance(item, tuple) and len(item) == 2 else (item, None))
+            _check_text(text, i)
+            if pair is not None:
+                _check_text(pair, i, "text_pairs")
+            if not paired:
+                paired.append(pair is not None)
+            elif paired[0] != (pair is not None):
+                raise PipelineError("has " + ("no pair" if paired[0] else "a pair") + " and the first input "
+                                    + ("has one" if paired[0] else "does not") + ": give every input a pair or none", i)
+            return text, pair
+
+        def run_batch(batch: list[tuple[str, str | None]], first: int) -> list:
+            texts = [t for t, _ in batch]
+            pairs = [p for _, p in batch] if paired[0] else None
+            enc = self._encode(texts, pairs, first=first)
             logits = to_numpy(self._forward(enc).logits)  # [B, K]
             scores = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[fn](logits)
+            out = []
             for row in scores:
                 ranked = sorted(({"label": id2label[k], "score": float(s)} for k, s in enumerate(row)),
                                 key=lambda d: d["score"], reverse=True)
-                results.append(ranked if top_k is None else ranked[:top_k])
-        return results[0] if single else results
+                out.append(ranked if top_k is None else ranked[:top_k])
+            return out
+
+        return self._run(inputs, "classify", run_batch, check)
 
     def default_function(self) -> str:
         c = self.model.config
@@ -342,23 +475,32 @@ class TokenClassification(Pipeline):
     task = "token-classification"
 
     def __call__(self, texts, aggregation_strategy: str = "none", ignore_labels=("O",)):
+        if _is_stream(texts):
+            return self.stream(texts, aggregation_strategy, ignore_labels)
         items, single = _texts(texts)
+        results = list(self.stream(items, aggregation_strategy, ignore_labels))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable, aggregation_strategy: str = "none", ignore_labels=("O",)) -> Iterator:
         strategy = (aggregation_strategy or "none").lower()
         if strategy not in AGGREGATIONS:
             raise PipelineError(f"aggregation_strategy must be one of {', '.join(AGGREGATIONS)}, got {aggregation_strategy!r}")
         ignore = set(ignore_labels or ())
-        results = []
-        for first, batch in self._batches(items, "tag"):
+
+        def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first, return_offsets_mapping=True, return_special_tokens_mask=True)
             logits = to_numpy(self._forward(enc).logits)  # [B, T, K]
             scores = _softmax(logits)
+            out = []
             for i, sentence in enumerate(batch):
                 pre = self._gather(sentence, enc["input_ids"][i], scores[i], enc["offset_mapping"][i],
                                    enc["special_tokens_mask"][i], strategy)
                 entities = self._aggregate(pre, strategy)
-                results.append([e for e in entities
-                                if e.get("entity") not in ignore and e.get("entity_group") not in ignore])
-        return results[0] if single else results
+                out.append([e for e in entities
+                            if e.get("entity") not in ignore and e.get("entity_group") not in ignore])
+            return out
+
+        return self._run(inputs, "tag", run_batch, _checked_text)
 
     def _gather(self, sentence, input_ids, scores, offsets, special, strategy) -> list[dict]:
         tok = self.tokenizer
@@ -490,6 +632,15 @@ class QuestionAnswering(Pipeline):
                 contexts = contexts * len(questions)
             else:
                 raise PipelineError(f"{len(questions)} questions but {len(contexts)} contexts")
+        results = list(self.stream(list(zip(questions, contexts)), top_k=top_k, doc_stride=doc_stride,
+                                   max_answer_len=max_answer_len, max_seq_len=max_seq_len,
+                                   handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable, top_k: int = 1, doc_stride: int | None = None, max_answer_len: int = 15,
+               max_seq_len: int | None = None, handle_impossible_answer: bool = False,
+               align_to_words: bool = True) -> Iterator:
+        """``inputs``: ``(question, context)`` tuples."""
         for name, v in (("top_k", top_k), ("max_answer_len", max_answer_len)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise PipelineError(f"{name} must be a positive integer, got {v!r}")
@@ -501,8 +652,16 @@ class QuestionAnswering(Pipeline):
             doc_stride = min(max_seq_len // 2, 128)
         if doc_stride > max_seq_len:
             raise PipelineError(f"doc_stride ({doc_stride}) is larger than max_seq_len ({max_seq_len})")
-        results = []
-        for first, batch in self._batches(list(zip(questions, contexts)), "qa"):
+
+        def check(item, i: int) -> tuple[str, str]:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise PipelineError(f"is a {type(item).__name__}: question answering streams (question, context) "
+                                    f"tuples", i)
+            _check_text(item[0], i, "question")
+            _check_text(item[1], i, "context")
+            return item
+
+        def run_batch(batch: list[tuple[str, str]], first: int) -> list:
             qs, cs = [q for q, _ in batch], [c for _, c in batch]
             try:
                 enc = self.tokenizer(qs, cs, padding=True, truncation="only_second", max_length=max_seq_len,
@@ -518,11 +677,11 @@ class QuestionAnswering(Pipeline):
                 start_logits.append(to_numpy(out.start_logits))
                 end_logits.append(to_numpy(out.end_logits))
             starts, ends = np.concatenate(start_logits), np.concatenate(end_logits)  # [W, T]
-            for i, ctx in enumerate(cs):
-                rows = np.nonzero(windows == i)[0]
-                results.append(self._postprocess(enc, rows, starts, ends, ctx, top_k, handle_impossible_answer,
-                                                 max_answer_len, align_to_words))
-        return results[0] if single else results
+            return [self._postprocess(enc, np.nonzero(windows == i)[0], starts, ends, ctx, top_k,
+                                      handle_impossible_answer, max_answer_len, align_to_words)
+                    for i, ctx in enumerate(cs)]
+
+        return self._run(inputs, "qa", run_batch, check)
 
     def _postprocess(self, enc, rows, starts, ends, context, top_k, handle_impossible, max_answer_len, align):
         min_null_score = 1000000.0
@@ -619,21 +778,32 @@ class MultipleChoice(Pipeline):
         groups = [endings] if single else list(endings)
         if len(groups) != len(items):
             raise PipelineError(f"{len(items)} prompts but {len(groups)} lists of endings")
-        checked = []
-        for i, g in enumerate(groups):
-            g, _ = _texts(g, f"endings of prompt {i + 1}")
-            if len(g) < 2:
-                raise PipelineError(f"prompt {i + 1} has {len(g)} ending; give at least two to choose from")
-            checked.append(g)
-        results = []
-        for first, batch in self._batches(list(zip(items, checked)), "choose"):
+        results = list(self.stream(list(zip(items, groups))))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable) -> Iterator:
+        """``inputs``: ``(prompt, endings)`` tuples, ``endings`` a list of at least two strings."""
+
+        def check(item, i: int) -> tuple[str, list[str]]:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise PipelineError(f"is a {type(item).__name__}: multiple choice streams (prompt, endings) tuples", i)
+            prompt, ends = item
+            _check_text(prompt, i, "prompts")
+            ends, _ = _texts(ends if isinstance(ends, (list, tuple)) else [ends], f"endings of prompt {i + 1}")
+            if len(ends) < 2:
+                raise PipelineError(f"prompt {i + 1} has {len(ends)} ending; give at least two to choose from")
+            return prompt, ends
+
+        def run_batch(batch: list[tuple[str, list[str]]], first: int) -> list:
+            out = []
             for j, (prompt, ends) in enumerate(batch):  # one [1, C, T] forward per prompt: C may differ
                 enc = self._encode([prompt] * len(ends), ends, first=first + j)
                 inputs = {k: enc[k][None] for k in ("input_ids", "attention_mask")}  # [1, C, T]
                 scores = _softmax(to_numpy(self._forward(inputs).logits))[0]  # [C]
-                results.append([{"index": c, "ending": e, "score": float(s)}
-                                for c, (e, s) in enumerate(zip(ends, scores))])
-        return results[0] if single else results
+                out.append([{"index": c, "ending": e, "score": float(s)} for c, (e, s) in enumerate(zip(ends, scores))])
+            return out
+
+        return self._run(inputs, "choose", run_batch, check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,11 +822,18 @@ class Embedding(Pipeline):
     task = "base"
 
     def __call__(self, texts, pooling: str = "cls", normalize: bool = False) -> np.ndarray:
+        if _is_stream(texts):
+            return self.stream(texts, pooling=pooling, normalize=normalize)
         items, single = _texts(texts)
+        out = np.stack(list(self.stream(items, pooling=pooling, normalize=normalize)))  # [N, H]
+        return out[0] if single else out
+
+    def stream(self, inputs: Iterable, pooling: str = "cls", normalize: bool = False) -> Iterator[np.ndarray]:
+        """One vector [H] per text."""
         if pooling not in ("cls", "mean"):
             raise PipelineError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        rows = []
-        for first, batch in self._batches(items, "embed"):
+
+        def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first)
             h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
             if pooling == "cls":
@@ -666,9 +843,9 @@ class Embedding(Pipeline):
                 v = (h * m).sum(axis=1) / m.sum(axis=1)  # [B, H]
             if normalize:
                 v = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-            rows.append(v)
-        out = np.concatenate(rows)
-        return out[0] if single else out
+            return list(v)  # B rows [H]
+
+        return self._run(inputs, "embed", run_batch, _checked_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,14 +866,21 @@ class TextGeneration(Pipeline):
 
     def __call__(self, texts, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None):
-        try:
-            from .generate import generate as _generate
-        except ImportError as e:
-            raise PipelineError(f"text generation is not available in this version of refimpl ({e})") from e
+        if _is_stream(texts):
+            return self.stream(texts, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed)
         items, single = _texts(texts)
+        results = list(self.stream(items, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed))
+        return results[0] if single else results
+
+    def stream(self, inputs: Iterable, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> Iterator:
+        from .generate import generate as _generate
+
         tok = self.tokenizer
-        results = []
-        for first, batch in self._batches(items, "generate"):
+
+        def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first, add_special_tokens=False)
             rows = [[tok.bos_token_id] + [int(t) for t in ids[m == 1]]
                     for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
@@ -708,12 +892,15 @@ class TextGeneration(Pipeline):
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                           top_k=top_k, top_p=top_p, seed=seed)
             out = to_numpy(_generate(self.model, ids, attention_mask=mask, **kwargs))  # [B, T + new]
+            results = []
             for i, text in enumerate(batch):
                 new = [int(t) for t in out[i, n:]]
                 if tok.eos_token_id in new:
                     new = new[:new.index(tok.eos_token_id)]
                 results.append({"generated_text": text + tok.decode(new, skip_special_tokens=True)})
-        return results[0] if single else results
+            return results
+
+        return self._run(inputs, "generate", run_batch, _checked_text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +915,7 @@ _CLASSES = {
     "embed": Embedding, "feature-extraction": Embedding, "generate": TextGeneration,
     "text-generation": TextGeneration,
 }
-_LOAD_ARGS = ("tokenizer", "dtype", "revision", "cache_dir", "token", "batch_size", "truncate", "progress")
+_LOAD_ARGS = ("tokenizer", "dtype", "revision", "cache_dir", "token", "batch_size", "truncate", "progress", "backend")
 
 
 def pipeline(task: str, model, **kwargs) -> Pipeline:

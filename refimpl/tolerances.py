@@ -115,6 +115,16 @@ JSON_FLOATS = _t("elementwise", """
     the float32 values survive to ~1e-8; 1e-7 absolute.""",
     float32=1e-7)
 
+FINITE_DIFFERENCE = _t("scaled", """
+    The written-out backward (refimpl.backward) against central finite differences
+    (L(x + h) - L(x - h)) / 2h of the float64 reference forward, h = 1e-5, at random coordinates of
+    every parameter and of inputs_embeds, scaled by the largest gradient of that tensor. The quotient
+    itself is off by its truncation term, h^2/6 times the third derivative (~1e-10 on the tests' tiny
+    models), plus the rounding of L over h (~1e-11); crossing a kink of a relu-like activation adds
+    O(h). Observed: <= 1.1e-10 (tests/test_backward.py): 1e-8 keeps a 90x margin, while a wrong
+    derivative (a missing term, a factor) is off by 1e-3 or more.""",
+    float64=1e-8)
+
 # The kernels against their NumPy definitions, in ulps (measured maxima on the tests' inputs in why).
 KERNEL_ULPS = {
     "gelu": _t("ulp", """

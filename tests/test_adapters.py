@@ -212,9 +212,9 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib, "import_module", no_jax)
     assert main(["dump", "--impl", "flax", "--model", folder, golden.path, "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pip install 'refimpl[adapters-flax]'" in err, err
+    assert err.count("\n") == 0 and "pip install '.[adapters-flax]' in a checkout" in err, err
     monkeypatch.undo()
-    with pytest.raises(AdapterError, match=r"refimpl\[adapters-onnx\]"):
+    with pytest.raises(AdapterError, match=r"pip install '\.\[adapters-onnx\]' in a checkout"):
         require("onnx", "a_module_that_does_not_exist")
     assert main(["dump", "--impl", "transformers", "--model", str(tmp_path / "nowhere"), golden.path, "--out", "x"]) == 2
     assert "no such file or folder" in capsys.readouterr().err

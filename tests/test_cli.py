@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -41,8 +42,21 @@ def run(capsys, monkeypatch, argv, stdin=None):
     return code, out, err
 
 
-def json_lines(out: str) -> list:
+def records(out: str) -> list[dict]:
+    """The --json records: one per input, in input order, each with its index."""
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["index"] for r in recs] == list(range(len(recs))), out
+    return recs
+
+
+def json_lines_plain(out: str) -> list:
+    """Output without --json that is JSON per line anyway (embed's vectors)."""
     return [json.loads(line) for line in out.splitlines()]
+
+
+def json_lines(out: str) -> list:
+    """The results of the --json records (every input has one: no blank lines here)."""
+    return [r["result"] for r in records(out)]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -65,8 +79,9 @@ def test_fill_mask_json_stdin_and_file(ck, capsys, monkeypatch, tmp_path):
     code, out, err = run(capsys, monkeypatch, ["fill-mask", "--model", folder, "--json", "--top-k", "3",
                                                "--batch-size", "2"], stdin="\n".join(FILL_TEXTS) + "\n\n")
     assert code == 0, err
-    results = json_lines(out)
-    assert len(results) == 3
+    recs = records(out)
+    assert len(recs) == 4 and recs[3] == {"index": 3, "error": "empty line"}  # the blank last line has its record
+    results = [r["result"] for r in recs[:3]]
     for text, got in zip(FILL_TEXTS, results):
         assert_same(got, hf(text, top_k=3), text)
     path = tmp_path / "texts.txt"
@@ -147,6 +162,9 @@ def test_choose_and_embed(ck, capsys, monkeypatch, tmp_path):
     assert code == 0 and "wrote 3 x 32 float32" in err
     np.testing.assert_array_equal(np.load(target), want)
     code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", *CLS_TEXTS])
+    np.testing.assert_allclose(np.array(json_lines_plain(out)), want, rtol=0, atol=JSON_FLOATS["float32"])
+    code, out, _ = run(capsys, monkeypatch, ["embed", "--model", mlm, "--pooling", "mean", "--normalize", "--json",
+                                             *CLS_TEXTS])
     np.testing.assert_allclose(np.array(json_lines(out)), want, rtol=0, atol=JSON_FLOATS["float32"])
 
 
@@ -198,7 +216,7 @@ def test_errors_are_one_line_with_exit_code_2(ck, capsys, monkeypatch, tmp_path)
     cases = [
         (["fill-mask", "--model", str(tmp_path / "missing"), "a <mask>"], None, "does not exist"),
         (["fill-mask", "--model", "tiny"], "", "no input"),
-        (["fill-mask", "--model", "tiny", "--file", str(tmp_path / "nothing.txt")], None, "No such file"),
+        (["fill-mask", "--model", "tiny", "--file", str(tmp_path / "nothing.txt")], None, "--file: no such file"),
         (["fill-mask", "--model", "tiny", "no mask"], None, "has no <mask>"),
         (["fill-mask", "--model", mlm, long], None, "--truncate"),
         (["classify", "--model", cls], "\n\n", "no input"),
@@ -242,3 +260,278 @@ def test_console_script_subprocess():
     done = subprocess.run([script, "fill-mask", "--model", "tiny", "Hello"], capture_output=True, text=True,
                           timeout=60, env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "has no <mask>" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# One output per input, streamed
+# ---------------------------------------------------------------------------------------------
+
+
+def test_blank_lines_keep_outputs_aligned_with_inputs(ck, capsys, monkeypatch):
+    """Line N of the --json output is input N: a blank line gets an error record, not a gap; the
+    other results are those of the pipeline on the non-blank texts (same batches: same bits)."""
+    _, folder = ck["cls"]
+    lines = [CLS_TEXTS[0], "", CLS_TEXTS[1], "   ", "", CLS_TEXTS[2]]
+    code, out, err = run(capsys, monkeypatch, ["classify", "--model", folder, "--json", "--batch-size", "2"],
+                         stdin="\n".join(lines) + "\n")
+    assert code == 0, err
+    recs = records(out)
+    assert len(recs) == len(lines)
+    assert [("error" in r) for r in recs] == [not t.strip() for t in lines]
+    assert all(r["error"] == "empty line" for r in recs if "error" in r)
+    want = P.TextClassification(folder, batch_size=2)(CLS_TEXTS)
+    assert [r["result"] for r in recs if "result" in r] == want
+    code, out, _ = run(capsys, monkeypatch, ["classify", "--model", folder], stdin="\n".join(lines))
+    assert code == 0 and out.count("(empty line)") == 3
+    # Arguments come first, then the lines; the index counts both.
+    code, out, _ = run(capsys, monkeypatch, ["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--file", "-",
+                                             "A <mask>."], stdin="\nB <mask>.\n")
+    assert [sorted(r) for r in records(out)] == [["index", "result"], ["error", "index"], ["index", "result"]]
+
+
+class LazyStdin:
+    """A piped stdin that records, each time a line is read, how many output lines exist already;
+    it can raise KeyboardInterrupt at a given line (an interrupted job)."""
+
+    def __init__(self, lines, stdout, interrupt_at=None):
+        self.lines, self.stdout, self.interrupt_at = lines, stdout, interrupt_at
+        self.printed_before = []
+
+    def isatty(self):
+        return False
+
+    @property
+    def buffer(self):
+        for i, line in enumerate(self.lines):
+            if i == self.interrupt_at:
+                raise KeyboardInterrupt
+            self.printed_before.append(self.stdout.getvalue().count("\n"))
+            yield (line + "\n").encode("utf-8")
+
+
+def test_results_are_printed_batch_by_batch_while_input_is_read(monkeypatch):
+    texts = [f"text {i} <mask>." for i in range(7)]
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    stdin = LazyStdin(texts, out)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert cli.main(["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "2"]) == 0
+    # The first line is read before the model loads (to check there is input); each later batch is
+    # read only after the previous batch's results were printed.
+    assert stdin.printed_before == [0, 0, 2, 2, 4, 4, 6]
+    assert len(records(out.getvalue())) == 7
+    # Interrupted at line 5: the two finished batches stay printed, exit status 130.
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stdin", LazyStdin(texts, out, interrupt_at=5))
+    assert cli.main(["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "2"]) == 130
+    assert [r["index"] for r in records(out.getvalue())] == [0, 1, 2, 3]
+
+
+def test_console_script_streams_through_a_pipe(tmp_path):
+    """A real process: the first result arrives while stdin is still open (read lazily, flushed)."""
+    script = shutil.which("refimpl", path=os.path.dirname(sys.executable)) or shutil.which("refimpl")
+    proc = subprocess.Popen([script, "fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    killer = threading.Timer(120, proc.kill)  # a non-streaming CLI would block readline forever
+    killer.start()
+    try:
+        proc.stdin.write("First <mask>.\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())  # stdin is still open
+        assert first["index"] == 0 and "result" in first
+        proc.stdin.write("Second <mask>.\n")
+        proc.stdin.close()
+        assert json.loads(proc.stdout.readline())["index"] == 1
+        assert proc.wait() == 0
+    finally:
+        killer.cancel()
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    """`refimpl ... | head -1`: no 'Broken pipe' message, the status a pipe's writer gets (141)."""
+    script = shutil.which("refimpl", path=os.path.dirname(sys.executable)) or shutil.which("refimpl")
+    path = tmp_path / "many.txt"
+    path.write_text("".join(f"text {i} <mask>.\n" for i in range(300)))
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; '{script}' fill-mask --model tiny --json --batch-size 1 "
+                                         f"--file '{path}' | head -1; echo status=$?"],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stderr == ""
+    assert done.stdout.count("\n") == 2 and done.stdout.endswith("status=141\n"), done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: embed --out, non-UTF-8 input, temporary files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embed_out_writes_exactly_the_path_given(capsys, monkeypatch, tmp_path):
+    target = tmp_path / "vecs"  # no .npy suffix: numpy would add one, we do not
+    code, _, err = run(capsys, monkeypatch, ["embed", "--model", "tiny", "--out", str(target), "a", "b"])
+    assert code == 0 and f"to {target}" in err
+    assert sorted(os.listdir(tmp_path)) == ["vecs"] and np.load(target).shape == (2, 16)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, out, err = run(capsys, monkeypatch, ["embed", "--model", "tiny", "--out", str(folder), "a"])
+    assert "is a folder: give the file to write" in error_line(code, out, err) and os.listdir(folder) == []
+    code, out, err = run(capsys, monkeypatch, ["embed", "--model", "tiny", "--out", str(tmp_path / "no" / "v.npy"), "a"])
+    assert "does not exist" in error_line(code, out, err)
+    code, out, err = run(capsys, monkeypatch, ["embed", "--model", "tiny", "--out", str(tmp_path / "v.npy")],
+                         stdin="a\n\nb\n")
+    assert "input 2 (stdin line 2) is empty: --out writes one row per input line" in error_line(code, out, err)
+    assert sorted(os.listdir(tmp_path)) == ["folder", "vecs"]  # nothing half-written
+
+
+def test_non_utf8_input_is_one_line_naming_file_and_line(capsys, monkeypatch, tmp_path):
+    bad = b"fine <mask>\nPar\xeds <mask>\n"  # latin-1
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(bad)
+    code, out, err = run(capsys, monkeypatch, ["fill-mask", "--model", "tiny", "--file", str(path)])
+    assert f"{path} line 2 is not valid UTF-8 (byte 0xed" in error_line(code, out, err)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bad), encoding="utf-8"))
+    code = cli.main(["fill-mask", "--model", "tiny"])
+    assert "stdin line 2 is not valid UTF-8" in error_line(code, *capsys.readouterr())
+    ctx = tmp_path / "context.txt"
+    ctx.write_bytes(b"She lives in \xe9vry.\n")
+    code, out, err = run(capsys, monkeypatch, ["qa", "--model", "tiny-qa", "--question", "Where?", "--context-file",
+                                               str(ctx)])
+    assert f"--context-file {ctx} line 1 is not valid UTF-8" in error_line(code, out, err)
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"0 5 \xff 2\n")
+    code, out, err = run(capsys, monkeypatch, ["golden", "--model", "tiny", "--input-ids", str(ids), "--out",
+                                               str(tmp_path / "g.safetensors")])
+    assert f"--input-ids {ids} line 1 is not valid UTF-8" in error_line(code, out, err)
+    # A UTF-8 byte-order mark is not part of the first text.
+    path.write_bytes("\ufeffHello <mask>!\n".encode("utf-8"))
+    code, out, _ = run(capsys, monkeypatch, ["fill-mask", "--model", "tiny", "--json", "--file", str(path)])
+    assert code == 0 and json_lines(out)[0][0]["sequence"].startswith("Hello")
+
+
+def test_errors_never_name_temporary_files(capsys, monkeypatch, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for target, expected in ((tmp_path / "missing" / "g.safetensors", "the folder"), (folder, "it is a folder")):
+        code, out, err = run(capsys, monkeypatch, ["golden", "--model", "tiny", "--text", "hi", "--out", str(target)])
+        line = error_line(code, out, err)
+        assert f"cannot write {str(target)!r}: {expected}" in line and ".tmp" not in line
+    assert os.listdir(folder) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller things: --version, python -m refimpl, --backend, forward, info, --target
+# ---------------------------------------------------------------------------------------------
+
+
+def test_version_and_python_m_refimpl(capsys):
+    import refimpl
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"refimpl {refimpl.__version__}\n"
+    done = subprocess.run([sys.executable, "-m", "refimpl", "forward", "--model", "tiny", "--ids", "0 31414 232 2",
+                           "--json"], capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert np.asarray(json.loads(done.stdout)["logits"]).shape == (1, 4, 50265)
+
+
+def test_backend_option(ck, capsys, monkeypatch):
+    """--backend numpy runs the pure reference: the same answers as numba within float rounding."""
+    _, folder = ck["cls"]
+    results = {}
+    for backend in ("numba", "numpy"):
+        code, out, err = run(capsys, monkeypatch, ["classify", "--model", folder, "--json", "--top-k", "0",
+                                                   "--backend", backend, *CLS_TEXTS])
+        assert code == 0, err
+        results[backend] = json_lines(out)
+    assert_same(results["numpy"], results["numba"], "backends")
+    code, out, err = run(capsys, monkeypatch, ["info", "--model", "tiny", "--backend", "numpy", "--json"])
+    assert json.loads(out)["backend"] == "numpy"
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--model", "tiny", "--backend", "cuda"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_forward_top5_is_at_the_last_non_padding_position(capsys, monkeypatch):
+    import refimpl
+
+    ids = [[0, 31414, 232, 2], [0, 20920, 2, 1]]  # the second row is padded at the end
+    code, out, err = run(capsys, monkeypatch, ["forward", "--model", "tiny", "--ids", "0 31414 232 2; 0 20920 2 1"])
+    assert code == 0, err
+    model = refimpl.from_pretrained("tiny")
+    ids = np.array(ids)
+    logits = model(input_ids=ids, attention_mask=(ids != 1).astype(np.int64)).logits
+    want = [np.argsort(-logits[0, 3], kind="stable")[:5].tolist(), np.argsort(-logits[1, 2], kind="stable")[:5].tolist()]
+    assert f"top-5 ids at the last non-padding position (per row: [3, 2]): {want}" in out
+
+
+def test_info_reports_stored_and_compute_dtype(capsys, monkeypatch, tmp_path):
+    import refimpl
+    from refimpl_conversion.export import export
+
+    export(refimpl.from_pretrained("tiny"), str(tmp_path / "half"), dtype="float16")
+    code, out, err = run(capsys, monkeypatch, ["info", "--model", str(tmp_path / "half"), "--json"])
+    info = json.loads(out)
+    assert (info["stored_dtype"], info["dtype"]) == ("float16", "float32") and list(info["stored_parameters"]) == ["float16"]
+    code, out, err = run(capsys, monkeypatch, ["info", "--model", str(tmp_path / "half")])
+    assert "stored as float16, computed in float32" in out
+    # A bfloat16 .bin: read without torch; NumPy has no bfloat16, the report still says what the file holds.
+    model = refimpl.from_pretrained("tiny")
+    os.makedirs(tmp_path / "bf16")
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(model.name_or_path, name), tmp_path / "bf16" / name)
+    state = {k: torch.from_numpy(np.array(v)).to(torch.bfloat16) for k, v in refimpl.state_dict(model).items()}
+    torch.save(state, tmp_path / "bf16" / "pytorch_model.bin")
+    code, out, err = run(capsys, monkeypatch, ["info", "--model", str(tmp_path / "bf16"), "--json"])
+    assert code == 0, err
+    assert (json.loads(out)["stored_dtype"], json.loads(out)["dtype"]) == ("bfloat16", "float32")
+
+
+def test_fill_mask_target_of_several_tokens_warns(capsys, monkeypatch, caplog):
+    code, out, err = run(capsys, monkeypatch, ["fill-mask", "--model", "tiny", "--json", "--target", " Parisian",
+                                               "--target", " Paris", "I live in <mask>."])
+    assert code == 0
+    assert err == ("refimpl fill-mask: warning: the target ' Parisian' is not one token of the vocabulary but 2 "
+                   "(ĠParis ian); scoring its first token 'ĠParis' instead\n")
+    assert {p["token_str"] for p in json_lines(out)[0]} == {" Paris"}  # both targets are ' Paris' now
+    code, out, err = run(capsys, monkeypatch, ["fill-mask", "--model", "tiny", "--target", " Paris", "A <mask>."])
+    assert code == 0 and err == ""  # one token (ĠParis): no warning
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: nothing compared is no pass
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compare_fails_when_nothing_is_compared(capsys, monkeypatch, tmp_path):
+    import refimpl
+    from refimpl.golden import save_tensors
+
+    golden = str(tmp_path / "g.safetensors")
+    code, _, err = run(capsys, monkeypatch, ["golden", "--model", "tiny", "--text", "Hello world", "--out", golden])
+    assert code == 0, err
+    weights = os.path.join(refimpl.from_pretrained("tiny").name_or_path, "model.safetensors")
+    code, out, err = run(capsys, monkeypatch, ["compare", golden, weights, "--quiet"])
+    assert code == 1 and err == ""
+    assert "compared 0 of 38 golden tensors" in out and out.rstrip().splitlines()[-1].startswith(
+        "FAIL: the candidate holds none of the golden's traced tensors")
+    code, out, _ = run(capsys, monkeypatch, ["compare", golden, weights, "--json"])
+    report = json.loads(out)
+    assert code == 1 and out.count("\n") == 1 and report["passed"] is False
+    assert (report["compared"], report["golden_tensors"]) == (0, 38)
+    # The golden's own inputs alone are not a comparison either; one traced tensor is.
+    from refimpl.golden import read_golden
+
+    g = read_golden(golden)
+    only_inputs = str(tmp_path / "inputs.safetensors")
+    save_tensors(only_inputs, {f"inputs.{k}": v for k, v in g.inputs.items()})
+    assert run(capsys, monkeypatch, ["compare", golden, only_inputs])[0] == 1
+    one = str(tmp_path / "one.safetensors")
+    save_tensors(one, {"logits": g.tensors["logits"].astype(np.float32)})
+    code, out, _ = run(capsys, monkeypatch, ["compare", golden, one])
+    assert code == 0 and "compared 1 of 38 golden tensors" in out and out.rstrip().endswith("PASS")
+    assert run(capsys, monkeypatch, ["compare", golden, one, "--strict"])[0] == 1

@@ -558,3 +558,46 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([str(tmp_path), str(tmp_path / "d"), "--dtype", "int8"])
     assert e.value.code == 2
+
+
+def test_cli_takes_shipped_names_and_hub_ids_like_refimpl(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    assert cli.main(["tiny", str(tmp_path / "tiny")]) == 0
+    assert "(from hf: " in capsys.readouterr().out
+    assert refimpl.from_pretrained(str(tmp_path / "tiny")).num_parameters() == refimpl.from_pretrained("tiny").num_parameters()
+    assert cli.main(["tiny-classify", str(tmp_path / "cls")]) == 0
+    assert "RobertaPreLayerNormForSequenceClassification" in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert cli.main(["org/uncached", str(tmp_path / "hub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'org/uncached' is not in the Hugging Face cache" in err
+
+
+def test_cli_argument_error_is_one_line(capsys):
+    """Like refimpl's: one line naming the problem and --help, not the whole usage."""
+    for argv in ([], ["only-src"], ["a", "b", "--from", "onnx"], ["a", "b", "--bogus"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        assert err.startswith("refimpl-convert: error: ") and err.rstrip().endswith("(see refimpl-convert --help)")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("refimpl-convert (refimpl ")
+
+
+def test_export_errors_name_the_destination_not_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    import refimpl_conversion.export as export_module
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(export_module, "_write_safetensors", disk_full)
+    dst = tmp_path / "out"
+    assert cli.main(["tiny", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {str(dst)!r}: No space left on device" in err and ".tmp" not in err
+    assert os.listdir(tmp_path) == []  # the temporary folder is gone too

@@ -362,9 +362,12 @@ def test_a_rerun_with_other_options_or_into_a_foreign_folder_is_refused(tmp_path
 
 def test_cli_corpus_mode(tmp_path, models, capsys):
     src = write_lines(tmp_path / "c.txt", corpus_lines("embed", 10))
-    # --out FILE.npy keeps writing one array; a folder name switches to corpus mode
+    # --out FILE.npy keeps writing one array, and so does any --out for texts from the arguments or stdin;
+    # with --file CORPUS, a folder name switches to corpus mode
     assert cli.main(["embed", "--model", models["embed"], "--file", src, "--out", str(tmp_path / "v.npy")]) == 0
     assert np.load(tmp_path / "v.npy").shape == (10, 16)
+    assert cli.main(["embed", "--model", models["embed"], "--out", str(tmp_path / "plain"), "a", "b"]) == 0
+    assert np.load(tmp_path / "plain").shape == (2, 16)
     code = cli.main(["embed", "--model", models["embed"], "--file", src, "--out", str(tmp_path / "vecs"),
                      "--batch-size", "4", "--partition-size", "8"])
     err = capsys.readouterr().err
@@ -376,8 +379,9 @@ def test_cli_corpus_mode(tmp_path, models, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["embed", "--out", "DIR", "just a text"], "corpus mode reads its inputs from --file CORPUS, not from arguments"),
-    (["embed", "--out", "DIR", "--file", "-"], "corpus mode needs --file CORPUS"),
+    (["classify", "--out", "DIR", "just a text"], "corpus mode reads its inputs from --file CORPUS, not from arguments"),
+    (["tag", "--out", "DIR", "--file", "-"], "corpus mode needs --file CORPUS"),
+    (["embed", "--workers", "2", "just a text"], "corpus mode reads its inputs from --file CORPUS, not from arguments"),
     (["embed", "--file", "SRC", "--out", "DIR", "--partition-size", "6", "--batch-size", "4"],
      "the partition size (6) must be a multiple of the batch size (4)"),
     (["embed", "--file", "missing.txt", "--out", "DIR"], "--file: no such file 'missing.txt'"),
@@ -398,7 +402,7 @@ def test_workers_without_dask_is_one_line(tmp_path, models, capsys, monkeypatch)
     code = cli.main(["embed", "--model", models["embed"], "--file", src, "--out", str(tmp_path / "o"), "--workers", "2"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.splitlines()[-1].startswith(
-        "refimpl embed: error: --workers and --scheduler need Dask: pip install 'refimpl[scale]'"), err
+        "refimpl embed: error: --workers and --scheduler need Dask: pip install '.[scale]' in a checkout"), err
 
 
 # ---------------------------------------------------------------------------------------------

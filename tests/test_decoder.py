@@ -420,3 +420,13 @@ def test_generate_errors(decoders):
         generate(model, ids, max_new_tokens=4), generate(model, ids, (ids != 1).astype(int), max_new_tokens=4)
     )
     assert generate(model, ids, max_new_tokens=0).shape == (2, 4)
+
+
+def test_help_of_generate_shows_readable_defaults():
+    """help(refimpl.generate) names the config default, not an object address."""
+    import inspect
+    import pydoc
+
+    text = pydoc.render_doc(refimpl.generate, renderer=pydoc.plaintext)
+    assert "object at 0x" not in text and "eos_token_id=FROM_CONFIG" in text
+    assert "object at" not in str(inspect.signature(refimpl.generate))

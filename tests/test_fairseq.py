@@ -363,3 +363,27 @@ def test_fairseq_tasks(tmp_path):
         load_fairseq(FIXTURE, task="sequence-classification")
     assert load_fairseq(os.path.join(FIXTURE, "model.pt"), task="base").model.task == "base"
 
+
+
+def _strings(obj, path=""):
+    """(path, string) for every string inside a checkpoint object (dicts, lists, namespaces)."""
+    if isinstance(obj, str):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _strings(k, f"{path}[{k!r}] (key)")
+            yield from _strings(v, f"{path}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{path}[{i}]")
+    elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+        yield from _strings(vars(obj), path)
+
+
+def test_shipped_checkpoint_holds_no_absolute_path():
+    """The fixture is redistributed: its cfg/args must not carry paths of the machine that trained it
+    (fairseq stores `task.data`, `common.plasma_path`, ...)."""
+    ck = torch_checkpoint()
+    absolute = [(p, s) for p, s in _strings({k: v for k, v in ck.items() if k != "model"})
+                if s.startswith(("/", "~", "\\")) or (len(s) > 2 and s[1] == ":" and s[2] in "/\\")]
+    assert absolute == []

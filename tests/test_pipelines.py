@@ -297,9 +297,11 @@ def test_model_object_and_float64(ck):
     model, folder = ck["cls"]
     hf = hf_pipeline("text-classification", model, ck["tokenizer"])
     loaded = refimpl.from_pretrained(folder, dtype="float64")
+    in_memory = refimpl.Model(loaded.config, loaded.params, loaded.task, loaded.backend)  # built, not loaded: no folder
     with pytest.raises(P.PipelineError, match="tokenizer="):
-        P.TextClassification(loaded)
-    ours = P.TextClassification(loaded, Tokenizer.from_pretrained(folder))(CLS_TEXTS[0], top_k=None)
+        P.TextClassification(in_memory)
+    ours = P.TextClassification(in_memory, Tokenizer.from_pretrained(folder))(CLS_TEXTS[0], top_k=None)
+    assert P.TextClassification(loaded)(CLS_TEXTS[0], top_k=None) == ours  # a loaded Model knows its tokenizer
     err = assert_same(ours, hf(CLS_TEXTS[0], top_k=None), "float64 model")
     assert err <= FLOAT32_REFERENCE["float64"]  # float64 refimpl vs float32 transformers: float32 rounding only
     with pytest.raises(P.PipelineError, match="sequence-classification model"):
@@ -316,3 +318,88 @@ def test_pipeline_factory_and_shipped_model():
     assert [sorted(d) for d in out] == [["score", "sequence", "token", "token_str"]] * 2
     with pytest.raises(P.PipelineError, match="unknown task"):
         P.pipeline("summarize", "tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming, the model's own tokenizer, determinism
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stream_gives_the_results_of_a_list(ck):
+    """stream(iterable) and pipe(generator) run the same batches as a list: identical results,
+    one per input, produced batch by batch as the input is read."""
+    _, mlm = ck["mlm"]
+    pipe = P.FillMask(mlm, batch_size=2)
+    want = pipe(FILL_TEXTS * 2, top_k=3)
+    read = []
+
+    def texts():
+        for i, t in enumerate(FILL_TEXTS * 2):
+            read.append(i)
+            yield t
+
+    stream = pipe.stream(texts(), top_k=3)
+    assert read == []  # nothing is read before the first result is asked for
+    first = next(stream)
+    assert read == [0, 1] and first == want[0]  # one batch read
+    assert [first, *stream] == want
+    assert list(pipe(iter(FILL_TEXTS * 2), top_k=3)) == want
+    with pytest.raises(P.PipelineError, match="top_k"):  # options are checked at once
+        pipe.stream(iter([]), top_k=0)
+    with pytest.raises(P.PipelineError, match="input 3 has no <mask>") as e:
+        list(pipe.stream(iter(["a <mask>", "b <mask>", "no mask"])))
+    assert (e.value.index, e.value.reason.split(":")[0]) == (2, "has no <mask>")
+    _, cls = ck["cls"]
+    clf = P.TextClassification(cls, batch_size=2)
+    pairs = [("A man plays.", "Someone makes music."), ("It rains.", "The sun shines.")] * 2
+    assert list(clf.stream(pairs, top_k=None)) == clf([a for a, _ in pairs], [b for _, b in pairs], top_k=None)
+    with pytest.raises(P.PipelineError, match="input 2 has no pair and the first input has one"):
+        list(clf.stream([pairs[0], "alone"]))
+    emb = P.Embedding(mlm, batch_size=2)
+    np.testing.assert_array_equal(np.stack(list(emb.stream(iter(CLS_TEXTS)))), emb(CLS_TEXTS))
+    _, qa = ck["qa"]
+    qa_pipe = P.QuestionAnswering(qa, batch_size=2)
+    assert list(qa_pipe.stream(QA)) == qa_pipe([q for q, _ in QA], [c for _, c in QA])
+    _, mc = ck["mc"]
+    mc_pipe = P.MultipleChoice(mc)
+    items = [("The chef opened the oven", ["and took out the bread.", "and sang."])] * 3
+    assert list(mc_pipe.stream(items)) == mc_pipe([p for p, _ in items], [e for _, e in items])
+
+
+def test_loaded_model_knows_its_tokenizer(ck):
+    """A Model loaded from a folder, 'tiny' or a Hub id remembers it (name_or_path, as transformers'),
+    so the README's `fill_mask(model, texts)` works; tokenizer= takes 'tiny' too."""
+    import refimpl
+
+    model = refimpl.from_pretrained("tiny")
+    assert model.name_or_path == refimpl.hub.SHIPPED["tiny"]
+    assert model.to("numpy").name_or_path == model.astype("float64").name_or_path == model.name_or_path
+    want = P.fill_mask("tiny", "Hello <mask>!", top_k=2)
+    assert P.fill_mask(model, "Hello <mask>!", top_k=2) == want
+    assert P.fill_mask(model, "Hello <mask>!", top_k=2, tokenizer="tiny") == want
+    assert P.FillMask(model, backend="numpy").model.backend == "numpy"
+    _, folder = ck["mlm"]
+    assert P.embed(refimpl.from_pretrained(folder), "hello").shape == (32,)  # a head's model embeds too
+
+
+def test_same_inputs_same_bits_other_batches_within_reordered(ck):
+    """What the README promises: the same call twice gives the same bits; a text alone or batched
+    with others differs only by BLAS rounding, within tolerances.REORDERED."""
+    from tolerances import REORDERED
+
+    _, folder = ck["cls"]
+    pipe = P.TextClassification(folder, batch_size=4)
+    texts = CLS_TEXTS + ["A much longer text, so that the others are padded in its batch, " * 3]
+    first = pipe(texts, top_k=None)
+    assert pipe(texts, top_k=None) == first
+    alone = [pipe(t, top_k=None) for t in texts]
+    assert strip_scores(alone) == strip_scores(first)
+    assert_close(np.array(flat_scores(alone)), np.array(flat_scores(first)), "float32", "batched vs alone", REORDERED)
+
+
+def test_progress_bar_over_a_stream(capsys):
+    """progress=True shows a tqdm bar on stderr for a stream of unknown length too (counting inputs)."""
+    pipe = P.FillMask("tiny", batch_size=2, progress=True)
+    assert len(list(pipe.stream(iter(["a <mask>"] * 5), top_k=1))) == 5
+    err = capsys.readouterr().err
+    assert "fill-mask: 0input" in err and "input/s" in err  # tqdm without a total: a count and a rate

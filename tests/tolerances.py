@@ -13,6 +13,7 @@ from refimpl.tolerances import (  # noqa: F401  (re-exported for the tests)
     CACHED,
     FAIRSEQ,
     FAST,
+    FINITE_DIFFERENCE,
     FLOAT32_REFERENCE,
     GOLDEN_PROFILES,
     HUB_INTEGRATION,
@@ -47,3 +48,4 @@ def assert_close(actual, expected, dtype: str, name: str = "value", table=TOL) -
     finite = np.isfinite(expected)
     err = max_scaled_error(actual[finite], expected[finite])
     assert err <= table[dtype], f"{name}: scaled max error {err:.3e} > {table[dtype]:.0e} ({dtype})"
+

@@ -73,7 +73,7 @@ def require(adapter: str, *modules: str, extra: str | None = None):
         except ImportError as e:
             raise AdapterError(
                 f"the {adapter} adapter needs {name.split('.')[0]} ({type(e).__name__}: {e}); "
-                f"install it with: pip install 'refimpl[{extra or info.extra}]'"
+                f"install it with: pip install '.[{extra or info.extra}]' in a checkout of refimpl"
             ) from None
     return loaded[0] if len(loaded) == 1 else loaded
 

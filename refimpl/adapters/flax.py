@@ -1,6 +1,6 @@
 """transformers 4.x FlaxRobertaPreLayerNorm* classes as a candidate: ``capture_intermediates``
 records the output of every submodule's ``__call__``, mapped here to golden names. Needs jax, flax
-and transformers 4.x (``pip install 'refimpl[adapters-flax]'``; transformers 5 has no Flax classes),
+and transformers 4.x (``pip install '.[adapters-flax]'`` in a checkout of refimpl; transformers 5 has no Flax classes),
 imported only here.
 
     model = load_flax("path/to/hf-folder", "masked-lm", "float64")       # enables jax_enable_x64
@@ -48,7 +48,7 @@ def load_flax(folder: str, task: str, dtype: str = "float32", param_dtype: str |
     jax, jnp, transformers = require("flax", "jax", "jax.numpy", "transformers")
     if int(transformers.__version__.split(".")[0]) >= 5:
         raise AdapterError(f"transformers {transformers.__version__} has no Flax classes: the flax adapter needs "
-                           f"transformers 4.x (pip install 'refimpl[adapters-flax]' in its own environment)")
+                           f"transformers 4.x (pip install '.[adapters-flax]' from a checkout of refimpl, in its own environment)")
     require("flax", "flax")
     if "float64" in (dtype, param_dtype):
         jax.config.update("jax_enable_x64", True)

@@ -1,5 +1,5 @@
 """An ONNX graph through onnxruntime as a candidate. Needs onnxruntime and onnx (``pip install
-'refimpl[adapters-onnx]'``); exporting a transformers folder first also needs torch, transformers
+'.[adapters-onnx]'`` in a checkout of refimpl); exporting a transformers folder first also needs torch, transformers
 and onnxscript (``adapters-torch``), all imported only here.
 
     tensors, missing = run_graph("model.onnx", golden)          # {golden name: array}, {name: why}

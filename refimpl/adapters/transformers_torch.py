@@ -1,6 +1,6 @@
 """transformers' RobertaPreLayerNorm* PyTorch classes, 4.x and 5.x, as a candidate: forward hooks on
 the submodules record each intermediate under its golden name (docs/golden.md, "How the adapters
-map"). Needs torch and transformers (``pip install 'refimpl[adapters-torch]'``), imported only here.
+map"). Needs torch and transformers (``pip install '.[adapters-torch]'`` in a checkout of refimpl), imported only here.
 
     model = load_transformers("path/to/hf-folder", "masked-lm", "float32")
     tensors = capture(model, **torch_inputs(golden.inputs, "float32"))      # {golden name: array}

@@ -11,18 +11,24 @@
     refimpl forward --model tiny --ids "0 31414 232 2"
 
 Each task command reads its texts from the arguments, from ``--file FILE`` (``-`` = stdin) or, with
-neither, from stdin when it is not a terminal: one text per line, blank lines skipped. ``--json``
-prints one JSON value per input (JSON lines). ``--model`` is a folder, ``tiny`` (the random
-checkpoint shipped with refimpl) or a Hugging Face Hub id (downloaded into the standard cache;
-``HF_HUB_OFFLINE=1`` uses the cache only).
+neither, from stdin when it is not a terminal: one text per line, read as the work goes. Results
+are printed as each batch finishes, one output per input in input order; ``--json`` prints one JSON
+object per input (JSON lines), ``{"index": i, "result": ...}``, or ``{"index": i, "error": "empty
+line"}`` for a blank line. ``--model`` is a folder, ``tiny`` (the random masked-LM checkpoint
+shipped with refimpl; ``tiny-classify``, ``tiny-tag``, ``tiny-qa``, ``tiny-choose`` and
+``tiny-generate`` are random checkpoints for the other heads) or a Hugging Face Hub id
+(downloaded into the standard cache; ``HF_HUB_OFFLINE=1`` uses the cache only).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
-from . import common, corpus, describe, dump, golden, tasks
+from .. import __version__
+from . import common, corpus, describe, dump, finetune, golden, tasks
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
@@ -32,27 +38,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 _TEXT_INPUT = ("Input: texts as arguments, --file FILE (one per line, '-' = stdin), or lines on stdin. "
-               "--json prints one JSON value per input.")
+               "One output per input, printed as each batch finishes; --json prints one JSON object per input "
+               "(JSON lines): {\"index\": i, \"result\": ...}, or {\"index\": i, \"error\": \"empty line\"}.")
+BACKENDS = ("numba", "numpy")
+
+
+def add_model_options(p, default_model=None, default_dtype="float32", hub=True) -> None:
+    """--model, --dtype, --backend and (for Hub ids) --revision, --cache-dir: every command that loads a model."""
+    if default_model is None:
+        p.add_argument("--model", required=True, help="model folder, 'tiny' (or tiny-classify, tiny-tag, tiny-qa, "
+                       "tiny-choose, tiny-generate: random checkpoints shipped with refimpl), or a Hugging Face Hub id")
+    else:
+        p.add_argument("--model", default=default_model,
+                       help=f"model folder, 'tiny' (the shipped random checkpoint), or a Hub id (default: {default_model})")
+    p.add_argument("--dtype", default=default_dtype, choices=["float32", "float64"],
+                   help=f"compute dtype (default {default_dtype})")
+    p.add_argument("--backend", default="numba", choices=BACKENDS,
+                   help="numba (the default: NumPy with Numba kernels) or numpy (the pure NumPy reference)")
+    if hub:
+        p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+        p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="refimpl", description="RoBERTa-PreLayerNorm reference implementation: "
                      "framework-free inference (NumPy).", formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog='example: refimpl fill-mask --model tiny "Hello <mask>!"')
+    parser.add_argument("--version", action="version", version=f"refimpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name, help, example, func, default_model=None):
         p = sub.add_parser(name, help=help, description=help, epilog="example:\n  " + example,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if default_model is None:
-            p.add_argument("--model", required=True, help="model folder, 'tiny', or a Hugging Face Hub id")
-        else:
-            p.add_argument("--model", default=default_model,
-                           help=f"model folder, 'tiny' (the shipped random checkpoint), or a Hub id (default: {default_model})")
-        p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
-        p.add_argument("--json", action="store_true", help="print JSON (one value per input)")
-        p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-        p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+        add_model_options(p, default_model)
+        p.add_argument("--json", action="store_true", help="print JSON lines (one JSON object per input)")
         p.set_defaults(func=func)
         return p
 
@@ -125,12 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("embed", "sentence embeddings from the last hidden state (CLS or mean pooling)",
             'refimpl embed --model tiny --pooling mean --normalize "first text" "second text"\n'
             "  refimpl embed --model tiny --file texts.txt --out vectors.npy\n\n"
-            "Output: a .npy array [N, H] with --out, else one JSON list of floats per line. " + _TEXT_INPUT,
+            "Output: a .npy array [N, H] with --out, else one JSON list of floats per input (null for a blank "
+            "line). " + _TEXT_INPUT,
             tasks.cmd_embed, common.DEFAULT_MODEL)
     batching(p)
     p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="cls (first token) or mean over the mask")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
-    p.add_argument("--out", default=None, help="write a .npy file (FILE.npy) instead of printing; a folder: corpus mode")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the vectors [N, H] to FILE.npy in .npy format (exactly that path) instead of printing; "
+                        "a folder (an existing one, or a name without .npy) makes it a corpus run")
     corpus.add_options(p, "embed")
 
     p = add("generate", "continue each prompt with a causal-LM checkpoint (greedy or sampling)",
@@ -152,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
             'refimpl forward --model tiny --ids "0 31414 232 2; 0 20920 2 1"', describe.cmd_forward, "tiny")
     p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
-    golden.add_golden_commands(sub)  # refimpl golden, refimpl compare
+    golden.add_golden_commands(sub, add_model_options)  # refimpl golden, refimpl compare
     dump.add_dump_command(sub)  # refimpl dump
+    finetune.add_finetune_command(sub)  # refimpl finetune
     return parser
 
 
@@ -161,10 +184,41 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+class _OneLine(logging.Formatter):
+    def format(self, record) -> str:
+        return " ".join(super().format(record).split())
+
+
+def _log_warnings_to_stderr(command: str) -> logging.Handler:
+    """Warnings of the ``refimpl`` logger (a fill-mask target that is several tokens, ...) as one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_OneLine(f"refimpl {command}: warning: %(message)s"))
+    logging.getLogger("refimpl").addHandler(handler)
+    return handler
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (``refimpl ... | head``): stop quietly, as Unix tools do.
+
+    Later writes (Python's own flush at exit) go to /dev/null; the status is 128 + SIGPIPE (141), what
+    a shell reports for a tool that a closed pipe stopped.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (tests): nothing to silence
+        pass
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = _log_warnings_to_stderr(args.command)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except (ValueError, OSError, LookupError, ImportError) as e:
         # PipelineError, InputError, CheckpointError, ConfigError, CommandError, GenerationError
         # are ValueErrors; ModelNotFoundError and missing files are OSErrors.
@@ -173,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"refimpl {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.getLogger("refimpl").removeHandler(handler)
 
 
 if __name__ == "__main__":

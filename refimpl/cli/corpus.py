@@ -2,8 +2,9 @@
 --scheduler ADDRESS]`` writes an output folder instead of printing (:mod:`refimpl.corpus`).
 
 Corpus mode is chosen when ``--workers`` or ``--scheduler`` is given, or when ``--out`` names a
-folder: for ``embed`` an existing folder or a path without the ``.npy`` suffix (``--out FILE.npy``
-still writes one array), for the other tasks any ``--out``; for ``golden``, ``--file``.
+folder: for ``embed`` reading ``--file CORPUS``, an existing folder or a path without the ``.npy``
+suffix (``--out FILE.npy``, and any ``--out`` for texts from the arguments or stdin, still writes
+one array); for the other tasks any ``--out``; for ``golden``, ``--file``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import common
 
 _HELP = textwrap.fill("Corpus mode (writes a folder: Parquet records, .npy embeddings, manifest, errors.jsonl): --file CORPUS "
          "(text, .jsonl or .parquet) --out DIR, in one process or with --workers N / --scheduler ADDRESS (Dask: "
-         "pip install 'refimpl[scale]'). See docs/scale.md.", 78)
+         "pip install '.[scale]' in a checkout). See docs/scale.md.", 78)
 
 
 def add_options(p: argparse.ArgumentParser, task: str) -> None:
@@ -68,8 +69,9 @@ def wanted(args, task: str) -> bool:
     out = getattr(args, "out", None)
     if out is None:
         return False
-    if task == "embed":
-        return os.path.isdir(out) or not out.endswith(".npy")
+    if task == "embed":  # --out FILE writes one .npy array; with --file CORPUS a folder makes it a corpus run
+        from_file = getattr(args, "file", None) not in (None, "-") and not getattr(args, "texts", None)
+        return from_file and (os.path.isdir(out) or not out.endswith(".npy"))
     return True
 
 
@@ -90,8 +92,7 @@ def _options(args, task: str) -> dict:
         if args.context_file is not None:
             if context is not None:
                 raise common.CommandError("give --context or --context-file, not both")
-            with open(args.context_file, encoding="utf-8") as f:
-                context = f.read()
+            context = common.read_text(args.context_file, "--context-file")
         return {"top_k": args.top_k, "doc_stride": args.doc_stride, "max_answer_len": args.max_answer_len,
                 "max_seq_len": args.max_seq_len, "handle_impossible_answer": args.handle_impossible_answer,
                 "context": context}
@@ -114,7 +115,8 @@ def run_command(args, task: str) -> int:
                                   f"name (without .npy)")
     job = corpus.make_job(
         task, common.resolve_model_path(args.model), args.file, args.out, format=args.format, column=args.column,
-        options=_options(args, task), dtype=args.dtype, batch_size=args.batch_size, truncate=args.truncate,
+        options=_options(args, task), dtype=args.dtype, backend=getattr(args, "backend", "numba"),
+        batch_size=args.batch_size, truncate=args.truncate,
         partition_size=args.partition_size, threads=args.threads, strict=args.strict, **common.hub_args(args))
     summary = corpus.run(job, workers=args.workers, scheduler=args.scheduler, progress=True)
     print(summary.line(task), file=sys.stderr)

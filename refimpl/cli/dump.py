@@ -12,7 +12,7 @@ from . import common
 
 
 def add_dump_command(subparsers) -> None:
-    impls = "; ".join(f"{a.name}: {a.what} (pip install 'refimpl[{a.extra}]')" for a in ADAPTERS.values())
+    impls = "; ".join(f"{a.name}: {a.what} (pip install '.[{a.extra}]' in a checkout of refimpl)" for a in ADAPTERS.values())
     p = subparsers.add_parser(
         "dump", help="run another implementation on a golden file's inputs; write a candidate with golden names",
         description=f"Implementations: {impls}.",

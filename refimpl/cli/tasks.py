@@ -1,8 +1,15 @@
-"""The task subcommands: fill-mask, classify, tag, qa, choose, embed, generate (pipelines from the shell)."""
+"""The task subcommands: fill-mask, classify, tag, qa, choose, embed, generate (pipelines from the shell).
+
+Each reads its inputs lazily (:func:`common.input_lines`), runs the pipeline's ``stream`` and
+prints every result as its batch finishes (:func:`common.run`): one output per input, blank lines
+included.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 
 import numpy as np
@@ -13,66 +20,56 @@ from . import common
 def cmd_fill_mask(args) -> int:
     from ..pipelines import FillMask
 
-    texts = common.need_input(common.read_lines(args))
+    lines = common.first_input(common.input_lines(args))
     pipe = common.pipeline(FillMask, args)
-    results = pipe(texts, top_k=args.top_k, targets=args.targets)
 
-    def human(i, r):
-        print(texts[i])
+    def human(line, text, r) -> str:
+        out = [text]
         for m, preds in enumerate(r if r and isinstance(r[0], list) else [r]):
             if isinstance(r[0], list):
-                print(f"  mask {m + 1}:")
-            for p in preds:
-                print(f"  {p['score']:.4g}  {p['token_str']!r:20}  {p['sequence']}")
+                out.append(f"  mask {m + 1}:")
+            out += [f"  {p['score']:.4g}  {p['token_str']!r:20}  {p['sequence']}" for p in preds]
+        return "\n".join(out)
 
-    common.emit(args, results, human)
-    return 0
+    return common.run(args, lines, lambda items: pipe.stream(items, top_k=args.top_k, targets=args.targets),
+                      lambda line: line.text, human)
 
 
 def cmd_classify(args) -> int:
     from ..pipelines import TextClassification
 
-    lines = common.need_input(common.read_lines(args))
-    texts, pairs = [], []
-    for line in lines:
-        if "\t" in line:
-            a, b = line.split("\t", 1)
-            texts.append(a)
-            pairs.append(b)
-        else:
-            texts.append(line)
-            pairs.append(args.pair)
-    if any(p is None for p in pairs) and any(p is not None for p in pairs):
-        raise common.CommandError("some inputs have a pair (a tab or --pair) and some do not: give every input a pair or none")
+    lines = common.first_input(common.input_lines(args))
     pipe = common.pipeline(TextClassification, args)
-    results = pipe(texts, pairs if pairs[0] is not None else None, top_k=args.top_k or None,
-                   function_to_apply=args.function)
 
-    def human(i, r):
-        print(texts[i] if pairs[i] is None else f"{texts[i]} | {pairs[i]}")
-        for d in r:
-            print(f"  {d['score']:.4f}  {d['label']}")
+    def parse(line):
+        if "\t" in line.text:
+            return tuple(line.text.split("\t", 1))
+        return line.text if args.pair is None else (line.text, args.pair)
 
-    common.emit(args, results, human)
-    return 0
+    def human(line, item, r) -> str:
+        head = item if isinstance(item, str) else f"{item[0]} | {item[1]}"
+        return "\n".join([head] + [f"  {d['score']:.4f}  {d['label']}" for d in r])
+
+    return common.run(args, lines, lambda items: pipe.stream(items, top_k=args.top_k or None,
+                                                             function_to_apply=args.function), parse, human)
 
 
 def cmd_tag(args) -> int:
     from ..pipelines import TokenClassification
 
-    texts = common.need_input(common.read_lines(args))
+    lines = common.first_input(common.input_lines(args))
     pipe = common.pipeline(TokenClassification, args)
     ignore = [x for x in args.ignore_labels.split(",") if x]
-    results = pipe(texts, aggregation_strategy=args.aggregation, ignore_labels=ignore)
 
-    def human(i, r):
-        print(texts[i])
+    def human(line, text, r) -> str:
+        out = [text]
         for e in r:
             label = e.get("entity_group", e.get("entity"))
-            print(f"  {e['start']:>4}-{e['end']:<4} {label:12} {e['score']:.4f}  {texts[i][e['start']:e['end']]!r}")
+            out.append(f"  {e['start']:>4}-{e['end']:<4} {label:12} {e['score']:.4f}  {text[e['start']:e['end']]!r}")
+        return "\n".join(out)
 
-    common.emit(args, results, human)
-    return 0
+    return common.run(args, lines, lambda items: pipe.stream(items, aggregation_strategy=args.aggregation,
+                                                             ignore_labels=ignore), lambda line: line.text, human)
 
 
 def cmd_qa(args) -> int:
@@ -82,87 +79,117 @@ def cmd_qa(args) -> int:
     if args.context_file is not None:
         if context is not None:
             raise common.CommandError("give --context or --context-file, not both")
-        with open(args.context_file, encoding="utf-8") as f:
-            context = f.read()
-    questions, contexts = [], []
+        context = common.read_text(args.context_file, "--context-file")
     if args.question is not None:
         if context is None:
             raise common.CommandError("--question needs --context or --context-file")
-        questions, contexts = [args.question], [context]
+        if args.file is not None:
+            raise common.CommandError("give --question or --file, not both")
+        lines = iter([common.Line(0, args.question if args.question.strip() else None, "--question")])
     else:
-        for n, line in enumerate(common.read_lines(args), 1):
-            if "\t" in line:
-                q, c = line.split("\t", 1)
-            elif context is not None:
-                q, c = line, context
-            else:
-                raise common.CommandError(f"input line {n} has no tab: give 'question<TAB>context' lines, or "
-                                   f"questions with --context/--context-file")
-            questions.append(q)
-            contexts.append(c)
-    common.need_input(questions, "questions (--question, or 'question<TAB>context' lines)")
+        lines = common.input_lines(args)
+    lines = common.first_input(lines, "questions (--question, or 'question<TAB>context' lines)")
     pipe = common.pipeline(QuestionAnswering, args)
-    results = pipe(questions, contexts, top_k=args.top_k, doc_stride=args.doc_stride,
-                   max_answer_len=args.max_answer_len, max_seq_len=args.max_seq_len,
-                   handle_impossible_answer=args.handle_impossible_answer)
 
-    def human(i, r):
-        print(questions[i])
-        for a in r if isinstance(r, list) else [r]:
-            print(f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']!r}")
+    def parse(line):
+        if "\t" in line.text:
+            return tuple(line.text.split("\t", 1))
+        if context is not None:
+            return line.text, context
+        raise common.CommandError(f"{line.label()} has no tab: give 'question<TAB>context' lines, or "
+                                  f"questions with --context/--context-file")
 
-    common.emit(args, results, human)
-    return 0
+    def human(line, item, r) -> str:
+        return "\n".join([item[0]] + [f"  {a['score']:.4f}  {a['start']}-{a['end']}  {a['answer']!r}"
+                                      for a in (r if isinstance(r, list) else [r])])
+
+    return common.run(args, lines, lambda items: pipe.stream(
+        items, top_k=args.top_k, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
+        max_seq_len=args.max_seq_len, handle_impossible_answer=args.handle_impossible_answer), parse, human)
 
 
 def cmd_choose(args) -> int:
     from ..pipelines import MultipleChoice
 
+    what = "a prompt and its endings (arguments, or 'prompt<TAB>ending<TAB>ending...' lines)"
     if args.texts:
         if args.file is not None:
             raise common.CommandError("give the prompt and endings as arguments or with --file, not both")
-        groups = [args.texts]
+        lines = iter([common.Line(0, "\t".join(args.texts), "the arguments")])
     else:
-        groups = [line.split("\t") for line in common.read_lines(args)]
-    common.need_input(groups, "a prompt and its endings (arguments, or 'prompt<TAB>ending<TAB>ending...' lines)")
-    for n, g in enumerate(groups, 1):
-        if len(g) < 3:
-            raise common.CommandError(f"input {n} has {len(g) - 1} ending(s): give a prompt and at least two endings")
+        lines = common.input_lines(args)
+    lines = common.first_input(lines, what)
     pipe = common.pipeline(MultipleChoice, args)
-    results = pipe([g[0] for g in groups], [g[1:] for g in groups])
 
-    def human(i, r):
-        print(groups[i][0])
+    def parse(line):
+        group = line.text.split("\t")
+        if len(group) < 3:
+            raise common.CommandError(f"{line.label()} has {len(group) - 1} ending(s): give a prompt and at least "
+                                      f"two endings")
+        return group[0], group[1:]
+
+    def human(line, item, r) -> str:
         best = max(range(len(r)), key=lambda c: r[c]["score"])
-        for c, d in enumerate(r):
-            print(f"  {'*' if c == best else ' '} {d['score']:.4f}  {d['ending']}")
+        return "\n".join([item[0]] + [f"  {'*' if c == best else ' '} {d['score']:.4f}  {d['ending']}"
+                                      for c, d in enumerate(r)])
 
-    common.emit(args, results, human)
-    return 0
+    return common.run(args, lines, pipe.stream, parse, human)
 
 
 def cmd_embed(args) -> int:
     from ..pipelines import Embedding
 
-    texts = common.need_input(common.read_lines(args))
+    out = args.out
+    if out is not None and os.path.isdir(out):
+        raise common.CommandError(f"--out {out!r} is a folder: give the file to write, such as "
+                                  f"{os.path.join(out, 'embeddings.npy')!r}")
+    if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise common.CommandError(f"--out {out!r}: the folder {os.path.dirname(out) or '.'!r} does not exist")
+    lines = common.first_input(common.input_lines(args))
     pipe = common.pipeline(Embedding, args)
-    vectors = pipe(texts, pooling=args.pooling, normalize=args.normalize)  # [N, H]
-    if args.out:
-        np.save(args.out, vectors)
-        print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {vectors.dtype} embeddings to {args.out}",
-              file=sys.stderr)
-        return 0
-    for v in vectors:
-        print(json.dumps([float(x) for x in v]))
+    options = dict(pooling=args.pooling, normalize=args.normalize)
+    if out is None:  # one JSON list of floats per input (null for a blank line), or --json records
+        return common.run(args, lines, lambda items: ([float(x) for x in v] for v in pipe.stream(items, **options)),
+                          lambda line: line.text, lambda line, text, v: json.dumps(v), blank="null")
+
+    def texts():
+        for line in lines:
+            if line.text is None:
+                raise common.CommandError(f"{line.label()} is empty: --out writes one row per input line, so "
+                                          f"every line needs a text (remove the blank lines, or print JSON lines "
+                                          f"without --out)")
+            yield line.text
+
+    vectors = np.stack(list(pipe.stream(texts(), **options)))  # [N, H]
+    save_npy(out, vectors)
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {vectors.dtype} embeddings to {out}", file=sys.stderr)
     return 0
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """``array`` as a .npy file at exactly ``path`` (no suffix added), written atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):  # name the file asked for, never the temporary one beside it
+            raise type(e)(f"cannot write {path!r}: {e.strerror or e}") from None
+        raise
 
 
 def cmd_generate(args) -> int:
     from ..pipelines import TextGeneration
 
-    texts = common.need_input(common.read_lines(args), "prompts")
+    lines = common.first_input(common.input_lines(args), "prompts")
     pipe = common.pipeline(TextGeneration, args)
-    results = pipe(texts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    common.emit(args, results, lambda i, r: print(r["generated_text"]))
-    return 0
+    return common.run(args, lines, lambda items: pipe.stream(
+        items, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed), lambda line: line.text,
+        lambda line, text, r: r["generated_text"])
