@@ -262,8 +262,13 @@ def run_shell(code: str, cwd: str, where: str, monkeypatch) -> None:
             run_in_process(argv, where, monkeypatch)
 
 
+REQUIRES = {"docs/scale.md": ("pyarrow", "distributed", "threadpoolctl")}  # page -> the extra's modules it runs
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_every_snippet_runs(page, tmp_path, monkeypatch, doc_checkpoints):
+    for module in REQUIRES.get(page, ()):
+        pytest.importorskip(module, reason=f"{page} runs with the scale extra: pip install '.[scale]'")
     folder = page_folder(tmp_path, doc_checkpoints)
     monkeypatch.chdir(folder)
     namespace = {"__name__": "__main__"}

@@ -28,7 +28,7 @@ import os
 import sys
 
 from .. import __version__
-from . import common, describe, dump, finetune, golden, tasks
+from . import common, corpus, describe, dump, finetune, golden, tasks
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="predictions per mask (default 5)")
     p.add_argument("--target", dest="targets", action="append", default=None, metavar="TOKEN",
                    help="only score this token (repeat for several; e.g. --target ' Paris' --target ' Lyon')")
+    corpus.add_options(p, "fill-mask")
 
     p = add("classify", "classify each text (or text pair) with a sequence-classification checkpoint",
             'refimpl classify --model path/to/sst2 "a great film" "a dull film" --top-k 0\n'
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1, help="labels per input, best first; 0 = all (default 1)")
     p.add_argument("--function", default=None, choices=["softmax", "sigmoid", "none"],
                    help="score function (default: from problem_type/num_labels, as transformers)")
+    corpus.add_options(p, "classify")
 
     p = add("tag", "label the tokens of each text (NER) with a token-classification checkpoint",
             'refimpl tag --model path/to/ner --aggregation simple "Ada Lovelace was born in London."\n\n' + _TEXT_INPUT,
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformers' aggregation strategy (default none: one entry per token)")
     p.add_argument("--ignore-labels", default="O", metavar="LABELS",
                    help="comma-separated labels to leave out (default: O; '' keeps every label)")
+    corpus.add_options(p, "tag")
 
     p = add("qa", "extractive question answering: the best span of the context",
             'refimpl qa --model path/to/squad --question "Where does she live?" --context "She lives in Paris."\n'
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-answer-len", type=int, default=15, help="longest answer, in tokens (default 15)")
     p.add_argument("--max-seq-len", type=int, default=None, help="window length, in tokens (default min(384, model limit))")
     p.add_argument("--handle-impossible-answer", action="store_true", help="allow the empty answer")
+    corpus.add_options(p, "qa")
 
     p = add("choose", "multiple choice: score each ending of a prompt (softmax over the endings)",
             'refimpl choose --model path/to/swag "The chef opened the oven" "and took out the bread." '
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Input: PROMPT ENDING ENDING... as arguments, or 'prompt<TAB>ending<TAB>ending...' lines (--file or stdin).",
             tasks.cmd_choose)
     batching(p)
+    corpus.add_options(p, "choose")
 
     p = add("embed", "sentence embeddings from the last hidden state (CLS or mean pooling)",
             'refimpl embed --model tiny --pooling mean --normalize "first text" "second text"\n'
@@ -146,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="cls (first token) or mean over the mask")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="write the vectors [N, H] to FILE in .npy format (exactly that path) instead of printing")
+                   help="write the vectors [N, H] to FILE.npy in .npy format (exactly that path) instead of printing; "
+                        "a folder (an existing one, or a name without .npy) makes it a corpus run")
+    corpus.add_options(p, "embed")
 
     p = add("generate", "continue each prompt with a causal-LM checkpoint (greedy or sampling)",
             'refimpl generate --model path/to/causal-lm --max-new-tokens 20 "Once upon a time"\n\n' + _TEXT_INPUT,

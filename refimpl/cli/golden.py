@@ -13,7 +13,7 @@ import numpy as np
 
 from ..golden import HIDDEN_STATES_CONVENTIONS, INPUT_PREFIX, PROFILES, compare, write_golden
 from ..io import has_tokenizer, read_safetensors
-from . import common
+from . import common, corpus
 
 
 def add_golden_commands(subparsers, add_model_options) -> None:
@@ -31,7 +31,7 @@ def add_golden_commands(subparsers, add_model_options) -> None:
                      help="token ids: .npy, .safetensors (input_ids [+ attention_mask, token_type_ids]), or text "
                           "with one row per line (or ';'), ids separated by spaces or commas")
     p.add_argument("--text-pair", action="append", help="second segment for each --text (question answering)")
-    p.add_argument("--out", required=True, help="the golden file to write (.safetensors)")
+    p.add_argument("--out", required=True, help="the golden file to write (.safetensors); with --file, a folder")
     p.add_argument("--gradients", action="store_true",
                    help="also record the gradient of the loss with respect to every intermediate and parameter "
                         "(grad.* names, in backward order); the loss uses --labels or the default labels")
@@ -41,6 +41,7 @@ def add_golden_commands(subparsers, add_model_options) -> None:
                         "choice; question answering: 'start end' per text. Default: the input ids (LM tasks), "
                         "0 per token / text / example, start = end = 0 (QA)")
     p.set_defaults(func=cmd_golden)
+    corpus.add_golden_options(p, src)
 
     p = subparsers.add_parser(
         "compare", help="compare a candidate's tensors with a golden file; report the first divergence",
