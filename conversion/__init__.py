@@ -2,7 +2,7 @@
 
 * :mod:`refimpl_conversion.hf`: Hugging Face folders with safetensors or ``pytorch_model.bin`` (sharded or not);
 * :mod:`refimpl_conversion.fairseq`: fairseq pre-LN RoBERTa checkpoints;
-* :mod:`refimpl_conversion.export`: a refimpl Model -> a folder transformers loads;
+* :mod:`refimpl_conversion.exporter`: a refimpl Model -> a folder transformers loads;
 * :mod:`refimpl_conversion.cli`: the ``refimpl-convert`` command.
 
 The torch-free ``.bin``/``.pt`` reader (:mod:`refimpl.torch_pickle`) and the original efficient_mlm
@@ -19,9 +19,8 @@ import importlib
 
 _LAZY = {
     "load": "loaders", "detect_format": "loaders", "FORMATS": "loaders",
-    "export": "export", "ExportSummary": "export", "export_state_dict": "export",
+    "export": "exporter", "ExportSummary": "exporter", "export_state_dict": "exporter",
     "load_fairseq": "fairseq", "ConversionError": "keymap", "Loaded": "keymap",
-    
 }
 
 
@@ -29,12 +28,12 @@ def __getattr__(name: str):
     if name in _LAZY:
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)
-    raise AttributeError(f"module 'conversion' has no attribute {name!r}")
+    raise AttributeError(f"module 'refimpl_conversion' has no attribute {name!r}")
 
 
 def convert(src, dst, *, fmt: str = "auto", task=None, head=None, dtype=None, max_shard_size="5GB", force=False):
     """Load ``src`` in any supported format and export it to ``dst``; returns the ExportSummary."""
-    from .export import export as _export
+    from .exporter import export as _export
     from .loaders import load as _load
 
     compute = "float64" if dtype == "float64" else "auto" if dtype is None else "float32"

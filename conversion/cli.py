@@ -2,7 +2,7 @@
 
 Exit status 0 with a one-line summary on stdout; 2 with a one-line error on stderr for every
 problem with the input (a project error or an OSError); 130/143/129 when interrupted by SIGINT,
-SIGTERM or SIGHUP (the export cleans up after each: see :mod:`refimpl_conversion.export`). An
+SIGTERM or SIGHUP (the export cleans up after each: see :mod:`refimpl_conversion.exporter`). An
 unexpected internal error (a bug) shows its traceback.
 """
 
@@ -17,7 +17,7 @@ from refimpl import __version__
 from refimpl.io import Interrupted, interrupt_on_signals
 from refimpl.params import TASKS, normalize_task
 
-from .export import OUT_DTYPES, export, parse_size
+from .exporter import OUT_DTYPES, export, parse_size
 from .keymap import ConversionError
 from .loaders import FORMATS, load
 

@@ -471,7 +471,7 @@ def test_forward_top5_is_at_the_last_non_padding_position(capsys, monkeypatch):
 
 def test_info_reports_stored_and_compute_dtype(capsys, monkeypatch, tmp_path):
     import refimpl
-    from refimpl_conversion.export import export
+    from refimpl_conversion.exporter import export
 
     export(refimpl.from_pretrained("tiny"), str(tmp_path / "half"), dtype="float16")
     code, out, err = run(capsys, monkeypatch, ["info", "--model", str(tmp_path / "half"), "--json"])

@@ -30,7 +30,7 @@ from tolerances import assert_close  # noqa: E402
 
 import refimpl_conversion  # noqa: E402
 from refimpl_conversion import cli  # noqa: E402
-from refimpl_conversion.export import export, export_state_dict  # noqa: E402
+from refimpl_conversion.exporter import export, export_state_dict  # noqa: E402
 from refimpl.io import float32_to_bf16_bits  # noqa: E402
 from refimpl_conversion.keymap import ConversionError  # noqa: E402
 from refimpl_conversion.loaders import detect_format, load  # noqa: E402
@@ -482,7 +482,7 @@ def test_force_replaces_destination(small_model, tmp_path):
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 @pytest.mark.parametrize("existing", [False, True])
 def test_interrupted_export_leaves_nothing(exc, existing, small_model, tmp_path, monkeypatch):
-    import refimpl_conversion.export as ex
+    import refimpl_conversion.exporter as ex
 
     dst = tmp_path / "out"
     if existing:
@@ -594,7 +594,7 @@ def test_cli_argument_error_is_one_line(capsys):
 
 
 def test_export_errors_name_the_destination_not_the_temporary_folder(tmp_path, monkeypatch, capsys):
-    import refimpl_conversion.export as export_module
+    import refimpl_conversion.exporter as export_module
 
     def disk_full(path, *args, **kwargs):
         raise OSError(28, "No space left on device", path)
@@ -605,3 +605,19 @@ def test_export_errors_name_the_destination_not_the_temporary_folder(tmp_path, m
     err = capsys.readouterr().err
     assert f"cannot write {str(dst)!r}: No space left on device" in err and ".tmp" not in err
     assert os.listdir(tmp_path) == []  # the temporary folder is gone too
+
+
+def test_package_export_stays_the_function_after_the_submodules_load():
+    """``refimpl_conversion.export`` is the export function, also after the CLI (or anything else)
+    imported the exporting submodule: the submodule is named ``exporter`` so that importing it
+    cannot rebind the package attribute."""
+    import importlib
+
+    import refimpl_conversion
+
+    importlib.import_module("refimpl_conversion.exporter")
+    importlib.import_module("refimpl_conversion.cli")
+    from refimpl_conversion.exporter import export as the_function
+
+    assert refimpl_conversion.export is the_function and callable(refimpl_conversion.export)
+    assert refimpl_conversion.load is importlib.import_module("refimpl_conversion.loaders").load

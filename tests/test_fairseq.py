@@ -24,7 +24,7 @@ import refimpl  # noqa: E402
 from tolerances import FAIRSEQ, TOL, assert_close, max_scaled_error  # noqa: E402
 
 from refimpl_conversion import cli  # noqa: E402
-from refimpl_conversion.export import export  # noqa: E402
+from refimpl_conversion.exporter import export  # noqa: E402
 from refimpl_conversion.fairseq import load_fairseq  # noqa: E402
 from refimpl_conversion.keymap import ConversionError  # noqa: E402
 from refimpl_conversion.loaders import detect_format, load  # noqa: E402

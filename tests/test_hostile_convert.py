@@ -24,7 +24,7 @@ import textwrap
 
 import pytest
 
-from refimpl_conversion import cli, export as export_mod
+from refimpl_conversion import cli, exporter as export_mod
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "refimpl", "data", "tiny-random-mlm")
 
@@ -107,7 +107,7 @@ def test_the_swap_is_one_step_where_the_os_offers_it(tmp_path):
 
 _SIGNAL_AFTER_FIRST_SHARD = """
 import os, signal, sys
-import refimpl_conversion.export as ex
+import refimpl_conversion.exporter as ex
 from refimpl_conversion import cli
 real, calls = ex.write_safetensors, []
 def writer(*a, **k):
@@ -159,7 +159,7 @@ def test_sigkill_between_the_two_renames_is_repaired_by_the_next_run(tmp_path):
     (dst / "config.json").write_text('{"old": true}')
     code = f"""
     import os, signal, sys
-    import refimpl_conversion.export as ex
+    import refimpl_conversion.exporter as ex
     from refimpl_conversion import cli
     ex._renameat2 = lambda src, dst, flags: False  # the non-Linux path: two renames
     real = os.rename
