@@ -37,8 +37,6 @@ where DST is missing); it recognises them by name and touches nothing else.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import re
@@ -63,7 +61,8 @@ from refimpl.io import (
     signals_ignored,
     write_safetensors,
 )
-from refimpl.io.atomic import fsync_dir, fsync_file, stale_temp_owner, temp_name
+from refimpl.io import atomic
+from refimpl.io.atomic import fsync_dir, fsync_file, remove_tree, stale_temp_owner, swap_in, temp_name
 from refimpl.model import Model
 from refimpl.params import TASKS, hf_key_table, iter_leaves
 
@@ -264,7 +263,7 @@ def export(
             e.refimpl_written = dst
             raise
         with signals_ignored():
-            _remove_tree(tmp)
+            remove_tree(tmp)
             for folder in reversed(created):
                 try:
                     os.rmdir(folder)
@@ -333,7 +332,7 @@ def sweep_stale(parent: str) -> list[str]:
             os.rename(path, target)
             done.append(f"restored {target}")
         else:
-            _remove_tree(path)
+            remove_tree(path)
             done.append(f"removed {path}")
     return done
 
@@ -373,51 +372,14 @@ def _write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _remove_tree(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
-
-
-def _renameat2(src: str, dst: str, flags: int) -> bool:
-    """Linux ``renameat2``; False where the system or the file system does not offer it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
-
-
 def _commit(tmp: str, dst: str, protected) -> None:
     """Put the finished ``tmp`` at ``dst``: a rename, or (``dst`` existing) a swap in one step.
     (Called with SIGINT/SIGTERM/SIGHUP ignored.)"""
     if not os.path.lexists(dst):
-        if not _renameat2(tmp, dst, _RENAME_NOREPLACE):
+        if not atomic.renameat2(tmp, dst, atomic.RENAME_NOREPLACE):
             if os.path.lexists(dst):
                 raise FileExistsError(f"{dst} appeared while the export was written; nothing was replaced")
             os.rename(tmp, dst)
         return
     check_replaceable(dst, protected)  # again: it may have changed while the export was written
-    if _renameat2(tmp, dst, _RENAME_EXCHANGE):  # one step: dst is new, tmp holds the old version
-        _remove_tree(tmp)
-        return
-    old = temp_name(dst, "old")
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except BaseException:
-        os.rename(old, dst)
-        raise
-    _remove_tree(old)
+    swap_in(tmp, dst)

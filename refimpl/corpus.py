@@ -1307,7 +1307,7 @@ def run(job: Job, *, workers: int | None = None, scheduler: str | None = None, c
                 where = "one process"
                 log(f"refimpl {job.task}: {_n(len(parts), 'partition')} of up to {job.partition_size} inputs, "
                     f"{len(todo)} to compute in one process with {_n(job.threads, 'thread')}"
-                    + (f" (--workers N runs N processes)" if (os.cpu_count() or 1) > job.threads else ""))
+                    + (" (--workers N runs N processes)" if (os.cpu_count() or 1) > job.threads else ""))
                 threads = _Threads(job.threads)
                 try:
                     runner_ready = _runner(job)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .backward import grad
 from .io import TOKENIZER_FILES
+from .io.atomic import signals_ignored, swap_in
 from .loading import load_folder, params_from_state_dict, state_dict
 from .model import Model
 from .optim import AdamWState, adamw_step, clip_grad_norm, linear_schedule
@@ -366,14 +367,8 @@ def save_checkpoint(model: Model, out: str | os.PathLike, *, tokenizer_folder: s
         if not os.path.exists(out) or not os.listdir(out):
             os.rename(tmp, out)  # (a rename replaces an empty folder)
             return
-        prev = os.path.join(parent, f".{name}.prev-{secrets.token_hex(4)}")
-        os.rename(out, prev)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(prev, out)
-            raise
-        shutil.rmtree(prev)
+        with signals_ignored():
+            swap_in(tmp, out)  # one step where the OS offers it; else two renames, the old one restored on failure
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("transformers 5.x tests (4.x: tests/test_adapters_transformers4.py)", allow_module_level=True)
 
-from adapter_cases import TASKS, golden_case, make_inputs  # noqa: E402
+from adapter_cases import TASKS, golden_case  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import ast
 import contextlib
 import importlib
 import io
-import json
 import os
 import re
 import runpy

@@ -19,7 +19,6 @@ import functools
 import html.parser
 import http.server
 import os
-import shutil
 import subprocess
 import sys
 import threading

@@ -24,6 +24,7 @@ import textwrap
 
 import pytest
 
+from refimpl.io import atomic
 from refimpl_conversion import cli, exporter as export_mod
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "refimpl", "data", "tiny-random-mlm")
@@ -98,7 +99,7 @@ def test_the_swap_is_one_step_where_the_os_offers_it(tmp_path):
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    if not export_mod._renameat2(str(a), str(b), 2):  # noqa: SLF001 - the OS capability itself
+    if not atomic.renameat2(str(a), str(b), atomic.RENAME_EXCHANGE):  # the OS capability itself
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
@@ -161,7 +162,8 @@ def test_sigkill_between_the_two_renames_is_repaired_by_the_next_run(tmp_path):
     import os, signal, sys
     import refimpl_conversion.exporter as ex
     from refimpl_conversion import cli
-    ex._renameat2 = lambda src, dst, flags: False  # the non-Linux path: two renames
+    import refimpl.io.atomic as at
+    at.renameat2 = lambda src, dst, flags: False  # the non-Linux path: two renames
     real = os.rename
     def rename(a, b):
         real(a, b)

@@ -24,7 +24,7 @@ import zipfile
 import pytest
 
 from hostile_harness import Cases
-from torch_files import FALSE, MARK, NONE, REDUCE, STOP, call, dumps, g, i, s, storage, tensor, tup, write_torch_zip
+from torch_files import FALSE, MARK, NONE, STOP, call, dumps, g, i, s, storage, tensor, tup, write_torch_zip
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "refimpl", "data", "tiny-random-mlm")
 

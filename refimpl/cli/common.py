@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator

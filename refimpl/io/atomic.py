@@ -8,6 +8,9 @@
   signal cannot leave a half-removed temporary folder.
 * :func:`fsync_file` / :func:`fsync_dir`: data and renames reach the disk before a write is
   reported done.
+* :func:`swap_in`: a finished folder takes the place of an existing one, in one step where the OS
+  offers it (Linux ``renameat2(RENAME_EXCHANGE)``), else by two renames that put the old version
+  back if the second fails.
 * :func:`temp_name`: a recognisable temporary name beside the target, carrying this host and
   process, so that a later run can tell its own stale leftovers (:func:`stale_temp_owner`) from a
   write still in progress, and never touches anything else.
@@ -19,18 +22,21 @@ folder beside its target, named by :func:`temp_name`; the target itself is untou
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
+import sys
 import threading
 from typing import Iterator
 
 __all__ = ["Interrupted", "interrupt_on_signals", "signals_ignored", "fsync_file", "fsync_dir", "temp_name",
-           "stale_temp_owner"]
+           "stale_temp_owner", "renameat2", "swap_in", "remove_tree"]
 
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
@@ -130,3 +136,51 @@ def stale_temp_owner(entry: str) -> tuple[str, str] | None:
     except (PermissionError, OSError):
         return None  # alive (another user's process) or unknown: leave it
     return None
+
+
+def remove_tree(path: str) -> None:
+    """Remove a folder (or a file or link) that this process wrote."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+_AT_FDCWD = -100
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(src: str, dst: str, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system or the file system does not offer it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def swap_in(tmp: str, dst: str) -> None:
+    """Put the finished folder ``tmp`` in the place of the existing ``dst`` and remove the old one:
+    one step where the OS offers it (both exist at every instant); else ``dst`` is renamed aside
+    (:func:`temp_name` ``"old"``), ``tmp`` renamed to ``dst``, and the old version put back if that
+    fails. Killed between the two renames, the old version waits under its temporary name for the
+    next run's sweep to put it back. Call it with signals ignored (:func:`signals_ignored`)."""
+    if renameat2(tmp, dst, RENAME_EXCHANGE):  # dst is new, tmp holds the old version
+        remove_tree(tmp)
+        return
+    old = temp_name(dst, "old")
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    remove_tree(old)
