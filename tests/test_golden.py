@@ -279,6 +279,37 @@ def test_golden_round_trip_with_metadata(hf_factory, tmp_path):
         assert set(f.keys()) == set(traced) | {f"inputs.{k}" for k in inputs}
 
 
+def test_same_content_is_the_same_bytes_in_every_process(tmp_path):
+    """The safetensors library writes metadata in a Rust hash map's order, seeded per process and per
+    call; refimpl sorts it, so a golden file's bytes depend on its content only (the corpus runner and
+    anyone checksumming golden files rely on it). Written 4 times here and twice in fresh processes."""
+    import subprocess
+    import sys
+
+    meta = {k: f"value of {k} é" for k in ("tokenizer", "config", "format_version", "order", "inputs", "format",
+                                            "refimpl_version", "task", "dtype", "zeta", "alpha")}
+    tensors = {"logits": np.arange(6.0).reshape(2, 3), "inputs.input_ids": np.arange(4)}
+    script = ("import sys, json, numpy as np; from refimpl.io import write_safetensors; "
+              "write_safetensors(sys.argv[1], {'logits': np.arange(6.0).reshape(2, 3), "
+              "'inputs.input_ids': np.arange(4)}, json.loads(sys.argv[2]))")
+    paths = []
+    for i in range(6):
+        path = tmp_path / f"g{i}.safetensors"
+        order = dict(reversed(meta.items())) if i % 2 else meta
+        if i < 4:
+            write_safetensors(path, tensors, order)
+        else:
+            subprocess.run([sys.executable, "-c", script, str(path), json.dumps(order)], check=True)
+        paths.append(path)
+    first = paths[0].read_bytes()
+    assert all(p.read_bytes() == first for p in paths[1:])
+    from safetensors import safe_open
+
+    with safe_open(paths[0], "np") as f:  # still a file the library reads, metadata intact
+        assert f.metadata() == meta
+        np.testing.assert_array_equal(f.get_tensor("logits"), tensors["logits"])
+
+
 def test_unknown_format_version_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
     write_safetensors(path, {"logits": np.zeros(2)}, {"format": "refimpl-golden", "format_version": "2"})

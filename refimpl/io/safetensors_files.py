@@ -160,6 +160,28 @@ def _umask() -> int:
     return mask
 
 
+def _sort_metadata(path: str) -> None:
+    """Rewrite the header of the safetensors file at ``path`` with its metadata keys sorted.
+
+    The library writes the metadata in the order of a Rust hash map, whose seed changes from process
+    to process (and from call to call): the same tensors and metadata would give different bytes.
+    Sorted, equal content is equal bytes (golden files and corpus outputs are compared byte for
+    byte). The header keeps its length (the library pads it to 8 bytes with spaces), so only the
+    header is rewritten, in place; the data block is not touched.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # (keeps its place in the header)
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:  # (JSON escaping that differs from the library's: cannot happen for str values)
+            raise AssertionError(f"safetensors header of {path!r} grew when its metadata was sorted")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
                       dtypes: Mapping[str, str] | None = None) -> None:
     """Write NumPy ``tensors`` as a safetensors file with the ``safetensors`` library, atomically.
@@ -169,7 +191,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
     SIGHUP removes the temporary file and leaves ``path`` as it was; a write that fails (disk full,
     file size limit) is an ``OSError`` naming the file. ``dtypes`` gives a tensor's safetensors
     dtype where NumPy has none (``"BF16"`` for bfloat16 bits held as uint16; arrays of dtype
-    :data:`refimpl.io.BF16_BITS` are recognised without it).
+    :data:`refimpl.io.BF16_BITS` are recognised without it). The metadata is written with its keys
+    sorted, so equal content gives equal bytes in every process.
     """
     import safetensors
 
@@ -215,6 +238,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metad
                 code = int(m.group(1)) if m else None
                 reason = os.strerror(code) if code else detail[:300]
                 raise os_error(OSError, code, f"cannot write {path!r}: {reason}") from None
+            _sort_metadata(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # the library's temporary file is owner-only
             fsync_file(tmp)
             os.replace(tmp, path)
