@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..ops import activation
+from .gemm import SKINNY_ROWS, skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
@@ -25,13 +26,16 @@ PER_HEAD_FROM = 128  # query length from which attention_context runs attention(
 def linear(x, weight, bias=None):
     """``ops.linear``: ``x @ W.T + b``, x: [..., in], weight: [out, in] -> [..., out].
 
-    For at most ``THIN_ROWS`` rows (decoding, short inputs) the same products and sums are
-    scheduled as ``(W x^T)^T``: BLAS then streams W in its stored order, ~1.7x faster than
-    ``x W^T`` on OpenBLAS. The bias is added in place to the fresh GEMM output (one [R, out]
-    array fewer to allocate and fault in).
+    Up to ``SKINNY_ROWS`` rows (a decoding step, a short input) :func:`.gemm.skinny_linear`
+    streams W once, both cores on disjoint output columns, the bias added per element. Up to
+    ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``: BLAS then
+    streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is added in
+    place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
     """
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
+    if rows.shape[0] <= SKINNY_ROWS and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+        return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= THIN_ROWS:
         y = (weight @ rows.T).T  # [out, R] -> [R, out], a transposed view of a fresh array
     else:
