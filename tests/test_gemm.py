@@ -120,7 +120,7 @@ def test_linear_uses_the_skinny_gemm_for_few_rows(dtype, lead):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_warmup_compiles_one_specialisation(dtype):
     gemm.warmup(dtype)
-    kernels = (gemm._skinny_kernel, gemm._skinny_two)
+    kernels = (gemm._skinny_kernel, gemm._work, gemm._post)
     before = [len(k.signatures) for k in kernels]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 64)).astype(dtype)
@@ -134,7 +134,41 @@ def test_warmup_compiles_one_specialisation(dtype):
 def test_import_compiles_nothing():
     code = (
         "import refimpl, refimpl.fast.gemm as g\n"
-        "assert not (g._skinny_kernel.signatures or g._skinny_two.signatures)\n"
+        "assert not (g._skinny_kernel.signatures or g._work.signatures or g._serve.signatures)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_skinny_linear_from_many_threads_at_once(monkeypatch):
+    """One caller at a time shares the helper thread; the others run whole: the same values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(gemm, "SPLIT_FROM", 0)
+    rng = np.random.default_rng(3)
+    ws = [rng.standard_normal((200 + 8 * i, 64)).astype(np.float64) for i in range(6)]
+    x = rng.standard_normal((5, 64))
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda w: [gemm.skinny_linear(x, w) for _ in range(30)], ws))
+    for w, outs in zip(ws, got):
+        monkeypatch.setattr(gemm, "SPLIT_FROM", 1 << 62)
+        whole = gemm.skinny_linear(x, w)
+        for y in outs:
+            np.testing.assert_array_equal(y, whole)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_skinny_linear_in_a_forked_child():
+    """The helper thread does not survive a fork: the child starts its own."""
+    code = (
+        "import os, numpy as np, refimpl.fast.gemm as g\n"
+        "g.SPLIT_FROM = 0\n"
+        "x, w = np.ones((2, 16)), np.ones((64, 16))\n"
+        "g.skinny_linear(x, w)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if np.all(g.skinny_linear(x, w) == 16) else 1)\n"
+        "assert os.waitpid(pid, 0)[1] == 0\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)

@@ -28,6 +28,9 @@ import threading
 import numba
 import numpy as np
 
+from numba import types
+from numba.extending import intrinsic
+
 from .llvm import DTYPES, INLINE, JIT, v8_lanes, v8_load, v8_splat, v_fma
 
 SKINNY_ROWS = 16  # up to this many rows, schedule.linear uses skinny_linear (measured crossover)
@@ -114,20 +117,214 @@ def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C90
 
 
 # ---------------------------------------------------------------------------------------------
-# The output columns over two threads
+# The output columns over two threads: a helper thread that claims chunks as it comes
+#
+# A decoding step makes ~75 GEMMs of 0.1-1 ms each. A Python thread pool takes 0.1-0.3 ms to wake
+# a thread on a VM, and any fork-join (OpenMP's prange included) makes the caller wait for a thread
+# the OS may not have scheduled: on a loaded 2-core machine that costs a time slice per GEMM, far
+# more than the GEMM. Here the caller never waits for a helper that has not started: the columns
+# are cut into chunks that the caller and one helper thread claim from an atomic counter, and the
+# caller waits only for chunks the helper has claimed (and is computing). The helper polls for
+# work for ~a millisecond after each job (so it is awake through a forward's GEMMs), then sleeps
+# on an Event. Every chunk is computed by the same kernel whoever claims it: the values do not
+# depend on the split.
 # ---------------------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, **JIT)
-def _skinny_two(xf, wf, b, has_bias, out, nr, k, n_out, half):
-    """``_skinny_kernel`` over ``[0, half)`` and ``[half, n_out)`` on Numba's two threads."""
-    for t in numba.prange(2):
-        o0 = 0 if t == 0 else half
-        o1 = half if t == 0 else n_out
-        _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1)
+@intrinsic
+def _atomic(typingctx, a, i, op, v):
+    """``a[i]``'s old value after ``op`` (0: load, 1: store v, 2: add v), sequentially consistent;
+    a: a C-contiguous int64 array."""
+    if not (isinstance(a, types.Array) and a.dtype == types.int64 and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr, idx, opv, val = args
+        ptr = builder.gep(context.make_array(signature.args[0])(context, builder, arr).data, [idx])
+        kind = signature.args[2].literal_value
+        if kind == 0:
+            return builder.load_atomic(ptr, "seq_cst", 8)
+        if kind == 1:
+            old = builder.load_atomic(ptr, "seq_cst", 8)
+            builder.store_atomic(val, ptr, "seq_cst", 8)
+            return old
+        return builder.atomic_rmw("add", ptr, val, "seq_cst")
+
+    if not isinstance(op, types.IntegerLiteral):
+        return None
+    return types.int64(a, i, op, types.int64), codegen
 
 
-_lock = threading.Lock()
+@intrinsic
+def _cas(typingctx, a, i, expected, new):
+    """Compare-and-swap ``a[i]``: the value found (== ``expected`` when the swap happened)."""
+    if not (isinstance(a, types.Array) and a.dtype == types.int64 and a.layout == "C"):
+        return None
+
+    def codegen(context, builder, signature, args):
+        arr, idx, exp, val = args
+        ptr = builder.gep(context.make_array(signature.args[0])(context, builder, arr).data, [idx])
+        pair = builder.cmpxchg(ptr, exp, val, "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return types.int64(a, i, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _pointer_like(typingctx, address, like):
+    """The address (an int64) as a pointer to ``like``'s element type."""
+    if not (address == types.int64 and isinstance(like, types.Array)):
+        return None
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen
+
+
+# The job board: one int64 array, its fields at these indices.
+_SEQ, _NEXT, _DONE, _SLEEPING, _EXIT = 0, 1, 2, 3, 4  # job number; next chunk (seq << 32 | index)
+_X, _W, _B, _OUT, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _DTYPE = range(5, 16)  # the job
+_LOW = (1 << 32) - 1
+
+
+@numba.njit(**INLINE)
+def _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx):
+    o0 = idx * chunk
+    _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, min(n_out, o0 + chunk))
+
+
+@numba.njit(**JIT)
+def _help_with(board, seq, like):
+    """The helper's share of job ``seq``: claim chunks by compare-and-swap until none is left.
+
+    The claim checks the job number, so a helper that arrives late (the job finished, another
+    posted) claims nothing; while it holds a claimed chunk the caller waits, so the job's arrays
+    stay alive and its fields unchanged.
+    """
+    c = _atomic(board, _NEXT, 0, 0)
+    if c >> 32 != seq:
+        return
+    nr, k, n_out, chunk, n = board[_NR], board[_K], board[_NOUT], board[_CHUNK], board[_NCHUNKS]
+    xf = numba.carray(_pointer_like(board[_X], like), nr * k)
+    wf = numba.carray(_pointer_like(board[_W], like), n_out * k)
+    b = numba.carray(_pointer_like(board[_B], like), n_out)
+    out = numba.carray(_pointer_like(board[_OUT], like), nr * n_out)
+    has_bias = board[_HAS_BIAS] != 0
+    while c >> 32 == seq and (c & _LOW) < n:
+        found = _cas(board, _NEXT, c, c + 1)
+        if found == c:
+            _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, c & _LOW)
+            _atomic(board, _DONE, 2, 1)
+            c += 1
+        else:
+            c = found
+
+
+@numba.njit(**JIT)
+def _serve(board, seen, polls, f32, f64):
+    """The helper's loop: take part in every new job; return the last job number seen once
+    ``polls`` polls found nothing new, or at once when asked to exit."""
+    idle = 0
+    while idle < polls:
+        if _atomic(board, _EXIT, 0, 0) != 0:
+            return seen
+        seq = _atomic(board, _SEQ, 0, 0)
+        if seq != seen:
+            seen = seq
+            idle = 0
+            if _atomic(board, _DTYPE, 0, 0) == 4:
+                _help_with(board, seq, f32)
+            else:
+                _help_with(board, seq, f64)
+        else:
+            idle += 1
+    return seen
+
+
+@numba.njit(**JIT)
+def _may_sleep(board, seen):
+    """Announce sleep; False (and no sleep) if a job arrived meanwhile."""
+    _atomic(board, _SLEEPING, 1, 1)
+    if _atomic(board, _SEQ, 0, 0) != seen:
+        _atomic(board, _SLEEPING, 1, 0)
+        return False
+    return True
+
+
+@numba.njit(**JIT)
+def _post(board, x, w, b, out, has_bias, nr, k, n_out, chunk, n_chunks, itemsize):
+    """Publish a job (its fields, then the chunk counter, then the job number); True if the
+    helper sleeps and must be woken."""
+    seq = board[_SEQ] + 1
+    board[_X], board[_W], board[_B], board[_OUT] = x, w, b, out
+    board[_HAS_BIAS], board[_NR], board[_K], board[_NOUT] = has_bias, nr, k, n_out
+    board[_CHUNK], board[_NCHUNKS] = chunk, n_chunks
+    _atomic(board, _DTYPE, 1, itemsize)
+    _atomic(board, _DONE, 1, 0)
+    _atomic(board, _NEXT, 1, seq << 32)
+    _atomic(board, _SEQ, 1, seq)
+    return _atomic(board, _SLEEPING, 0, 0) != 0
+
+
+@numba.njit(**JIT)
+def _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+    """The caller's share of the posted job, then the wait for the helper's claimed chunks."""
+    base = board[_SEQ] << 32
+    while True:
+        idx = _atomic(board, _NEXT, 2, 1) - base
+        if idx >= n_chunks:
+            break
+        _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx)
+        _atomic(board, _DONE, 2, 1)
+    while _atomic(board, _DONE, 0, 0) < n_chunks:
+        pass
+
+
+class _Helper:
+    """The helper thread and its job board (one per process: re-created after a fork)."""
+
+    POLLS = 1 << 17  # ~1 ms of polling after the last job before the helper sleeps
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.board = np.zeros(16, np.int64)
+        self.wake = threading.Event()
+        self.lock = threading.Lock()  # one split at a time; a second caller runs whole
+        self.thread = threading.Thread(target=self._loop, name="refimpl-gemm", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        board, seen = self.board, 0
+        f32, f64 = np.zeros(1, np.float32), np.zeros(1, np.float64)
+        while not board[_EXIT]:
+            seen = _serve(board, seen, self.POLLS, f32, f64)
+            if _may_sleep(board, seen):
+                self.wake.wait()
+                self.wake.clear()
+                board[_SLEEPING] = 0
+
+    def run(self, xf, wf, b, has_bias, of, nr, k, n_out):
+        chunk = max(_TILE, -(-n_out // (_TILE * 24)) * _TILE)  # ~24 chunks, whole tiles
+        n_chunks = -(-n_out // chunk)
+        args = (xf.ctypes.data, wf.ctypes.data, b.ctypes.data, of.ctypes.data)
+        if _post(self.board, *args, has_bias, nr, k, n_out, chunk, n_chunks, xf.itemsize):
+            self.wake.set()
+        _work(self.board, xf, wf, b, has_bias, of, nr, k, n_out, chunk, n_chunks)
+
+
+_helper = None
+_helper_lock = threading.Lock()
+
+
+def _the_helper():
+    global _helper
+    if _helper is None or _helper.pid != os.getpid():
+        with _helper_lock:
+            if _helper is None or _helper.pid != os.getpid():
+                _helper = _Helper()
+    return _helper
 
 
 def _flat(a) -> np.ndarray:
@@ -172,14 +369,14 @@ def skinny_linear(x, weight, bias=None, *, out=None):
     has_bias = bias is not None
     b = _flat(bias) if has_bias else np.zeros(1, dtype)
 
-    half = (n_out // 2) // _TILE * _TILE
-    if nr * k * n_out < SPLIT_FROM or half == 0 or (os.cpu_count() or 1) < 2 or not _lock.acquire(blocking=False):
+    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or (os.cpu_count() or 1) < 2 else _the_helper()
+    if helper is None or not helper.lock.acquire(blocking=False):
         _skinny_kernel(xf, wf, b, has_bias, of, nr, k, n_out, 0, n_out)
         return out
-    try:  # one split at a time (Numba's workqueue layer allows no concurrent parallel calls)
-        _skinny_two(xf, wf, b, has_bias, of, nr, k, n_out, half)
+    try:
+        helper.run(xf, wf, b, has_bias, of, nr, k, n_out)
     finally:
-        _lock.release()
+        helper.lock.release()
     return out
 
 
