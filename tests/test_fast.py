@@ -144,3 +144,49 @@ def test_fast_decoding_cache_is_the_reference_cache_type():
     model = random_model("causal-lm", seed=8, is_decoder=True)
     out = model(input_ids=[[0, 5, 6]], use_cache=True)
     assert isinstance(out.past_key_values, type(empty_cache(model.config, 1, model.dtype, model.xp)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("task", ALL_TASKS)
+@pytest.mark.parametrize("heads", [4, 1])
+def test_one_sequence_in_token_halves_matches_the_reference(monkeypatch, task, dtype, heads):
+    """One sequence runs as two token halves on two threads that meet at the attention (each
+    thread half the heads); held to the reference, padded rows and the causal mask included."""
+    from refimpl.fast import schedule
+
+    monkeypatch.setattr(fast, "TOKEN_SPLIT_FROM", 2)
+    calls = []
+    run_two = schedule.run_two
+    monkeypatch.setattr(fast, "run_two", lambda fn: calls.append(1) or run_two(fn))
+    model = random_model(task, seed=3, is_decoder=task == "causal-lm", num_attention_heads=heads).astype(dtype)
+    reference = model.to("numpy")
+    inputs = task_inputs(task, model.config, np.random.default_rng(2))
+    for row in (0, 1, 2):  # full, right-padded, left-padded
+        one = {k: v[row : row + 1] for k, v in inputs.items()}
+        if task == "multiple-choice":  # one choice of one question: one sequence
+            one = {k: v[:, :1] if v.ndim == 3 else np.zeros(1, np.int64) for k, v in one.items()}
+        for extra in ({}, {"output_hidden_states": True}):
+            n = assert_outputs_match(model(**one, **extra), reference(**one, **extra), dtype)
+            assert n >= (2 if not extra else 2 + model.config.num_hidden_layers)
+    assert calls  # the split was tried (it runs where OpenBLAS's threads can be set)
+
+
+def test_token_halves_a_failing_part_raises_and_does_not_hang(monkeypatch):
+    from refimpl.fast import schedule
+
+    monkeypatch.setattr(fast, "TOKEN_SPLIT_FROM", 2)
+    model = random_model("base", seed=4)
+    real = fast.feed_forward_block
+    calls = []
+
+    def fails_in_one_thread(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "feed_forward_block", fails_in_one_thread)
+    if schedule.run_two(lambda part: part) is None:
+        pytest.skip("no two-thread split here")
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=np.arange(3, 14)[None])

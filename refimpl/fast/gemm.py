@@ -22,8 +22,10 @@ Shape legend: R rows, K = in, O = out.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import time
 
 import numba
 import numpy as np
@@ -285,7 +287,7 @@ def _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
 class _Helper:
     """The helper thread and its job board (one per process: re-created after a fork)."""
 
-    POLLS = 1 << 17  # ~1 ms of polling after the last job before the helper sleeps
+    POLL_S = 0.002  # how long the helper polls after its last job before it sleeps
 
     def __init__(self):
         self.pid = os.getpid()
@@ -298,8 +300,12 @@ class _Helper:
     def _loop(self):
         board, seen = self.board, 0
         f32, f64 = np.zeros(1, np.float32), np.zeros(1, np.float64)
+        _serve(board, seen, 1, f32, f64)  # compile or load it first
+        t0 = time.perf_counter()
+        _serve(board, seen, 1 << 16, f32, f64)  # calibrate: polls a second
+        polls = max(1 << 12, int(self.POLL_S * (1 << 16) / max(time.perf_counter() - t0, 1e-6)))
         while not board[_EXIT]:
-            seen = _serve(board, seen, self.POLLS, f32, f64)
+            seen = _serve(board, seen, polls, f32, f64)
             if _may_sleep(board, seen):
                 self.wake.wait()
                 self.wake.clear()
@@ -314,6 +320,7 @@ class _Helper:
         _work(self.board, xf, wf, b, has_bias, of, nr, k, n_out, chunk, n_chunks)
 
 
+_CPUS = os.cpu_count() or 1
 _helper = None
 _helper_lock = threading.Lock()
 
@@ -359,7 +366,7 @@ def skinny_linear(x, weight, bias=None, *, out=None):
     elif not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
               and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
-    nr = int(np.prod(x.shape[:-1], dtype=np.int64))
+    nr = math.prod(x.shape[:-1])
     if out.size == 0:
         return out
     if k == 0:
@@ -369,7 +376,7 @@ def skinny_linear(x, weight, bias=None, *, out=None):
     has_bias = bias is not None
     b = _flat(bias) if has_bias else np.zeros(1, dtype)
 
-    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or (os.cpu_count() or 1) < 2 else _the_helper()
+    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or _CPUS < 2 else _the_helper()
     if helper is None or not helper.lock.acquire(blocking=False):
         _skinny_kernel(xf, wf, b, has_bias, of, nr, k, n_out, 0, n_out)
         return out

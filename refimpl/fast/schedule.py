@@ -20,6 +20,7 @@ from .gemm import SKINNY_ROWS, skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
+TOKEN_SPLIT_FROM = 24  # a single sequence from this many tokens runs as two token halves (run_two)
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
 
 
@@ -150,6 +151,43 @@ def split_batch(fn, n: int) -> list:
         try:
             first = _pool.submit(fn, slice(0, half))
             second = fn(slice(half, n))
+            return [first.result(), second]
+        finally:
+            set_(before)
+    finally:
+        _split_lock.release()
+
+
+def run_two(fn) -> list | None:
+    """``[fn(0), fn(1)]`` on two threads at once, each with single-threaded OpenBLAS, or None
+    (nothing run) where :func:`split_batch` would not split: one core, no control over OpenBLAS's
+    threads, BLAS single-threaded by choice, or another split already running.
+
+    For work that must meet halfway (a single sequence split over its tokens, which meet at the
+    attention): ``fn`` gets its part's index and synchronises with the other part itself. If one
+    part raises, the exception is re-raised here after both have ended.
+    """
+    global _pool
+    blas = openblas_threads()
+    if (os.cpu_count() or 1) < 2 or blas is None or not _split_lock.acquire(blocking=False):
+        return None
+    try:
+        get, set_ = blas
+        before = get()
+        if before < 2:
+            return None
+        if _pool is None:
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-batch")
+        set_(1)
+        try:
+            first = _pool.submit(fn, 0)
+            try:
+                second, error = fn(1), None
+            except BaseException as e:  # noqa: BLE001 (re-raised below, after part 0 has ended)
+                second, error = None, e
+            errors = [e for e in (first.exception(), error) if e is not None]  # waits for part 0
+            if errors:  # the part that failed first, not the other one's broken barrier
+                raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
             return [first.result(), second]
         finally:
             set_(before)

@@ -14,6 +14,8 @@ Only NumPy arrays; nothing is traced (a traced call runs the reference).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import losses
@@ -33,8 +35,8 @@ from ..outputs import (
 )
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
-from .kernels import bias_gelu, layer_norm, masked_softmax
-from .schedule import attention_context, linear, linear_act, split_batch
+from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+from .schedule import TOKEN_SPLIT_FROM, attention_context, linear, linear_act, run_two, split_batch
 
 # ---------------------------------------------------------------------------------------------
 # The encoder (refimpl.attention.attention_block, refimpl.encoder.feed_forward_block / encode)
@@ -102,16 +104,81 @@ def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None)
     return EncoderOutput(hidden[-1], hidden, attentions, crosses)
 
 
+def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOutput | None:
+    """``encode`` for ONE sequence as two token halves on two threads (None: not split, see
+    :func:`run_two`). Without a cache, cross-attention or kept probabilities only.
+
+    Each thread runs LayerNorm, the projections, the FFN and the residual adds for its half of the
+    tokens (each token on its own, as in the reference); the two meet at the attention, which
+    needs every token's keys and values: after the q/k/v projections (a barrier) each thread runs
+    the attention of half the heads over all tokens, and after it (a second barrier) each goes on
+    with its tokens. The same products and sums as ``encode``; BLAS sees other call shapes.
+    """
+    c, eps, nh = config, config.layer_norm_eps, config.num_attention_heads
+    e = params.embeddings
+    word = e.word[x.input_ids] if x.inputs_embeds is None else x.inputs_embeds  # [1, T, H]
+    h0 = layer_norm((word + e.token_type[x.token_type_ids]) + e.position[x.position_ids],
+                    e.layer_norm.weight, e.layer_norm.bias, eps)  # [1, T, H]
+    t, hid = h0.shape[1], h0.shape[2]
+    d, half, heads0 = hid // nh, (t + 1) // 2, (nh + 1) // 2
+    qkv = np.empty((3, 1, t, hid), h0.dtype)  # the projections of every token, [1, T, H] each
+    ctx = np.empty((1, t, hid), h0.dtype)  # the attention context, heads merged
+    hidden = [h0] + [np.empty_like(h0) for _ in params.layers]
+    bias = x.attention_bias  # [1, 1|N, T|1, S] or None
+    meet = threading.Barrier(2)
+
+    def heads(a, part):  # [1, T, H] -> [1, n, T, D], this part's heads
+        return a.reshape(1, t, nh, d)[:, :, :heads0] if part == 0 else a.reshape(1, t, nh, d)[:, :, heads0:]
+
+    def run(part):
+        rows = slice(0, half) if part == 0 else slice(half, t)
+        hb = None if bias is None or bias.shape[1] == 1 else (slice(0, heads0) if part == 0 else slice(heads0, nh))
+        part_bias = bias if hb is None else bias[:, hb]
+        h = h0[:, rows]  # [1, t', H]
+        try:
+            for i, layer in enumerate(params.layers):
+                p = layer.attention
+                ln = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [1, t', H]
+                for j, lin in enumerate((p.query, p.key, p.value)):
+                    qkv[j, :, rows] = linear(ln, lin.weight, lin.bias)
+                meet.wait()  # every token's q, k, v are there
+                q, k, v = (heads(a, part).transpose(0, 2, 1, 3) for a in qkv)  # [1, n, T, D]
+                if q.shape[1]:
+                    attention(q, k, v, part_bias, d**-0.5, out=heads(ctx, part).transpose(0, 2, 1, 3))
+                meet.wait()  # every head's context is there (and q, k, v may be overwritten)
+                h = h + linear(ctx[:, rows], p.output.weight, p.output.bias)  # [1, t', H]
+                h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)
+                hidden[i + 1][:, rows] = h
+        except BaseException:
+            meet.abort()  # the other part stops at its next meeting instead of waiting for ever
+            raise
+        fl = params.final_layer_norm
+        return layer_norm(h, fl.weight, fl.bias, eps)  # [1, t', H]
+
+    parts = run_two(run)
+    if parts is None:
+        return None
+    hidden[-1] = np.concatenate(parts, axis=1)  # [1, T, H]
+    n = len(params.layers)
+    return EncoderOutput(hidden[-1], hidden, [None] * n, [None] * n)
+
+
 def over_rows(params: Params, config: Config, x: Inputs, head):
     """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
     batch, the EncoderOutput with the fields the caller returns joined likewise).
 
     A batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-    (:func:`split_batch`); every sequence is computed on its own either way. ``head`` maps an
+    (:func:`split_batch`); every sequence is computed on its own either way. One sequence of at
+    least ``TOKEN_SPLIT_FROM`` tokens runs as two token halves (:func:`encode_token_halves`). ``head`` maps an
     EncoderOutput to a tuple of [b, ...] arrays.
     """
-    b = x.position_ids.shape[0]
-    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None:
+    b, t = x.position_ids.shape
+    whole = x.cache is not None or x.encoder_hidden_states is not None
+    if b == 1 and not whole and not x.output_attentions and t >= TOKEN_SPLIT_FROM:
+        enc = encode_token_halves(params, config, x)
+        if enc is not None:
+            return head(enc), enc
+    if b < 2 or whole:
         enc = encode(params, config, x)
         return head(enc), enc
     parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
