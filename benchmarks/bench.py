@@ -69,10 +69,10 @@ def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 def forward_gemms(model, b: int, t: int):
     """A function that runs the GEMMs of ``model``'s forward on [b, t] inputs, and nothing else.
 
-    The same shapes, the same weights and the same scheduling rule as ``refimpl.fast.schedule.linear``
-    (few rows: ``(W x^T)^T``); activations are random (GEMM time does not depend on values).
+    The same shapes and weights, through ``refimpl.fast.schedule.linear`` itself (few rows: the
+    skinny GEMM or ``(W x^T)^T``); activations are random (GEMM time does not depend on values).
     """
-    from refimpl.fast.schedule import THIN_ROWS
+    from refimpl.fast.schedule import linear
 
     cfg, dtype = model.config, model.dtype
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
@@ -88,7 +88,7 @@ def forward_gemms(model, b: int, t: int):
     ]  # fmt: skip
 
     def mm(rows, w):
-        return (w @ rows.T).T if rows.shape[0] <= THIN_ROWS else rows @ w.T
+        return linear(rows, w)
 
     def run():
         for wq, wk, wv, wo, w1, w2 in layers:
@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{b}x{t}" for b, t in SHAPES), help="e.g. 1x16,8x128")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--skip", default="", help="candidates to leave out, e.g. numpy,sdpa (their columns read nan)")
     p.add_argument("--block", type=int, default=3,
                    help="calls per candidate per round, back to back; the first is not timed (default 3)")
     args = p.parse_args(argv)
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
         if session is not None:
             fns["ort"] = lambda: session.run(None, {"input_ids": ids})
         fns["gemm"] = forward_gemms(numba_model, b, t)
+        for name in filter(None, args.skip.split(",")):
+            fns.pop(name, None)
         for f in fns.values():  # warm-up (JIT, allocator, caches)
             f()
         times = {k: [] for k in fns}
@@ -207,6 +210,7 @@ def main(argv=None) -> int:
                     f()
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        med.update({k: float("nan") for k in ("numpy", "eager", "sdpa") if k not in med})
         flops = forward_flops(cfg, b, t)
         gflops = flops / med["numba"] / 1e9
         gemm = flops / med["gemm"] / 1e9  # the same matrix shapes, GEMMs only

@@ -11,10 +11,11 @@ Reported per batch size: end-to-end tokens/s (prefill included) and decode-only 
 
 Also measured, interleaved with both: the **GEMV floor**, the time of one step's matrix products
 alone (every projection of every layer, the LM head's dense layer and its [V, H] decoder, on the
-model's own weights, B rows, scheduled as ``refimpl.fast.schedule.linear`` does). At batch 1 a step streams
-all ~500 MB of float32 weights once, so this is what memory bandwidth allows any implementation
-that computes the full logits in float32; ``transformers ms/step / floor ms/step`` is the largest
-speed-up over transformers this machine permits.
+model's own weights, B rows, through ``refimpl.fast.schedule.linear`` itself). At batch 1 a step
+streams all ~500 MB of float32 weights once, so this is close to what memory bandwidth allows
+any implementation that computes the full logits in float32; ``transformers ms/step / floor
+ms/step`` is about the largest speed-up over transformers this machine permits, and refimpl's
+step over the floor is what its non-GEMM work and Python cost.
 
     python benchmarks/decode.py [--new 32] [--prompt 16] [--batches 1 8] [--repeats 3] [--threads 2] [--backend numba]
 """
@@ -56,8 +57,9 @@ def build(threads: int, backend: str = "numba"):
 
 
 def step_gemvs(model, batch: int):
-    """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix."""
-    from refimpl.fast.schedule import THIN_ROWS
+    """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix,
+    scheduled by ``refimpl.fast.schedule.linear`` (the skinny GEMM up to its row limit)."""
+    from refimpl.fast.schedule import linear
 
     p = model.params
     mats = [w for lp in p.layers for w in (
@@ -69,8 +71,7 @@ def step_gemvs(model, batch: int):
 
     def run():
         for w in mats:
-            x = xs[w.shape[1]]
-            (w @ x.T).T if batch <= THIN_ROWS else x @ w.T
+            linear(xs[w.shape[1]], w)
 
     return run, sum(w.nbytes for w in mats)
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--backend", default="numba", choices=["numba", "numpy"], help="refimpl's CPU backend (default: numba, as from_pretrained)")
     args = ap.parse_args()
 
@@ -116,6 +118,7 @@ def main() -> None:
                 min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1,
             ).numpy()
 
+    results = []
     for batch in args.batches:
         ids, mask = prompts(batch, args.prompt, rng)
         same = np.array_equal(run_ours(ids, mask, args.new), run_hf(ids, mask, args.new))  # also warms up
@@ -147,6 +150,21 @@ def main() -> None:
               f"(the largest decode speed-up this machine allows)")
         print(f"batch {batch:2d}  ratio refimpl/transformers: end-to-end {row['refimpl'][0] / row['transformers'][0]:.2f}x, "
               f"decode {row['refimpl'][1] / row['transformers'][1]:.2f}x; same tokens: {same}")
+        results.append({
+            "batch": batch, "same_tokens": bool(same), "floor_s_per_step": floor,
+            **{f"{name}_{key}": value for name, (e2e, dec, step) in row.items()
+               for key, value in (("end_to_end_tok_s", e2e), ("decode_tok_s", dec), ("s_per_step", step))},
+            "ratio_end_to_end": row["refimpl"][0] / row["transformers"][0],
+            "ratio_decode": row["refimpl"][1] / row["transformers"][1],
+        })
+    if args.json:
+        import json
+        import platform
+
+        with open(args.json, "w") as f:
+            json.dump({"backend": args.backend, "threads": args.threads, "prompt": args.prompt, "new": args.new,
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

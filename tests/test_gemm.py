@@ -120,7 +120,7 @@ def test_linear_uses_the_skinny_gemm_for_few_rows(dtype, lead):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_warmup_compiles_one_specialisation(dtype):
     gemm.warmup(dtype)
-    kernels = (gemm._skinny_kernel, gemm._work, gemm._post)
+    kernels = (gemm._skinny_kernel, gemm._work, gemm._post, gemm._post_work)
     before = [len(k.signatures) for k in kernels]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 64)).astype(dtype)

@@ -256,18 +256,16 @@ def _may_sleep(board, seen):
 
 
 @numba.njit(**JIT)
-def _post(board, x, w, b, out, has_bias, nr, k, n_out, chunk, n_chunks, itemsize):
-    """Publish a job (its fields, then the chunk counter, then the job number); True if the
-    helper sleeps and must be woken."""
+def _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+    """Publish a job (its fields, then the chunk counter, then the job number)."""
     seq = board[_SEQ] + 1
-    board[_X], board[_W], board[_B], board[_OUT] = x, w, b, out
+    board[_X], board[_W], board[_B], board[_OUT] = xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data
     board[_HAS_BIAS], board[_NR], board[_K], board[_NOUT] = has_bias, nr, k, n_out
     board[_CHUNK], board[_NCHUNKS] = chunk, n_chunks
-    _atomic(board, _DTYPE, 1, itemsize)
+    _atomic(board, _DTYPE, 1, xf.itemsize)
     _atomic(board, _DONE, 1, 0)
     _atomic(board, _NEXT, 1, seq << 32)
     _atomic(board, _SEQ, 1, seq)
-    return _atomic(board, _SLEEPING, 0, 0) != 0
 
 
 @numba.njit(**JIT)
@@ -282,6 +280,13 @@ def _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
         _atomic(board, _DONE, 2, 1)
     while _atomic(board, _DONE, 0, 0) < n_chunks:
         pass
+
+
+@numba.njit(**JIT)
+def _post_work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+    """``_post`` and ``_work`` in one call (the helper is awake)."""
+    _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks)
+    _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks)
 
 
 class _Helper:
@@ -314,10 +319,13 @@ class _Helper:
     def run(self, xf, wf, b, has_bias, of, nr, k, n_out):
         chunk = max(_TILE, -(-n_out // (_TILE * 24)) * _TILE)  # ~24 chunks, whole tiles
         n_chunks = -(-n_out // chunk)
-        args = (xf.ctypes.data, wf.ctypes.data, b.ctypes.data, of.ctypes.data)
-        if _post(self.board, *args, has_bias, nr, k, n_out, chunk, n_chunks, xf.itemsize):
+        args = (self.board, xf, wf, b, has_bias, of, nr, k, n_out, chunk, n_chunks)
+        if self.board[_SLEEPING]:  # (if it falls asleep just after this, it misses one job: no harm)
+            _post(*args)
             self.wake.set()
-        _work(self.board, xf, wf, b, has_bias, of, nr, k, n_out, chunk, n_chunks)
+            _work(*args)
+        else:
+            _post_work(*args)
 
 
 _CPUS = os.cpu_count() or 1
