@@ -33,7 +33,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from .llvm import DTYPES, INLINE, JIT, v8_lanes, v8_load, v8_splat, v_fma
+from .llvm import DTYPES, INLINE, JIT, prefetch, v8_lanes, v8_load, v8_splat, v_fma
 
 SKINNY_ROWS = 16  # up to this many rows, schedule.linear uses skinny_linear (measured crossover)
 SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which the two cores share a GEMM
@@ -59,20 +59,41 @@ def _finish(acc, xf, xo, wf, wo, k8, k, b, has_bias, o, out, oo):
     out[np.uintp(oo)] = s + b[np.uintp(o)] if has_bias else s
 
 
+@numba.njit(**INLINE)
+def _prefetch_next(wf, p0, p1, p2, p3, m, i, last):
+    """Ask for the lines at ``i`` of the first ``m`` of the next tile's rows (starting at p0..p3)."""
+    if m > 0:
+        prefetch(wf, min(p0 + i, last))
+    if m > 1:
+        prefetch(wf, min(p1 + i, last))
+    if m > 2:
+        prefetch(wf, min(p2 + i, last))
+    if m > 3:
+        prefetch(wf, min(p3 + i, last))
+
+
 @numba.njit(**JIT)
 def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C901 (one tiled loop nest)
     """``out[r, o] = x[r] . W[o] (+ b[o])`` for r < nr, o0 <= o < o1; flat C arrays:
     xf [R*K], wf [O*K], out [R*O]."""
     k8 = k - k % 8
     z = v8_splat(xf.dtype.type(0.0))
+    last, pairs = n_out * k - 1, nr // 2
     o = o0
     while o + _TILE <= o1:  # tiles of 4 weight rows
         w0, w1, w2, w3 = o * k, (o + 1) * k, (o + 2) * k, (o + 3) * k
         r = 0
         while r + 2 <= nr:  # 4 weight rows x 2 input rows: 8 accumulators
             xa, xb = r * k, (r + 1) * k
+            # Meanwhile, the next tile's rows come in: pass p asks for rows p, p + pairs, ... (the
+            # hardware prefetcher alone leaves the first pass over a tile waiting on memory).
+            p = r // 2
+            m = 0 if p >= 4 else (4 - p + pairs - 1) // pairs
+            n0 = w3 + k + p * k
+            n1, n2, n3 = n0 + pairs * k, n0 + 2 * pairs * k, n0 + 3 * pairs * k
             a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = z
             for i in range(0, k8, 8):
+                _prefetch_next(wf, n0, n1, n2, n3, m, i, last)
                 va, vb = v8_load(xf, xa + i), v8_load(xf, xb + i)
                 u = v8_load(wf, w0 + i)
                 a0, c0 = v_fma(u, va, a0), v_fma(u, vb, c0)
@@ -94,8 +115,10 @@ def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C90
             r += 2
         if r < nr:  # the last, odd input row: 4 x 1
             xa = r * k
+            m = 4 if pairs == 0 else 0  # a single row: this pass asks for the next tile
             a0 = a1 = a2 = a3 = z
             for i in range(0, k8, 8):
+                _prefetch_next(wf, w3 + k, w3 + 2 * k, w3 + 3 * k, w3 + 4 * k, m, i, last)
                 va = v8_load(xf, xa + i)
                 a0 = v_fma(v8_load(wf, w0 + i), va, a0)
                 a1 = v_fma(v8_load(wf, w1 + i), va, a1)
