@@ -315,7 +315,7 @@ def _post_work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
 class _Helper:
     """The helper thread and its job board (one per process: re-created after a fork)."""
 
-    POLL_S = 0.002  # how long the helper polls after its last job before it sleeps
+    POLL_S = 0.0005  # how long the helper polls after its last job before it sleeps
 
     def __init__(self):
         self.pid = os.getpid()
