@@ -7,7 +7,9 @@ schedule only (each held to the reference by ``tests/test_fast.py``):
 - ``x W^T + b`` is :func:`.schedule.linear` (``(W x^T)^T`` for few rows, bias added in place);
 - without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
 - a batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-  (:func:`.schedule.split_batch`), encoder and head together; the loss is taken over the whole batch.
+  (:func:`.schedule.split_batch`), encoder and head together; the loss is taken over the whole batch;
+- one sequence of ``TOKEN_SPLIT_FROM`` tokens or more (no cache, cross-attention or kept
+  probabilities) runs as two token halves that meet at the attention (:func:`encode_token_halves`).
 
 Only NumPy arrays; nothing is traced (a traced call runs the reference).
 """
@@ -19,7 +21,6 @@ import threading
 import numpy as np
 
 from .. import losses
-from ..attention import merge_heads, split_heads
 from ..cache import append, has_cross, set_cross
 from ..config import Config
 from ..encoder import EncoderOutput
@@ -41,6 +42,19 @@ from .schedule import TOKEN_SPLIT_FROM, attention_context, linear, linear_act, r
 # ---------------------------------------------------------------------------------------------
 # The encoder (refimpl.attention.attention_block, refimpl.encoder.feed_forward_block / encode)
 # ---------------------------------------------------------------------------------------------
+
+
+def split_heads(x, num_heads: int):
+    """``attention.split_heads`` in NumPy alone (no namespace lookup: it runs 3 times a layer).
+    [B, T, H] -> [B, N, T, D]."""
+    b, t, h = x.shape
+    return x.reshape(b, t, num_heads, h // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """``attention.merge_heads`` in NumPy alone. [B, N, T, D] -> [B, T, H]."""
+    b, n, t, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, n * d)
 
 
 def attention_block(x, p: Attention, bias, *, num_heads: int, eps: float, key_value_states=None, cache=None,
