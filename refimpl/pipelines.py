@@ -11,8 +11,8 @@ use. ``model`` is a local folder, ``"tiny"`` (or another shipped random checkpoi
 The tokenizer comes from the same place; a Model loaded by :func:`refimpl.from_pretrained`
 remembers its folder (``model.name_or_path``), so it needs no ``tokenizer=`` either. ``tokenizer=``
 (a :class:`refimpl.tokenizer.Tokenizer`, a folder, ``"tiny"`` or a Hub id) overrides it, and is
-needed for a Model built in memory. Loading arguments: ``dtype``, ``backend`` (``"numba"``, the
-default, or ``"numpy"``, see :meth:`refimpl.Model.to`), ``revision``, ``cache_dir``, ``token``;
+needed for a Model built in memory. Loading arguments: ``dtype``, ``backend`` (``"auto"``, the
+default, ``"numba"`` or ``"numpy"``, see :meth:`refimpl.Model.to`), ``revision``, ``cache_dir``, ``token``;
 running arguments: ``batch_size`` (texts per forward pass), ``truncate`` (cut inputs longer than
 the model's limit ``max_position_embeddings - pad_token_id - 1`` instead of raising),
 ``progress`` (a tqdm bar on stderr; None = only when stderr is a terminal and there is more than
@@ -96,7 +96,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
     A :class:`Model` for another task is accepted when ``task`` is ``"base"`` (its encoder is used).
     The tokenizer: ``tokenizer`` when given (a :class:`Tokenizer`, a folder, a shipped name such as
     ``"tiny"`` or a Hub id), else the model's own folder (``model.name_or_path`` for a Model).
-    ``backend``: None keeps a Model's backend and loads a name with the default (``"numba"``).
+    ``backend``: None keeps a Model's backend and loads a name with the default (``"auto"``).
     """
     from . import from_pretrained
     from .config import Config
@@ -128,7 +128,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
                     f"{os.fspath(model)!r} is a {found} checkpoint (config.json architectures); this "
                     f"pipeline needs a {task} checkpoint{hint}")
         try:
-            model = from_pretrained(folder, task=task, dtype=dtype, backend=backend or "numba")
+            model = from_pretrained(folder, task=task, dtype=dtype, backend=backend or "auto")
         except ValueError as e:  # CheckpointError: keys missing for this task
             raise PipelineError(" ".join(str(e).split())) from e
         if tokenizer is None:
