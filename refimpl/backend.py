@@ -102,7 +102,7 @@ def finfo_min(xp, dtype) -> float:
 # Up to this many elements, erf calls the C library's erf/erff directly, one element at a time
 # (~0.3 us each): no compile at all, so a small model answers without loading Numba. From here on
 # a Numba ufunc over the same C functions (~20 ns an element) is compiled on first need, per dtype.
-# The two give the same bits (they call the same function); tests/test_backend_erf.py checks it.
+# The two give the same bits (they call the same function); tests/test_coldstart.py checks it.
 ERF_DIRECT_MAX = 1 << 15
 
 
