@@ -1,0 +1,153 @@
+"""How long the first answer takes: ``refimpl fill-mask --model tiny "Hello <mask> world"`` as a whole process.
+
+    python benchmarks/cli_latency.py [--rounds 5] [--json benchmarks/results/cli_latency.json]
+
+Each candidate is a fresh process, timed by wall clock from start to exit; candidates take turns in
+rounds (so whatever else the machine does falls on all of them) and the table reports medians and
+ratios to transformers' warm pipeline measured in the same run, and the CPU time each process used
+(user + system; on a machine shared with other work it says what wall clock would be unshared).
+
+- cold: an empty Numba cache (a fresh ``NUMBA_CACHE_DIR``) and no Python bytecode at all (a fresh
+  ``PYTHONPYCACHEPREFIX``: every module, refimpl's and its dependencies', compiles from source;
+  harsher than a fresh ``pip install``, which writes bytecode at install time);
+- warm: a Numba cache and bytecode written by an earlier (untimed) run.
+
+Candidates: refimpl's default (``--backend auto``: the NumPy reference for this tiny model),
+``--backend numba`` (the fast path, compiled on first use), ``refimpl --version``, and
+transformers' ``pipeline("fill-mask", model=<the same folder>)`` in a fresh process. The acceptance
+bounds of the default command (cold <= 3 s, warm <= 1 s) are checked and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+TEXT = "Hello <mask> world"
+BOUNDS = {"refimpl auto cold": 3.0, "refimpl auto warm": 1.0}  # seconds, wall clock of the whole process
+
+HF_SCRIPT = """
+import sys
+from transformers import pipeline
+fill = pipeline("fill-mask", model=sys.argv[1], device="cpu")
+for r in fill(sys.argv[2], top_k=5):
+    print(f"{r['score']:.3e}  {r['token_str']!r}")
+"""
+
+
+def refimpl_command() -> list[str]:
+    """The installed console script when there is one (what a user runs), else ``python -m refimpl``."""
+    script = os.path.join(os.path.dirname(sys.executable), "refimpl")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "refimpl"]
+
+
+def run(argv: list[str], env: dict) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds: user + system of the process and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cli_latency.json"))
+    ap.add_argument("--no-transformers", action="store_true", help="leave out transformers' pipeline")
+    args = ap.parse_args()
+
+    from refimpl.hub import SHIPPED
+
+    tiny = SHIPPED["tiny"]
+    cli = refimpl_command()
+    work = tempfile.mkdtemp(prefix="cli-latency-")
+    warm_numba, warm_pyc = os.path.join(work, "numba-warm"), os.path.join(work, "pyc-warm")
+    base_env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPYCACHEPREFIX")}
+    base_env.update(OMP_NUM_THREADS=base_env.get("OMP_NUM_THREADS", "2"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                    TOKENIZERS_PARALLELISM="false")
+
+    def env(cold: bool, n: int) -> dict:
+        if cold:
+            return dict(base_env, NUMBA_CACHE_DIR=os.path.join(work, f"numba-{n}"),
+                        PYTHONPYCACHEPREFIX=os.path.join(work, f"pyc-{n}"))
+        return dict(base_env, NUMBA_CACHE_DIR=warm_numba, PYTHONPYCACHEPREFIX=warm_pyc)
+
+    fill = [*cli, "fill-mask", "--model", "tiny", TEXT]
+    candidates = {
+        "refimpl auto cold": (fill, True),
+        "refimpl auto warm": (fill, False),
+        "refimpl numba cold": ([*fill[:-1], "--backend", "numba", TEXT], True),
+        "refimpl numba warm": ([*fill[:-1], "--backend", "numba", TEXT], False),
+        "refimpl --version warm": ([*cli, "--version"], False),
+    }
+    if not args.no_transformers:
+        hf = [sys.executable, "-c", HF_SCRIPT, tiny, TEXT]
+        candidates["transformers cold"] = (hf, True)
+        candidates["transformers warm"] = (hf, False)
+    for argv, cold in candidates.values():  # untimed: fills the warm caches (and checks each one runs)
+        if not cold:
+            run(argv, env(False, 0))
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    cpu: dict[str, list[float]] = {name: [] for name in candidates}
+    n = 0
+    try:
+        for r in range(args.rounds):
+            order = list(candidates) if r % 2 == 0 else list(reversed(candidates))
+            for name in order:
+                argv, cold = candidates[name]
+                n += 1
+                wall, used = run(argv, env(cold, n))
+                times[name].append(wall)
+                cpu[name].append(used)
+                if cold:  # a cold run's caches are thrown away
+                    shutil.rmtree(os.path.join(work, f"numba-{n}"), ignore_errors=True)
+                    shutil.rmtree(os.path.join(work, f"pyc-{n}"), ignore_errors=True)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
+    ref = med.get("transformers warm")
+    print(f"{'candidate':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'CPU s':>7s}"
+          + ("  / transformers warm" if ref else ""))
+    for name, ts in times.items():
+        ratio = f"  {med[name] / ref:6.2f}x" if ref else ""
+        print(f"{name:26s} {med[name]:9.2f} {min(ts):7.2f} {max(ts):7.2f} {med_cpu[name]:7.2f}{ratio}")
+    acceptance = {name: {"median_s": med[name], "bound_s": bound, "ok": med[name] <= bound} for name, bound in BOUNDS.items()}
+    for name, a in acceptance.items():
+        print(f"acceptance: {name} median {a['median_s']:.2f} s <= {a['bound_s']:.1f} s: {'yes' if a['ok'] else 'NO'}")
+    result = {
+        "command": " ".join(fill),
+        "rounds": args.rounds,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "seconds": times,
+        "median_s": med,
+        "cpu_seconds": cpu,
+        "median_cpu_s": med_cpu,
+        "ratio_to_transformers_warm": {name: m / ref for name, m in med.items()} if ref else None,
+        "acceptance": acceptance,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(f"wrote {args.json}")
+    return 0 if all(a["ok"] for a in acceptance.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
