@@ -50,11 +50,11 @@ def refimpl_command() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "refimpl"]
 
 
-def run(argv: list[str], env: dict) -> tuple[float, float]:
+def run(argv: list[str], env: dict, cwd: str | None = None) -> tuple[float, float]:
     """(wall-clock seconds, CPU seconds: user + system of the process and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cli_latency.json"))
     ap.add_argument("--no-transformers", action="store_true", help="leave out transformers' pipeline")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="another refimpl source tree (e.g. `git archive OLD | tar -x -C DIR`): its default command, "
+                         "cold and warm, joins the candidates (run as python -m refimpl with PYTHONPATH=DIR)")
     args = ap.parse_args()
 
     from refimpl.hub import SHIPPED
@@ -82,11 +85,12 @@ def main() -> int:
     base_env.update(OMP_NUM_THREADS=base_env.get("OMP_NUM_THREADS", "2"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                     TOKENIZERS_PARALLELISM="false")
 
-    def env(cold: bool, n: int) -> dict:
+    def env(cold: bool, n: int, baseline: bool = False) -> dict:
+        e = dict(base_env, PYTHONPATH=os.path.abspath(args.baseline)) if baseline else base_env
         if cold:
-            return dict(base_env, NUMBA_CACHE_DIR=os.path.join(work, f"numba-{n}"),
-                        PYTHONPYCACHEPREFIX=os.path.join(work, f"pyc-{n}"))
-        return dict(base_env, NUMBA_CACHE_DIR=warm_numba, PYTHONPYCACHEPREFIX=warm_pyc)
+            return dict(e, NUMBA_CACHE_DIR=os.path.join(work, f"numba-{n}"), PYTHONPYCACHEPREFIX=os.path.join(work, f"pyc-{n}"))
+        # the baseline's warm Numba cache is its own (the same kernel sources may differ)
+        return dict(e, NUMBA_CACHE_DIR=warm_numba + ("-baseline" if baseline else ""), PYTHONPYCACHEPREFIX=warm_pyc)
 
     fill = [*cli, "fill-mask", "--model", "tiny", TEXT]
     candidates = {
@@ -96,13 +100,18 @@ def main() -> int:
         "refimpl numba warm": ([*fill[:-1], "--backend", "numba", TEXT], False),
         "refimpl --version warm": ([*cli, "--version"], False),
     }
+    if args.baseline:
+        base_fill = [sys.executable, "-m", "refimpl", *fill[len(cli):]]
+        candidates["baseline default cold"] = (base_fill, True, True)
+        candidates["baseline default warm"] = (base_fill, False, True)
     if not args.no_transformers:
         hf = [sys.executable, "-c", HF_SCRIPT, tiny, TEXT]
         candidates["transformers cold"] = (hf, True)
         candidates["transformers warm"] = (hf, False)
-    for argv, cold in candidates.values():  # untimed: fills the warm caches (and checks each one runs)
+    candidates = {name: (c + (False,))[:3] for name, c in candidates.items()}  # (argv, cold, baseline)
+    for argv, cold, baseline in candidates.values():  # untimed: fills the warm caches (and checks each one runs)
         if not cold:
-            run(argv, env(False, 0))
+            run(argv, env(False, 0, baseline), cwd=work)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
     n = 0
@@ -110,9 +119,9 @@ def main() -> int:
         for r in range(args.rounds):
             order = list(candidates) if r % 2 == 0 else list(reversed(candidates))
             for name in order:
-                argv, cold = candidates[name]
+                argv, cold, baseline = candidates[name]
                 n += 1
-                wall, used = run(argv, env(cold, n))
+                wall, used = run(argv, env(cold, n, baseline), cwd=work)  # cwd: no checkout shadows PYTHONPATH
                 times[name].append(wall)
                 cpu[name].append(used)
                 if cold:  # a cold run's caches are thrown away
