@@ -54,8 +54,8 @@ class Model:
     """A RoBERTa-PreLayerNorm model for one task. Pure data plus a ``__call__`` that runs the math.
 
     Attributes: ``config`` (:class:`Config`), ``params`` (:class:`Params`), ``task`` (a key of
-    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math),
-    ``"auto"`` is resolved here, once, from the config (:func:`auto_backend`);
+    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math; an
+    ``"auto"`` passed in is resolved here, once, from the config: :func:`auto_backend`),
     ``name_or_path`` (the local folder :func:`refimpl.from_pretrained` loaded, where the tokenizer
     is; None for a model built in memory; kept by :meth:`to` and :meth:`astype`).
     """
@@ -110,10 +110,9 @@ class Model:
         """The same model on another backend (:data:`BACKENDS`, or ``"auto"``: :func:`auto_backend`);
         parameters move once, ties kept.
 
-        ``numpy`` runs the reference (:mod:`refimpl.tasks`) on NumPy arrays; ``numba`` (the CPU
-        default) runs the fast path (:mod:`refimpl.fast`: Numba kernels for LayerNorm, masked
-        softmax and bias+GELU, batch halves on two threads, GEMM orientation for few rows), held to
-        the reference by tests; ``cupy`` moves the parameters to the GPU and runs the reference
+        ``numpy`` runs the reference (:mod:`refimpl.tasks`) on NumPy arrays; ``numba`` runs the fast
+        path (:mod:`refimpl.fast`: Numba kernels for LayerNorm, masked softmax and bias+GELU, batch
+        halves on two threads, GEMM orientation for few rows), held to the reference by tests; ``cupy`` moves the parameters to the GPU and runs the reference
         through the Array API namespace. Outputs stay on the model's device.
         """
         backend = _check_backend(backend, self.config)
