@@ -163,6 +163,24 @@ def masked_lm(params: Params, config: Config, x: Inputs):
     return MaskedLMOutput(loss=loss, logits=logits, **extras(enc, x))
 
 
+def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -> np.ndarray:
+    """The masked-LM logits at the positions ``where`` marks only: ``masked_lm(...).logits[where]``.
+
+    where: [B, T] bool -> [M, V], M = ``where.sum()``, in row-major order of ``where``. The encoder
+    runs as in :func:`masked_lm` (two halves on two threads); the LM head runs on the M marked rows
+    instead of all B*T (a fill-mask pipeline reads nothing else). Held to the reference
+    ``refimpl.tasks.masked_lm(...).logits[where]`` by ``tests/test_pipelines.py``.
+    """
+    eps = config.layer_norm_eps
+
+    def run(rows: slice):
+        seq = encode(params, config, x, rows).last_hidden_state  # [b, T, H]
+        return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
+
+    parts = split_batch(run, x.position_ids.shape[0])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
+
+
 def causal_lm(params: Params, config: Config, x: Inputs):
     eps = config.layer_norm_eps
 
