@@ -489,12 +489,10 @@ class TextClassification(Pipeline):
             enc = self._encode(texts, pairs, first=first)
             logits = to_numpy(self._forward(enc).logits)  # [B, K]
             scores = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[fn](logits)
-            out = []
-            for row in scores:
-                ranked = sorted(({"label": id2label[k], "score": float(s)} for k, s in enumerate(row)),
-                                key=lambda d: d["score"], reverse=True)
-                out.append(ranked if top_k is None else ranked[:top_k])
-            return out
+            order = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [B, k]: best first, ties by label id
+            ranked = np.take_along_axis(scores, order, axis=-1).tolist()
+            labels = [id2label[k] for k in range(scores.shape[-1])]
+            return [[{"label": labels[k], "score": s} for k, s in zip(ks, ss)] for ks, ss in zip(order.tolist(), ranked)]
 
         return self._run(inputs, "classify", run_batch, check)
 

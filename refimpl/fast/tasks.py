@@ -7,7 +7,8 @@ schedule only (each held to the reference by ``tests/test_fast.py``):
 - ``x W^T + b`` is :func:`.schedule.linear` (``(W x^T)^T`` for few rows, bias added in place);
 - without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
 - a batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-  (:func:`.schedule.split_batch`), encoder and head together; the loss is taken over the whole batch.
+  (:func:`.schedule.split_batch`), encoder and head together, when its work is worth it
+  (:func:`worth_splitting`); the loss is taken over the whole batch.
 
 Only NumPy arrays; nothing is traced (a traced call runs the reference).
 """
@@ -102,16 +103,30 @@ def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None)
     return EncoderOutput(hidden[-1], hidden, attentions, crosses)
 
 
+SPLIT_MIN_WORK = 2_000_000
+"""The fewest multiply-adds of the encoder's projections and FFN (all layers, whole batch) worth two
+threads: below it, handing half the batch to the other thread costs more than it saves (a tiny
+model's forward is mostly Python and kernel dispatch; a thread hop on a busy 2-core machine can
+take longer than the half it carries). 2M is ~0.2 ms of one core's GEMM time."""
+
+
+def worth_splitting(config: Config, x: Inputs) -> bool:
+    """Whether the batch's encoder work reaches :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
+    b, t = x.position_ids.shape[:2]
+    h, i = config.hidden_size, config.intermediate_size
+    return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) >= SPLIT_MIN_WORK
+
+
 def over_rows(params: Params, config: Config, x: Inputs, head):
     """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
     batch, the EncoderOutput with the fields the caller returns joined likewise).
 
     A batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-    (:func:`split_batch`); every sequence is computed on its own either way. ``head`` maps an
+    (:func:`split_batch`) when :func:`worth_splitting`; every sequence is computed on its own either way. ``head`` maps an
     EncoderOutput to a tuple of [b, ...] arrays.
     """
     b = x.position_ids.shape[0]
-    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None:
+    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None or not worth_splitting(config, x):
         enc = encode(params, config, x)
         return head(enc), enc
     parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
@@ -177,7 +192,8 @@ def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -
         seq = encode(params, config, x, rows).last_hidden_state  # [b, T, H]
         return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
 
-    parts = split_batch(run, x.position_ids.shape[0])
+    b = x.position_ids.shape[0]
+    parts = split_batch(run, b) if worth_splitting(config, x) else [run(slice(0, b))]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
 
 
