@@ -202,9 +202,9 @@ def top_k_indices(x: np.ndarray, k: int, chunks: int = 256) -> np.ndarray:
     if k > chunks or chunks >= v or m == 0:
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
     maxima = np.maximum.reduceat(x, np.linspace(0, v, chunks, endpoint=False).astype(np.intp), axis=-1)  # [M, c]
-    t = np.partition(maxima, chunks - k, axis=-1)[:, chunks - k, None]  # [M, 1]
-    if np.isnan(t).any():
+    if np.isnan(maxima).any():  # a NaN (its chunk's maximum) would count as a value
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    t = np.partition(maxima, chunks - k, axis=-1)[:, chunks - k, None]  # [M, 1]
     r, c = np.nonzero(x >= t)  # the candidates, row-major: indices ascending within a row
     counts = np.bincount(r, minlength=m)  # [M], each >= k
     order = np.lexsort((c, -x[r, c], r))  # by row, then value descending, then index
