@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import heads
 from .backend import to_numpy
 from .model import Model
 from .tokenizer import Tokenizer, max_length_for
@@ -226,11 +227,31 @@ def mask_logits(model: Model, enc: dict, where: np.ndarray):
         from .fast.tasks import masked_lm_at
 
         return masked_lm_at(model.params, model.config, x, where)
-    from . import heads, tasks
+    from . import tasks
 
     seq = tasks.encoder_forward(model.params, model.config, x).last_hidden_state  # [B, T, H]
     rows, cols = (model.xp.asarray(a) for a in np.nonzero(where))  # [M] each
     return heads.lm_head(seq[rows, cols], model.params.lm_head, eps=model.config.layer_norm_eps)  # [M, V]
+
+
+def first_token_states(model: Model, enc: dict):
+    """The final hidden state of each row's first token (``<s>``): ``model(**enc).last_hidden_state[:, 0]``
+    of the base model, [B, H], for a classifier or an ``<s>`` embedding, which read nothing else.
+
+    The ``numba`` backend runs :func:`refimpl.fast.tasks.first_token_states` (the last block's query,
+    FFN and final LayerNorm on that position only); the others the reference encoder
+    (:func:`refimpl.tasks.encoder_forward`).
+    """
+    from .inputs import validate
+
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if model.backend == "numba":
+        from .fast.tasks import first_token_states as fast_first_token_states
+
+        return fast_first_token_states(model.params, model.config, x)
+    from . import tasks
+
+    return tasks.encoder_forward(model.params, model.config, x).last_hidden_state[:, 0]  # [B, H]
 
 
 class Pipeline:
@@ -487,7 +508,8 @@ class TextClassification(Pipeline):
             texts = [t for t, _ in batch]
             pairs = [p for _, p in batch] if paired[0] else None
             enc = self._encode(texts, pairs, first=first)
-            logits = to_numpy(self._forward(enc).logits)  # [B, K]
+            states = first_token_states(self.model, enc)  # [B, H]: the head reads <s> only
+            logits = to_numpy(heads.classification_head(states[:, None, :], self.model.params.classifier))  # [B, K]
             scores = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[fn](logits)
             order = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [B, k]: best first, ties by label id
             ranked = np.take_along_axis(scores, order, axis=-1).tolist()
@@ -885,10 +907,10 @@ class Embedding(Pipeline):
 
         def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first)
-            h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
             if pooling == "cls":
-                v = h[:, 0]  # [B, H]
+                v = to_numpy(first_token_states(self.model, enc))  # [B, H]: <s> only
             else:
+                h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
                 m = enc["attention_mask"][..., None].astype(h.dtype)  # [B, T, 1]
                 v = (h * m).sum(axis=1) / m.sum(axis=1)  # [B, H]
             if normalize:

@@ -528,3 +528,50 @@ def test_small_batches_run_on_one_thread(monkeypatch):
     monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 9 * model.config.num_hidden_layers * 3 * 16 * 64)
     model(input_ids=ids)
     assert calls == [4]
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_first_token_states_are_the_encoders_first_column(ck, backend):
+    """pipelines.first_token_states: the reference encoder's final state of <s>; the numba backend
+    (the last block on position 0 only) within FAST of it, the reference exactly."""
+    import refimpl
+    from refimpl import tasks
+    from refimpl.inputs import validate
+    from tolerances import FAST
+
+    _, folder = ck["cls"]
+    model = refimpl.from_pretrained(folder, task="sequence-classification", backend=backend)
+    tok = Tokenizer.from_pretrained(folder)
+    enc = tok(CLS_TEXTS + ["x"], padding=True)
+    got = P.first_token_states(model, enc)
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    want = tasks.encoder_forward(model.params, model.config, x).last_hidden_state[:, 0]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if backend == "numpy":
+        np.testing.assert_array_equal(got, want)
+    assert_close(got, want, "float32", "<s> states", FAST)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_classify_and_embed_match_the_full_forward(ck, backend):
+    """TextClassification and Embedding(pooling="cls") read <s> only: the same labels in the same
+    order and vectors as the full forward (model(...).logits, last_hidden_state[:, 0]) on the same
+    batches, within the float32 tolerance of the pipeline tests."""
+    _, folder = ck["cls"]
+    texts = CLS_TEXTS + ["Another one, a little longer than the rest of them.", "Fine."]
+    pipe = P.TextClassification(folder, batch_size=2, backend=backend)
+    got = pipe(texts, top_k=None)
+    emb = P.Embedding(folder, batch_size=2, backend=backend)
+    vectors = emb(texts)
+    logits, states = [], []
+    for b0 in range(0, len(texts), 2):
+        enc = pipe.tokenizer(texts[b0:b0 + 2], padding=True)
+        logits.append(pipe.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits)
+        states.append(emb.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[:, 0])
+    scores = P._softmax(np.concatenate(logits))  # noqa: SLF001
+    id2label = pipe.model.config.id2label
+    expected = [sorted(({"label": id2label[k], "score": float(s)} for k, s in enumerate(row)),
+                       key=lambda d: d["score"], reverse=True) for row in scores]
+    assert strip_scores(got) == strip_scores(expected)
+    assert_close(np.array(flat_scores(got)), np.array(flat_scores(expected)), "float32", "scores")
+    assert_close(vectors, np.concatenate(states), "float32", "embeddings")

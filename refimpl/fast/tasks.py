@@ -117,6 +117,49 @@ def worth_splitting(config: Config, x: Inputs) -> bool:
     return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) >= SPLIT_MIN_WORK
 
 
+def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
+    """``encode(...).last_hidden_state[:, 0]``, [B, H]: the final state of the first token only.
+
+    The last block's keys and values need every position; its query, attention output, FFN and the
+    final LayerNorm only the one read, so they run on position 0 alone (a sequence classifier and
+    an ``<s>`` embedding read nothing else). The blocks before it run as in :func:`encode`, the
+    batch in two halves when :func:`worth_splitting`. Held to the reference
+    ``refimpl.tasks.encoder_forward(...).last_hidden_state[:, 0]`` by ``tests/test_pipelines.py``.
+    """
+    if x.cache is not None or x.encoder_hidden_states is not None or x.inputs_embeds is not None or not params.layers:
+        return encode(params, config, x).last_hidden_state[:, 0]
+    c, eps, heads = config, config.layer_norm_eps, config.num_attention_heads
+
+    def run(rows: slice):
+        bias = x.attention_bias
+        if bias is not None and bias.shape[0] > 1:
+            bias = bias[rows]  # [b|1, 1|N, T|1, S]
+        e = params.embeddings
+        ids = x.input_ids[rows]  # [b, T]
+        h = layer_norm((e.word[ids] + e.token_type[x.token_type_ids[rows]]) + e.position[x.position_ids[rows]],
+                       e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
+        for layer in params.layers[:-1]:
+            h, _ = attention_block(h, layer.attention, bias, num_heads=heads, eps=eps)
+            h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)  # [b, T, H]
+        last = params.layers[-1]
+        p = last.attention
+        a = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [b, T, H]
+        q = split_heads(linear(a[:, :1], p.query.weight, p.query.bias), heads)  # [b, N, 1, D]
+        k = split_heads(linear(a, p.key.weight, p.key.bias), heads)  # [b, N, T, D]
+        v = split_heads(linear(a, p.value.weight, p.value.bias), heads)  # [b, N, T, D]
+        if bias is not None and bias.shape[-2] > 1:
+            bias = bias[:, :, :1]  # [b|1, 1|N, 1, S]: the first query's row
+        context = attention_context(q, k, v, bias, q.shape[-1] ** -0.5)  # [b, N, 1, D]
+        h0 = h[:, :1] + linear(merge_heads(context), p.output.weight, p.output.bias)  # [b, 1, H]
+        h0 = feed_forward_block(h0, last, act=c.hidden_act, eps=eps)  # [b, 1, H]
+        fl = params.final_layer_norm
+        return layer_norm(h0, fl.weight, fl.bias, eps)[:, 0]  # [b, H]
+
+    b = x.position_ids.shape[0]
+    parts = split_batch(run, b) if b > 1 and worth_splitting(config, x) else [run(slice(0, b))]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [B, H]
+
+
 def over_rows(params: Params, config: Config, x: Inputs, head):
     """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
     batch, the EncoderOutput with the fields the caller returns joined likewise).
