@@ -110,11 +110,12 @@ model's forward is mostly Python and kernel dispatch; a thread hop on a busy 2-c
 take longer than the half it carries). 2M is ~0.2 ms of one core's GEMM time."""
 
 
-def worth_splitting(config: Config, x: Inputs) -> bool:
-    """Whether the batch's encoder work reaches :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
+def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
+    """Whether the batch's encoder work, plus ``head_work`` multiply-adds of a head, reaches
+    :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
     b, t = x.position_ids.shape[:2]
     h, i = config.hidden_size, config.intermediate_size
-    return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) >= SPLIT_MIN_WORK
+    return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) + head_work >= SPLIT_MIN_WORK
 
 
 def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
@@ -160,16 +161,17 @@ def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [B, H]
 
 
-def over_rows(params: Params, config: Config, x: Inputs, head):
+def over_rows(params: Params, config: Config, x: Inputs, head, head_work: int = 0):
     """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
     batch, the EncoderOutput with the fields the caller returns joined likewise).
 
     A batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-    (:func:`split_batch`) when :func:`worth_splitting`; every sequence is computed on its own either way. ``head`` maps an
+    (:func:`split_batch`) when :func:`worth_splitting` (``head_work``: the head's multiply-adds for
+    the whole batch); every sequence is computed on its own either way. ``head`` maps an
     EncoderOutput to a tuple of [b, ...] arrays.
     """
     b = x.position_ids.shape[0]
-    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None or not worth_splitting(config, x):
+    if b < 2 or x.cache is not None or x.encoder_hidden_states is not None or not worth_splitting(config, x, head_work):
         enc = encode(params, config, x)
         return head(enc), enc
     parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
@@ -193,6 +195,12 @@ def over_rows(params: Params, config: Config, x: Inputs, head):
 # ---------------------------------------------------------------------------------------------
 
 
+def lm_head_work(params: Params, config: Config, rows: int) -> int:
+    """The LM head's multiply-adds on ``rows`` rows: [rows, H] x [H, H] and [H, V]."""
+    h = config.hidden_size
+    return rows * h * (h + params.lm_head.decoder_weight.shape[0])
+
+
 def lm_head(seq, p, eps: float):
     """dense -> exact GELU -> LayerNorm -> tied decoder + bias. [..., H] -> [..., V]."""
     h = bias_gelu(linear(seq, p.dense.weight), p.dense.bias)  # [..., H]
@@ -214,7 +222,9 @@ def base(params: Params, config: Config, x: Inputs):
 
 def masked_lm(params: Params, config: Config, x: Inputs):
     eps = config.layer_norm_eps
-    (logits,), enc = over_rows(params, config, x, lambda enc: (lm_head(enc.last_hidden_state, params.lm_head, eps),))
+    b, t = x.position_ids.shape[:2]
+    work = lm_head_work(params, config, b * t)
+    (logits,), enc = over_rows(params, config, x, lambda enc: (lm_head(enc.last_hidden_state, params.lm_head, eps),), work)
     loss = None
     if x.labels is not None:
         loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))  # [B*T, V]
@@ -236,7 +246,8 @@ def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -
         return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
 
     b = x.position_ids.shape[0]
-    parts = split_batch(run, b) if worth_splitting(config, x) else [run(slice(0, b))]
+    parts = split_batch(run, b) if worth_splitting(config, x, lm_head_work(params, config, int(where.sum()))) \
+        else [run(slice(0, b))]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
 
 
@@ -247,7 +258,9 @@ def causal_lm(params: Params, config: Config, x: Inputs):
         seq = enc.last_hidden_state  # [b, T, H]
         return (lm_head(seq if x.keep is None else np.take(seq, x.keep, axis=1), params.lm_head, eps),)  # [b, T', V]
 
-    (logits,), enc = over_rows(params, config, x, head)
+    b, t = x.position_ids.shape[:2]
+    work = lm_head_work(params, config, b * (t if x.keep is None else len(x.keep)))
+    (logits,), enc = over_rows(params, config, x, head, work)
     loss = None if x.labels is None else losses.causal_lm_loss(logits, x.labels)
     return CausalLMOutputWithCrossAttentions(
         loss=loss, logits=logits, past_key_values=x.cache if x.return_cache else None,
