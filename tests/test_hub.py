@@ -99,6 +99,27 @@ def test_offline_hub_id_loads_from_cache(offline, hub_cache, repo):
     assert out == P.fill_mask(hub_cache[2], "The capital of France is <mask>.", top_k=3)
 
 
+def test_dump_takes_a_hub_id(offline, hub_cache, tmp_path, capsys):
+    """`refimpl dump --model ORG/NAME` runs the other implementation on the cached snapshot, as every
+    other command resolves a Hub id; an uncached id is one line and exit status 2."""
+    pytest.importorskip("transformers")
+    from refimpl.cli import main
+    from refimpl.golden import write_golden
+
+    cache, _, folder = hub_cache
+    golden = str(tmp_path / "g.safetensors")
+    write_golden(refimpl.from_pretrained(folder, dtype="float64"), golden, input_ids=IDS, attention_mask=MASK)
+    out = str(tmp_path / "c.safetensors")
+    assert main(["dump", "--impl", "transformers", "--model", "org/mlm-bin", "--cache-dir", cache, golden,
+                 "--out", out]) == 0
+    assert main(["compare", golden, out, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["dump", "--impl", "transformers", "--model", "org/not-cached", "--cache-dir", cache, golden,
+                 "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache" in err and err.count("\n") == 1, err
+
+
 def test_offline_uncached_id_says_how_to_get_it(offline, tmp_path):
     with pytest.raises(hub.ModelNotFoundError) as e:
         refimpl.from_pretrained("org/not-cached", cache_dir=tmp_path)

@@ -21,8 +21,10 @@ def add_dump_command(subparsers) -> None:
     p.add_argument("golden", help="the golden file whose inputs to run (written by `refimpl golden`)")
     p.add_argument("--impl", required=True, choices=list(ADAPTERS), help="the implementation to run")
     p.add_argument("--model", required=True,
-                   help="a transformers folder (config.json + weights; 'tiny' for the shipped one), or for --impl onnx "
-                        "a .onnx file")
+                   help="a transformers folder (config.json + weights), a Hub id (as for the other commands; "
+                        "'tiny' for the shipped one), or for --impl onnx also a .onnx file")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
     p.add_argument("--out", required=True, help="the candidate safetensors file to write")
     p.add_argument("--task", default=None, help="default: the golden's task")
     p.add_argument("--dtype", default="float32", choices=list(FLOAT_DTYPES), help="the dtype to run in (default float32)")
@@ -36,14 +38,19 @@ def add_dump_command(subparsers) -> None:
 
 
 def cmd_dump(args) -> int:
-    model = common.resolve_model_path(args.model)
+    from ..hub import resolve
+
+    if args.impl == "onnx" and args.model.endswith(".onnx"):
+        model = args.model
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"--model: no such file {args.model!r}")
+    else:  # a folder, a shipped name or a Hub id (downloaded, or from the cache when offline)
+        model = resolve(args.model, **common.hub_args(args))
     options = {}
     if args.impl == "onnx":
         options = dict(exporter=args.onnx_exporter, save=args.onnx_save)
     elif args.onnx_save or args.onnx_exporter != "dynamo":
         raise common.CommandError("--onnx-exporter and --onnx-save go with --impl onnx")
-    if not os.path.exists(model):
-        raise FileNotFoundError(f"--model: no such file or folder {args.model!r}")
     result = dump(args.impl, model, args.golden, dtype=args.dtype, task=args.task, outputs_only=args.outputs_only,
                   **options)
     result.write(args.out)
