@@ -519,14 +519,14 @@ def test_small_batches_run_on_one_thread(monkeypatch):
     import refimpl
     import refimpl.fast.tasks as fast_tasks
 
-    model = refimpl.from_pretrained("tiny", task="base")
+    model = refimpl.from_pretrained("tiny", task="base", backend="numba")
     ids = np.full((4, 9), 100)
     calls = []
     split_batch = fast_tasks.split_batch
     monkeypatch.setattr(fast_tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     model(input_ids=ids)
     assert calls == []
-    refimpl.from_pretrained("tiny")(input_ids=ids)  # masked LM: [36, 16] x [16, 50265] in the head
+    refimpl.from_pretrained("tiny", backend="numba")(input_ids=ids)  # masked LM: [36, 16] x [16, 50265] in the head
     assert calls == [4]
     monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 9 * model.config.num_hidden_layers * 3 * 16 * 64)
     model(input_ids=ids)  # the encoder's work reaches the bound exactly
