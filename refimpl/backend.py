@@ -6,9 +6,11 @@ path for NumPy, CuPy and ``array_api_strict`` (which CI uses to catch NumPy-only
 
 Only three things here know which library they are talking to:
 
-- :func:`erf`: the error function is not part of the Array API standard. On NumPy it is a Numba
-  ``vectorize`` over the C library's ``erf``/``erff`` (correctly rounded to within an ulp, no
-  ``fastmath``); on CuPy it is ``cupyx.scipy.special.erf``; any other namespace goes through NumPy.
+- :func:`erf`: the error function is not part of the Array API standard. On NumPy it is the C
+  library's ``erf``/``erff`` (correctly rounded to within an ulp): called directly for small
+  arrays, through a Numba ``vectorize`` (no ``fastmath``, compiled on first need) for large ones,
+  the same bits either way; on CuPy it is ``cupyx.scipy.special.erf``; any other namespace goes
+  through NumPy.
 - :func:`to_numpy` / :func:`asarray_like`: device transfers.
 - :func:`finfo_min`: the additive-mask constant for a dtype (the one mask constant of the project).
 """
@@ -26,16 +28,19 @@ except ImportError:  # pragma: no cover - a declared dependency
     _compat = None
 
 
-_NUMPY_NS = None if _compat is None else _compat.array_namespace(np.empty(0))
+_NUMPY_NS = None  # array-api-compat's NumPy namespace, made on first use (its import costs ~0.1 s)
 
 
 def namespace(*arrays: Any):
     """The Array API namespace of ``arrays`` (NumPy, CuPy, array_api_strict, ...)."""
-    if _NUMPY_NS is not None and type(arrays[0] if arrays else None) is np.ndarray and all(
+    global _NUMPY_NS
+    if _compat is not None and type(arrays[0] if arrays else None) is np.ndarray and all(
         type(a) is np.ndarray or a is None for a in arrays
     ):
         # The common case, answered without array-api-compat's general dispatch (~2.5 us a call,
         # a few hundred calls per decoding step): plain NumPy arrays (and Nones) -> its NumPy namespace.
+        if _NUMPY_NS is None:
+            _NUMPY_NS = _compat.array_namespace(np.empty(0))
         return _NUMPY_NS
     arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool))]
     if _compat is None:
@@ -94,35 +99,83 @@ def finfo_min(xp, dtype) -> float:
 # erf: the one special function the model needs (exact GELU), behind one hook.
 # ---------------------------------------------------------------------------------------------
 
-_numba_erf = None
+# Up to this many elements, erf calls the C library's erf/erff directly, one element at a time
+# (~0.3 us each): no compile at all, so a small model answers without loading Numba. From here on
+# a Numba ufunc over the same C functions (~20 ns an element) is compiled on first need, per dtype.
+# The two give the same bits (they call the same function); tests/test_coldstart.py checks it.
+ERF_DIRECT_MAX = 1 << 15
 
 
-def _get_numba_erf():
-    global _numba_erf
-    if _numba_erf is None:
+def _libm_erf():
+    """{dtype: the C library's erf (float64) / erff (float32) as a Python callable}, or {} if absent."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(None)  # the process's own symbols: CPython's math module links libm
+        fns = {np.dtype(np.float64): lib.erf, np.dtype(np.float32): lib.erff}
+    except (OSError, AttributeError):  # pragma: no cover - no dlopen(NULL) (Windows) or no erff
+        return {}
+    for dtype, fn in fns.items():
+        c = ctypes.c_double if dtype == np.float64 else ctypes.c_float
+        fn.restype, fn.argtypes = c, [c]
+    return fns
+
+
+_direct: dict | None = None
+_ERF_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_numba_erf: dict = {}  # dtype -> the compiled ufunc
+
+
+def _erf_scalar(x):  # libm erf/erff: accurate to about an ulp
+    return math.erf(x)
+
+
+def _get_numba_erf(dtype: np.dtype):
+    """A Numba ufunc for ``dtype`` calling the C library's erf (erff in float32), compiled on first
+    use (or loaded from the on-disk cache: :mod:`refimpl.jitcache`)."""
+    ufunc = _numba_erf.get(dtype)
+    if ufunc is None:
         import numba
 
-        @numba.vectorize(
-            ["float32(float32)", "float64(float64)"], cache=True, fastmath=False, nopython=True
-        )
-        def _erf(x):  # libm erf/erff: accurate to about an ulp
-            return math.erf(x)
+        from . import jitcache
 
-        _numba_erf = _erf
-    return _numba_erf
+        jitcache.ensure()
+        sig = f"{dtype.name}({dtype.name})"
+        ufunc = numba.vectorize([sig], cache=True, fastmath=False, nopython=True)(_erf_scalar)
+        _numba_erf[dtype] = ufunc
+    return ufunc
+
+
+def _erf_numpy(x: np.ndarray) -> np.ndarray:
+    """erf of a NumPy float32/float64 array: the C library's erf, direct or through Numba (same bits)."""
+    global _direct
+    if _direct is None:
+        _direct = _libm_erf()
+    dtype = x.dtype
+    if dtype not in _ERF_DTYPES:  # as a ufunc with float32 and float64 loops would: float16 -> float32, ints -> float64
+        dtype = np.result_type(dtype, np.float32)
+        x = x.astype(dtype)
+    fn = _direct.get(dtype)
+    if fn is not None and x.size <= ERF_DIRECT_MAX and dtype not in _numba_erf:
+        return np.fromiter(map(fn, x.ravel().tolist()), dtype, x.size).reshape(x.shape)
+    return _get_numba_erf(dtype)(x)
 
 
 def erf(x):
-    """Element-wise error function in ``x``'s dtype and namespace."""
+    """Element-wise error function in ``x``'s dtype and namespace.
+
+    On NumPy: the C library's ``erf`` (``erff`` for float32), correctly rounded to within an ulp,
+    whatever the array's size (small arrays call it directly, large ones through a Numba ufunc).
+    """
     xp = namespace(x)
     if is_numpy(xp):
-        return _get_numba_erf()(x)
+        return _erf_numpy(x)
     if is_cupy(xp):
         import cupyx.scipy.special
 
         return cupyx.scipy.special.erf(x)
     # Any other namespace (array_api_strict in CI): compute on the host, return in kind.
-    return xp.asarray(_get_numba_erf()(to_numpy(x)), device=getattr(x, "device", None))
+    return xp.asarray(_erf_numpy(to_numpy(x)), device=getattr(x, "device", None))
 
 
 # How to get CuPy (refimpl is installed from a checkout, not from the package index): the one place

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from .backward import grad
 from .io import TOKENIZER_FILES
@@ -304,6 +303,8 @@ def finetune(model_dir: str | os.PathLike, train: list[Example], dev: list[Examp
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     state, step = AdamWState(), 0
+    from tqdm import tqdm  # imported when a run starts: the CLI loads this module for its defaults
+
     for epoch in range(1, cfg.epochs + 1):
         order = rng.permutation(len(train))
         losses = []

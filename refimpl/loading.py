@@ -40,7 +40,7 @@ _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 _LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layer\.(\d{1,7})\.")
 
 
-def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None, backend="numba"):
+def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache_dir=None, token=None, backend="auto"):
     """Load a model from a local Hugging Face folder, ``"tiny"``, or a Hub id (downloaded and cached).
 
     path_or_id: a folder with ``config.json`` and weights (``model.safetensors``, a sharded
@@ -49,9 +49,10 @@ def from_pretrained(path_or_id, task=None, dtype="float32", revision=None, cache
     ``"andreasmadsen/efficient_mlm_m0.40"``, resolved by :func:`refimpl.hub.resolve` (revision,
     cache_dir and token go there; ``HF_HUB_OFFLINE=1`` reads from the cache only).
     task: None (from ``config.json``'s ``architectures``), a task name such as ``"masked-lm"``, or a
-    transformers class name. dtype: ``"float32"`` or ``"float64"``. backend: ``"numba"`` (the CPU
-    default: NumPy arrays with the Numba kernels), ``"numpy"`` (the pure NumPy reference) or
-    ``"cupy"`` (the GPU); see :meth:`refimpl.Model.to`.
+    transformers class name. dtype: ``"float32"`` or ``"float64"``. backend: ``"auto"`` (the
+    default: ``"numba"`` from hidden size 256 up, else ``"numpy"``, decided once from the config:
+    :func:`refimpl.model.auto_backend`), ``"numba"`` (NumPy arrays with the Numba kernels),
+    ``"numpy"`` (the pure NumPy reference) or ``"cupy"`` (the GPU); see :meth:`refimpl.Model.to`.
 
     safetensors is preferred when a folder has both formats. A ``.bin`` checkpoint is read by
     ``refimpl.torch_pickle`` (NumPy only: no torch, no code from the file runs; bfloat16 becomes

@@ -22,15 +22,40 @@ from .io import CheckpointError, parse_dtype
 from .tracing import Trace
 
 BACKENDS = ("numba", "numpy", "cupy")
+AUTO = "auto"  # a backend chosen from the model's config: auto_backend()
+# From this hidden size up, "auto" picks the numba fast path; below it the NumPy reference. A small
+# model's forward takes milliseconds either way, while the fast path's first call in a process
+# pays Numba's compile (seconds with an empty cache, ~1 s to load a warm one).
+AUTO_NUMBA_FROM_HIDDEN = 256
 
-__all__ = ["BACKENDS", "InputError", "Model"]
+__all__ = ["AUTO", "AUTO_NUMBA_FROM_HIDDEN", "BACKENDS", "InputError", "Model", "auto_backend"]
+
+
+def auto_backend(config: Config) -> str:
+    """The CPU backend ``"auto"`` means for a model with this config: ``"numba"`` when
+    ``config.hidden_size >= AUTO_NUMBA_FROM_HIDDEN``, else ``"numpy"`` (the reference).
+
+    Decided once per model, from its config alone, never from a call's inputs: a model gives the
+    same outputs for the same inputs whatever else it is asked.
+    """
+    return "numba" if config.hidden_size >= AUTO_NUMBA_FROM_HIDDEN else "numpy"
+
+
+def _check_backend(backend: str, config: Config) -> str:
+    """``backend`` with ``"auto"`` resolved (:func:`auto_backend`); a ValueError for an unknown name."""
+    if backend == AUTO:
+        return auto_backend(config)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {AUTO}, {', '.join(BACKENDS)}; got {backend!r}")
+    return backend
 
 
 class Model:
     """A RoBERTa-PreLayerNorm model for one task. Pure data plus a ``__call__`` that runs the math.
 
     Attributes: ``config`` (:class:`Config`), ``params`` (:class:`Params`), ``task`` (a key of
-    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math),
+    :data:`refimpl.params.TASKS`), ``backend`` (:data:`BACKENDS`: which code runs the math; an
+    ``"auto"`` passed in is resolved here, once, from the config: :func:`auto_backend`),
     ``name_or_path`` (the local folder :func:`refimpl.from_pretrained` loaded, where the tokenizer
     is; None for a model built in memory; kept by :meth:`to` and :meth:`astype`).
     """
@@ -38,8 +63,7 @@ class Model:
     name_or_path: str | None = None
 
     def __init__(self, config: Config, params: Params, task: str = "base", backend: str = "numpy"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        backend = _check_backend(backend, config)
         self.config = config
         self.params = params
         self.task = normalize_task(task)
@@ -83,16 +107,15 @@ class Model:
         return "cupy" if is_cupy(self.xp) else self._backend
 
     def to(self, backend: str) -> "Model":
-        """The same model on another backend (:data:`BACKENDS`); parameters move once, ties kept.
+        """The same model on another backend (:data:`BACKENDS`, or ``"auto"``: :func:`auto_backend`);
+        parameters move once, ties kept.
 
-        ``numpy`` runs the reference (:mod:`refimpl.tasks`) on NumPy arrays; ``numba`` (the CPU
-        default) runs the fast path (:mod:`refimpl.fast`: Numba kernels for LayerNorm, masked
-        softmax and bias+GELU, batch halves on two threads, GEMM orientation for few rows), held to
-        the reference by tests; ``cupy`` moves the parameters to the GPU and runs the reference
+        ``numpy`` runs the reference (:mod:`refimpl.tasks`) on NumPy arrays; ``numba`` runs the fast
+        path (:mod:`refimpl.fast`: Numba kernels for LayerNorm, masked softmax and bias+GELU, batch
+        halves on two threads, GEMM orientation for few rows), held to the reference by tests; ``cupy`` moves the parameters to the GPU and runs the reference
         through the Array API namespace. Outputs stay on the model's device.
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        backend = _check_backend(backend, self.config)
         if backend == "cupy":
             try:
                 import cupy

@@ -11,8 +11,8 @@ use. ``model`` is a local folder, ``"tiny"`` (or another shipped random checkpoi
 The tokenizer comes from the same place; a Model loaded by :func:`refimpl.from_pretrained`
 remembers its folder (``model.name_or_path``), so it needs no ``tokenizer=`` either. ``tokenizer=``
 (a :class:`refimpl.tokenizer.Tokenizer`, a folder, ``"tiny"`` or a Hub id) overrides it, and is
-needed for a Model built in memory. Loading arguments: ``dtype``, ``backend`` (``"numba"``, the
-default, or ``"numpy"``, see :meth:`refimpl.Model.to`), ``revision``, ``cache_dir``, ``token``;
+needed for a Model built in memory. Loading arguments: ``dtype``, ``backend`` (``"auto"``, the
+default, ``"numba"`` or ``"numpy"``, see :meth:`refimpl.Model.to`), ``revision``, ``cache_dir``, ``token``;
 running arguments: ``batch_size`` (texts per forward pass), ``truncate`` (cut inputs longer than
 the model's limit ``max_position_embeddings - pad_token_id - 1`` instead of raising),
 ``progress`` (a tqdm bar on stderr; None = only when stderr is a terminal and there is more than
@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from . import heads
 from .backend import to_numpy
 from .model import Model
 from .tokenizer import Tokenizer, max_length_for
@@ -96,7 +97,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
     A :class:`Model` for another task is accepted when ``task`` is ``"base"`` (its encoder is used).
     The tokenizer: ``tokenizer`` when given (a :class:`Tokenizer`, a folder, a shipped name such as
     ``"tiny"`` or a Hub id), else the model's own folder (``model.name_or_path`` for a Model).
-    ``backend``: None keeps a Model's backend and loads a name with the default (``"numba"``).
+    ``backend``: None keeps a Model's backend and loads a name with the default (``"auto"``).
     """
     from . import from_pretrained
     from .config import Config
@@ -128,7 +129,7 @@ def load(model, task: str, tokenizer=None, *, dtype: str = "float32", revision=N
                     f"{os.fspath(model)!r} is a {found} checkpoint (config.json architectures); this "
                     f"pipeline needs a {task} checkpoint{hint}")
         try:
-            model = from_pretrained(folder, task=task, dtype=dtype, backend=backend or "numba")
+            model = from_pretrained(folder, task=task, dtype=dtype, backend=backend or "auto")
         except ValueError as e:  # CheckpointError: keys missing for this task
             raise PipelineError(" ".join(str(e).split())) from e
         if tokenizer is None:
@@ -179,12 +180,78 @@ def _is_stream(inputs) -> bool:
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     """transformers' numpy softmax over the last axis (max-shifted exp over its sum)."""
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    e = x - np.max(x, axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+def top_k_indices(x: np.ndarray, k: int, chunks: int = 256) -> np.ndarray:
+    """The indices of the ``k`` largest values of each row, largest first, equal values by index:
+    exactly ``np.argsort(-x, axis=-1, kind="stable")[:, :k]``, without sorting whole rows.
+
+    x: [M, V] -> [M, k]. A row is cut into ``chunks`` pieces; the k-th largest of their maxima, t,
+    is at most the row's k-th largest value (k distinct entries reach it), so every entry of the top
+    k is ``>= t``: those few candidates, ties included, are sorted by (value descending, index
+    ascending) and the first k kept. Rows with NaN, and k > chunks, take the full sort.
+    """
+    m, v = x.shape
+    if k > chunks or chunks >= v or m == 0:
+        return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    maxima = np.maximum.reduceat(x, np.linspace(0, v, chunks, endpoint=False).astype(np.intp), axis=-1)  # [M, c]
+    if np.isnan(maxima).any():  # a NaN (its chunk's maximum) would count as a value
+        return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    t = np.partition(maxima, chunks - k, axis=-1)[:, chunks - k, None]  # [M, 1]
+    r, c = np.nonzero(x >= t)  # the candidates, row-major: indices ascending within a row
+    counts = np.bincount(r, minlength=m)  # [M], each >= k
+    order = np.lexsort((c, -x[r, c], r))  # by row, then value descending, then index
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [M]
+    return c[order][starts[:, None] + np.arange(k)]  # [M, k]
+
+
+def mask_logits(model: Model, enc: dict, where: np.ndarray):
+    """The masked-LM logits at the positions ``where`` [B, T] marks: ``model(**enc).logits[where]``,
+    [M, V], with the LM head run on those M rows only (the encoder on the whole batch).
+
+    The ``numba`` backend runs :func:`refimpl.fast.tasks.masked_lm_at`; the others the reference
+    encoder (:func:`refimpl.tasks.encoder_forward`) and :func:`refimpl.heads.lm_head` on the rows.
+    """
+    from .inputs import validate
+
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if model.backend == "numba":
+        from .fast.tasks import masked_lm_at
+
+        return masked_lm_at(model.params, model.config, x, where)
+    from . import tasks
+
+    seq = tasks.encoder_forward(model.params, model.config, x).last_hidden_state  # [B, T, H]
+    rows, cols = (model.xp.asarray(a) for a in np.nonzero(where))  # [M] each
+    return heads.lm_head(seq[rows, cols], model.params.lm_head, eps=model.config.layer_norm_eps)  # [M, V]
+
+
+def first_token_states(model: Model, enc: dict):
+    """The final hidden state of each row's first token (``<s>``): ``model(**enc).last_hidden_state[:, 0]``
+    of the base model, [B, H], for a classifier or an ``<s>`` embedding, which read nothing else.
+
+    The ``numba`` backend runs :func:`refimpl.fast.tasks.first_token_states` (the last block's query,
+    FFN and final LayerNorm on that position only); the others the reference encoder
+    (:func:`refimpl.tasks.encoder_forward`).
+    """
+    from .inputs import validate
+
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if model.backend == "numba":
+        from .fast.tasks import first_token_states as fast_first_token_states
+
+        return fast_first_token_states(model.params, model.config, x)
+    from . import tasks
+
+    return tasks.encoder_forward(model.params, model.config, x).last_hidden_state[:, 0]  # [B, H]
 
 
 class Pipeline:
@@ -317,40 +384,46 @@ class FillMask(Pipeline):
 
         def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first)
-            ids, attn = enc["input_ids"], enc["attention_mask"]
-            for i in range(len(batch)):
-                if not np.any(ids[i] == mask_id):
-                    raise PipelineError(f"has no {tok.mask_token}: fill-mask needs at least "
-                                        f"one (e.g. \"The capital of France is {tok.mask_token}.\")", first + i)
-            logits = to_numpy(self._forward(enc).logits)  # [B, T, V]
-            return [self._postprocess(ids[i][attn[i] == 1], logits[i][attn[i] == 1], top_k, target_ids, mask_id, pad_id)
-                    for i in range(len(batch))]  # ids[i][attn[i] == 1]: [T_i], the unpadded tokens
+            ids, attn = enc["input_ids"], enc["attention_mask"]  # [B, T]
+            where = (ids == mask_id) & (attn == 1)  # [B, T]: the masks
+            has = where.any(axis=1)
+            if not has.all():
+                raise PipelineError(f"has no {tok.mask_token}: fill-mask needs at least one (e.g. \"The capital "
+                                    f"of France is {tok.mask_token}.\")", first + int(np.argmin(has)))
+            probs = _softmax(to_numpy(mask_logits(self.model, enc, where)))  # [M, V]: mask rows only
+            if target_ids is not None:
+                probs = probs[:, target_ids]  # [M, V']
+            return self._postprocess(ids, attn, where, probs, min(top_k, probs.shape[-1]), target_ids, pad_id)
 
         return self._run(inputs, "fill-mask", run_batch, _checked_text)
 
-    def _postprocess(self, row, logits, top_k, target_ids, mask_id, pad_id):
+    def _postprocess(self, ids, attn, where, probs, k, target_ids, pad_id) -> list:
+        """Per text, the ``k`` best tokens per mask. ids, attn, where: [B, T]; probs: [M, V'] (M masks)."""
         tok = self.tokenizer
-        masked = np.nonzero(row == mask_id)[0]  # [M]
-        probs = _softmax(logits[masked])  # [M, V]
-        if target_ids is not None:
-            probs = probs[:, target_ids]
-        k = min(top_k, probs.shape[-1])
-        single_mask = len(masked) == 1
-        out = []
-        for m, p in zip(masked, probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            props = []
-            for j in order:
-                token_id = int(target_ids[j]) if target_ids is not None else int(j)
-                tokens = row.copy()
-                tokens[m] = token_id
-                tokens = tokens[tokens != pad_id]
-                props.append({
-                    "score": float(p[j]), "token": token_id, "token_str": tok.decode([token_id]),
-                    "sequence": tok.decode(tokens, skip_special_tokens=single_mask),
-                })
-            out.append(props)
-        return out[0] if single_mask else out
+        rows, cols = np.nonzero(where)  # [M] each, the masks in text order
+        best = top_k_indices(probs, k)  # [M, k]
+        scores = np.take_along_axis(probs, best, axis=-1).tolist()  # [M, k] Python floats
+        token_ids = best if target_ids is None else target_ids[best]  # [M, k]
+        single = (where.sum(axis=1) == 1)[rows]  # [M]: the text has one mask
+        # The filled sequences: the text's tokens with the mask replaced, padding dropped.
+        filled = np.repeat(ids[rows][:, None, :], k, axis=1)  # [M, k, T]
+        filled[np.arange(len(rows))[:, None], np.arange(k)[None, :], cols[:, None]] = token_ids
+        keep = (attn[rows] == 1)[:, None, :] & (filled != pad_id)  # [M, k, T]
+        sequences = np.empty(filled.shape[:2], dtype=object)  # [M, k]
+        for flag in (True, False):  # one batched decode per skip_special_tokens value
+            picked = np.nonzero(single == flag)[0]
+            if len(picked):
+                texts = tok.batch_decode([f[m] for fm, mm in zip(filled[picked], keep[picked]) for f, m in zip(fm, mm)],
+                                         skip_special_tokens=flag)
+                sequences[picked] = np.array(texts, dtype=object).reshape(len(picked), k)
+        distinct = np.unique(token_ids).tolist()
+        token_strs = dict(zip(distinct, tok.batch_decode([[t] for t in distinct])))  # id -> decode([id])
+        token_ids = token_ids.tolist()
+        out: list = [[] for _ in range(ids.shape[0])]
+        for m, r in enumerate(rows.tolist()):
+            out[r].append([{"score": s, "token": t, "token_str": token_strs[t], "sequence": q}
+                           for s, t, q in zip(scores[m], token_ids[m], sequences[m].tolist())])
+        return [masks[0] if len(masks) == 1 else masks for masks in out]
 
     def _target_ids(self, targets) -> np.ndarray:
         if isinstance(targets, str):
@@ -435,14 +508,13 @@ class TextClassification(Pipeline):
             texts = [t for t, _ in batch]
             pairs = [p for _, p in batch] if paired[0] else None
             enc = self._encode(texts, pairs, first=first)
-            logits = to_numpy(self._forward(enc).logits)  # [B, K]
+            states = first_token_states(self.model, enc)  # [B, H]: the head reads <s> only
+            logits = to_numpy(heads.classification_head(states[:, None, :], self.model.params.classifier))  # [B, K]
             scores = {"softmax": _softmax, "sigmoid": _sigmoid, "none": lambda x: x}[fn](logits)
-            out = []
-            for row in scores:
-                ranked = sorted(({"label": id2label[k], "score": float(s)} for k, s in enumerate(row)),
-                                key=lambda d: d["score"], reverse=True)
-                out.append(ranked if top_k is None else ranked[:top_k])
-            return out
+            order = np.argsort(-scores, axis=-1, kind="stable")[:, :top_k]  # [B, k]: best first, ties by label id
+            ranked = np.take_along_axis(scores, order, axis=-1).tolist()
+            labels = [id2label[k] for k in range(scores.shape[-1])]
+            return [[{"label": labels[k], "score": s} for k, s in zip(ks, ss)] for ks, ss in zip(order.tolist(), ranked)]
 
         return self._run(inputs, "classify", run_batch, check)
 
@@ -835,10 +907,10 @@ class Embedding(Pipeline):
 
         def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first)
-            h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
             if pooling == "cls":
-                v = h[:, 0]  # [B, H]
+                v = to_numpy(first_token_states(self.model, enc))  # [B, H]: <s> only
             else:
+                h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
                 m = enc["attention_mask"][..., None].astype(h.dtype)  # [B, T, 1]
                 v = (h * m).sum(axis=1) / m.sum(axis=1)  # [B, H]
             if normalize:

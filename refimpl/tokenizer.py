@@ -275,6 +275,14 @@ class Tokenizer:
             raise ValueError(f"token id {index} is out of range [0, {len(self)})")
         return index
 
+    def _checked_ids(self, ids) -> list[int]:
+        """A 1-D sequence of ids -> list of ints, each checked by :meth:`_check_id` (an integer array at once)."""
+        if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
+                self._check_id(ids[(ids < 0) | (ids >= len(self))][0])  # raises for the first bad id
+            return ids.tolist()
+        return [self._check_id(i) for i in _as_id_list(ids)]
+
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         """An id -> its token string; a sequence of ids -> a list. Out-of-range ids raise ValueError."""
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)):
@@ -293,12 +301,12 @@ class Tokenizer:
         """Ids (int, list or 1-D array) -> text. No clean-up of spaces (transformers 5.x skips it for BPE)."""
         if isinstance(ids, (int, np.integer)):
             ids = [ids]
-        ids = [self._check_id(i) for i in _as_id_list(ids)]
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, ids, skip_special_tokens: bool = False) -> list[str]:
         """A batch ([B, T] array or list of lists) -> list of B strings."""
-        return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in ids]
+        rows = [self._checked_ids(row) for row in ids]
+        return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)  # decode's strings, one call
 
     def tokenize(self, text: str) -> list[str]:
         """Byte-level BPE tokens of ``text``, without special tokens."""

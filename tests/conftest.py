@@ -24,6 +24,17 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+@pytest.fixture
+def fast_by_default(monkeypatch):
+    """backend="auto" (the loading default) picks the numba fast path for every model, however small.
+
+    The test models here are tiny, so "auto" would run them on the reference; files that hold the
+    fast path to transformers through the default use this (``pytestmark``)."""
+    import refimpl.model
+
+    monkeypatch.setattr(refimpl.model, "AUTO_NUMBA_FROM_HIDDEN", 0)
+
+
 # task -> transformers class name, from refimpl's one task table
 TASK_CLASSES = {task: cls for task, (cls, _, _) in TASKS.items()}
 

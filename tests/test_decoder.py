@@ -24,6 +24,8 @@ from refimpl.generate import GenerationError, filter_logits, generate, sample
 from refimpl.model import InputError
 from tolerances import CACHED, assert_close, max_scaled_error
 
+pytestmark = pytest.mark.usefixtures("fast_by_default")  # loading's default backend is the fast path here
+
 PAD, EOS = 1, 2
 V, H = TINY["vocab_size"], TINY["hidden_size"]
 DTYPES = ["float64", "float32"]

@@ -99,7 +99,7 @@ def dump_candidate(dump, hf, inputs, tmp_path, name="candidate", **call):
 
 def test_trace_names_in_forward_order(hf_factory):
     _, folder = hf_factory("base", num_hidden_layers=1)
-    model = refimpl.from_pretrained(folder, task="base", dtype="float64")
+    model = refimpl.from_pretrained(folder, task="base", dtype="float64", backend="numba")
     inputs = make_inputs("base")
     tensors = refimpl.trace(model, **inputs)
     attn = ["layer_norm", "q", "k", "v", "scores", "probs", "context", "output", "residual"]

@@ -533,7 +533,7 @@ def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
     from tolerances import REORDERED, assert_close
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype)
+    model = refimpl.from_pretrained(os.path.join(root, "refimpl", "data", "tiny-random-mlm"), dtype=dtype, backend="numba")
     assert model.backend == "numba"
     rng = np.random.default_rng(batch)
     ids = rng.integers(3, model.config.vocab_size, size=(batch, 11))
@@ -542,6 +542,7 @@ def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
     ids[0, 7:] = model.config.pad_token_id
     calls = []
     split_batch = schedule.split_batch
+    monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
     monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
         a = model(input_ids=ids, attention_mask=mask, **kwargs)
@@ -901,6 +902,7 @@ def test_split_batch_heads_match_the_whole_batch(monkeypatch, task):
     inputs = task_inputs(task, config, rng)
     calls = []
     split_batch = schedule.split_batch
+    monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
     monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     a = model(**inputs)
     assert calls, "the split path did not run"

@@ -16,6 +16,8 @@ import refimpl
 from conftest import TINY, torch_forward
 from tolerances import assert_close
 
+pytestmark = pytest.mark.usefixtures("fast_by_default")  # loading's default backend is the fast path here
+
 PAD = 1
 V = TINY["vocab_size"]
 DTYPES = ["float64", "float32"]
@@ -109,7 +111,7 @@ TASKS = ["base", "masked-lm", "causal-lm", "sequence-classification", "token-cla
 KINDS = ["right", "left", "token_types", "positions", "embeds"]
 
 
-BACKENDS = ["numba", "numpy"]  # the Numba kernels (the CPU default) and the pure NumPy reference
+BACKENDS = ["numba", "numpy"]  # the Numba kernels and the pure NumPy reference (forced: "auto" picks numpy here)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -267,7 +269,7 @@ def test_bidirectional_decoder_flag_and_causal_mask(hf_factory):
 def test_backends_agree_and_switch(hf_factory):
     """``to("numpy")`` and ``to("numba")`` move nothing on the CPU (same arrays, ties kept)."""
     _, folder = hf_factory("masked-lm", seed=12)
-    fast = refimpl.from_pretrained(folder, dtype="float64")
+    fast = refimpl.from_pretrained(folder, dtype="float64", backend="numba")
     assert fast.backend == "numba"
     ref = fast.to("numpy")
     assert ref.backend == "numpy" and ref.params.embeddings.word is fast.params.embeddings.word

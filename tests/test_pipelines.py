@@ -403,3 +403,131 @@ def test_progress_bar_over_a_stream(capsys):
     assert len(list(pipe.stream(iter(["a <mask>"] * 5), top_k=1))) == 5
     err = capsys.readouterr().err
     assert "fill-mask: 0input" in err and "input/s" in err  # tqdm without a total: a count and a rate
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast fill-mask path against the full-head reference
+# ---------------------------------------------------------------------------------------------
+
+
+def full_head_fill_mask(pipe, texts, top_k, target_ids=None):
+    """What FillMask returned before it ran the LM head on mask rows only: the model's forward with
+    every position through the head (``model(...).logits``, [B, T, V]) on the same batches, a stable
+    argsort of each mask's probabilities, one decode per proposal."""
+    tok = pipe.tokenizer
+    out = []
+    for b0 in range(0, len(texts), pipe.batch_size):
+        enc = tok(texts[b0:b0 + pipe.batch_size], padding=True)
+        logits = pipe.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # [B, T, V]
+        for ids, attn, lg in zip(enc["input_ids"], enc["attention_mask"], logits):
+            row, lg = ids[attn == 1], lg[attn == 1]
+            masked = np.nonzero(row == tok.mask_token_id)[0]
+            probs = P._softmax(lg[masked])  # noqa: SLF001  (the pipeline's own softmax)
+            if target_ids is not None:
+                probs = probs[:, target_ids]
+            single = len(masked) == 1
+            per_mask = []
+            for m, p in zip(masked, probs):
+                props = []
+                for j in np.argsort(-p, kind="stable")[:min(top_k, p.shape[-1])]:
+                    token_id = int(target_ids[j]) if target_ids is not None else int(j)
+                    tokens = row.copy()
+                    tokens[m] = token_id
+                    tokens = tokens[tokens != tok.pad_token_id]
+                    props.append({"score": float(p[j]), "token": token_id, "token_str": tok.decode([token_id]),
+                                  "sequence": tok.decode(tokens, skip_special_tokens=single)})
+                per_mask.append(props)
+            out.append(per_mask[0] if single else per_mask)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_mask_logits_are_the_full_heads_rows(ck, backend):
+    """pipelines.mask_logits runs the LM head on the mask rows only: the rows of the reference
+    forward's logits (refimpl.tasks.masked_lm, every position), to rounding: FAST for the numba
+    backend (refimpl.fast.tasks.masked_lm_at), REORDERED for the reference on [M, H] rows."""
+    import refimpl
+    from refimpl import tasks
+    from refimpl.inputs import validate
+    from tolerances import FAST, REORDERED
+
+    _, folder = ck["mlm"]
+    model = refimpl.from_pretrained(folder, task="masked-lm", backend=backend)
+    tok = Tokenizer.from_pretrained(folder)
+    enc = tok(FILL_TEXTS + ["<mask> alone"], padding=True)
+    where = (enc["input_ids"] == tok.mask_token_id) & (enc["attention_mask"] == 1)
+    got = P.mask_logits(model, enc, where)
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    full = tasks.masked_lm(model.params, model.config, x).logits  # [B, T, V]
+    assert got.shape == (int(where.sum()), model.config.vocab_size) and got.dtype == full.dtype
+    assert_close(got, full[where], "float32", "mask rows", FAST if backend == "numba" else REORDERED)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("options", [dict(top_k=5), dict(top_k=1), dict(top_k=20),
+                                     dict(top_k=3, targets=[" Paris", " London", "Berlin", "the"])])
+def test_fill_mask_matches_the_full_head_path(ck, options, backend):
+    """FillMask (mask rows through the head, a partial top-k, batched decoding) returns what the
+    full-head path returned on the same backend and batches: the same tokens in the same order,
+    token strings and sequences; scores within the float32 tolerance of the pipeline tests (the
+    head's GEMM runs on [M, H] rows instead of [B*T, H]: rounding only)."""
+    _, folder = ck["mlm"]
+    texts = FILL_TEXTS + ["<mask>", "Paris is the <mask> of <mask>, and <mask> too.", "Short <mask>."]
+    pipe = P.FillMask(folder, batch_size=3, backend=backend)  # padded batches mixing one and several masks
+    got = pipe(texts, **options)
+    targets = pipe._target_ids(options["targets"]) if "targets" in options else None  # noqa: SLF001
+    expected = full_head_fill_mask(pipe, texts, options["top_k"], targets)
+    assert strip_scores(got) == strip_scores(expected)
+    assert_close(np.array(flat_scores(got)), np.array(flat_scores(expected)), "float32", "scores")
+    assert all(type(s) is float for s in flat_scores(got))
+
+
+def test_top_k_indices_is_the_stable_argsort():
+    """Exactly ``argsort(-x, stable)[:, :k]``: ties (many, and straddling the k-th place) ordered by
+    index, every k including k >= the chunk count (full sort) and k = V, rows with NaN."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        rows = [rng.standard_normal((5, 1000)),  # distinct values
+                rng.integers(0, 4, size=(5, 1000)),  # a few values, heavy ties
+                np.zeros((2, 1000)),  # all equal
+                rng.standard_normal((3, 7))]  # fewer values than chunks
+        nan = rng.standard_normal((3, 1000))
+        nan[1, [5, 500]] = np.nan
+        for x in rows + [nan]:
+            x = x.astype(dtype)
+            for k in (1, 2, 5, 50, 256, 257, x.shape[1]):
+                k = min(k, x.shape[1])
+                np.testing.assert_array_equal(P.top_k_indices(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
+    assert P.top_k_indices(np.zeros((0, 10), np.float32), 3).shape == (0, 3)
+
+
+def test_batch_decode_is_decode_per_row(ck):
+    _, folder = ck["mlm"]
+    tok = Tokenizer.from_pretrained(folder)
+    rows = [np.array([0, 133, 812, 50264, 2]), [0, 31414, 2], np.array([], dtype=np.int64)]
+    for skip in (False, True):
+        assert tok.batch_decode(rows, skip_special_tokens=skip) == [tok.decode(r, skip_special_tokens=skip) for r in rows]
+    with pytest.raises(ValueError, match=r"token id 60000 is out of range"):
+        tok.batch_decode([np.array([5, 60000, -1])])
+    with pytest.raises(ValueError, match=r"token id -1 is out of range"):
+        tok.decode(np.array([-1]))
+
+
+def test_small_batches_run_on_one_thread(monkeypatch):
+    """A batch too small for two threads (fast.tasks.worth_splitting) runs whole; a large one splits,
+    and a vocabulary-sized head counts: the tiny masked LM's full head makes the same batch large."""
+    import refimpl
+    import refimpl.fast.tasks as fast_tasks
+
+    model = refimpl.from_pretrained("tiny", task="base", backend="numba")
+    ids = np.full((4, 9), 100)
+    calls = []
+    split_batch = fast_tasks.split_batch
+    monkeypatch.setattr(fast_tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
+    model(input_ids=ids)
+    assert calls == []
+    refimpl.from_pretrained("tiny", backend="numba")(input_ids=ids)  # masked LM: [36, 16] x [16, 50265] in the head
+    assert calls == [4]
+    monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 9 * model.config.num_hidden_layers * 3 * 16 * 64)
+    model(input_ids=ids)  # the encoder's work reaches the bound exactly
+    assert calls == [4, 4]

@@ -28,7 +28,6 @@ import os
 import sys
 
 from .. import __version__
-from . import common, corpus, describe, dump, finetune, golden, tasks
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other error."""
@@ -40,7 +39,7 @@ class _Parser(argparse.ArgumentParser):
 _TEXT_INPUT = ("Input: texts as arguments, --file FILE (one per line, '-' = stdin), or lines on stdin. "
                "One output per input, printed as each batch finishes; --json prints one JSON object per input "
                "(JSON lines): {\"index\": i, \"result\": ...}, or {\"index\": i, \"error\": \"empty line\"}.")
-BACKENDS = ("numba", "numpy")
+BACKENDS = ("auto", "numba", "numpy")
 
 
 def add_model_options(p, default_model=None, default_dtype="float32", hub=True) -> None:
@@ -53,14 +52,24 @@ def add_model_options(p, default_model=None, default_dtype="float32", hub=True) 
                        help=f"model folder, 'tiny' (the shipped random checkpoint), or a Hub id (default: {default_model})")
     p.add_argument("--dtype", default=default_dtype, choices=["float32", "float64"],
                    help=f"compute dtype (default {default_dtype})")
-    p.add_argument("--backend", default="numba", choices=BACKENDS,
-                   help="numba (the default: NumPy with Numba kernels) or numpy (the pure NumPy reference)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (the default: numba from hidden size 256 up, else numpy; one choice per model), "
+                        "numba (NumPy with Numba kernels) or numpy (the pure NumPy reference)")
     if hub:
         p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
         p.add_argument("--cache-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands defined in this file. A command line naming one of them builds its parser without the
+# commands whose modules load golden files, adapters or training code (~0.15 s of imports).
+_LIGHT_COMMANDS = ("fill-mask", "classify", "tag", "qa", "choose", "embed", "generate", "info", "forward")
+
+
+def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
+    """The ``refimpl`` parser; ``heavy=False``: only the commands of ``_LIGHT_COMMANDS``."""
+    # The subcommands' modules are imported here, not at the top: `refimpl --version` needs none.
+    from . import common, corpus, describe, tasks
+
     parser = _Parser(prog="refimpl", description="RoBERTa-PreLayerNorm reference implementation: "
                      "framework-free inference (NumPy).", formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog='example: refimpl fill-mask --model tiny "Hello <mask>!"')
@@ -174,9 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
             'refimpl forward --model tiny --ids "0 31414 232 2; 0 20920 2 1"', describe.cmd_forward, "tiny")
     p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
-    golden.add_golden_commands(sub, add_model_options)  # refimpl golden, refimpl compare
-    dump.add_dump_command(sub)  # refimpl dump
-    finetune.add_finetune_command(sub)  # refimpl finetune
+    if heavy:
+        from . import dump, finetune, golden
+
+        golden.add_golden_commands(sub, add_model_options)  # refimpl golden, refimpl compare
+        dump.add_dump_command(sub)  # refimpl dump
+        finetune.add_finetune_command(sub)  # refimpl finetune
     return parser
 
 
@@ -213,7 +225,12 @@ def _quiet_broken_pipe() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words == ["--version"]:  # answered without building the parser
+        print(f"refimpl {__version__}")
+        raise SystemExit(0)
+    command = next((w for w in words if not w.startswith("-")), None)  # the top level takes no option values
+    args = build_parser(heavy=command not in _LIGHT_COMMANDS).parse_args(argv)
     handler = _log_warnings_to_stderr(args.command)
     try:
         return args.func(args)

@@ -34,7 +34,7 @@ def hub_args(args) -> dict:
     return dict(revision=getattr(args, "revision", None), cache_dir=getattr(args, "cache_dir", None))
 
 
-def load_model(name: str, task: str | None, dtype: str, backend: str = "numba", **hub):
+def load_model(name: str, task: str | None, dtype: str, backend: str = "auto", **hub):
     import refimpl
 
     return refimpl.from_pretrained(name, task=task, dtype=dtype, backend=backend, **hub)

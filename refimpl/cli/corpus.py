@@ -115,7 +115,7 @@ def run_command(args, task: str) -> int:
                                   f"name (without .npy)")
     job = corpus.make_job(
         task, common.resolve_model_path(args.model), args.file, args.out, format=args.format, column=args.column,
-        options=_options(args, task), dtype=args.dtype, backend=getattr(args, "backend", "numba"),
+        options=_options(args, task), dtype=args.dtype, backend=getattr(args, "backend", "auto"),
         batch_size=args.batch_size, truncate=args.truncate,
         partition_size=args.partition_size, threads=args.threads, strict=args.strict, **common.hub_args(args))
     summary = corpus.run(job, workers=args.workers, scheduler=args.scheduler, progress=True)

@@ -64,8 +64,16 @@ reference forward for every task. The rules every kernel keeps:
   releases the GIL. Parallelism comes from :func:`.schedule.split_batch` instead: the encoder runs the two
   halves of a batch on two threads, each with single-threaded OpenBLAS, so the GEMMs *and* the
   kernels use both cores and no BLAS worker spins beside a kernel.
-- **Lazy compilation.** ``@njit(cache=True)`` without signatures: nothing compiles at import.
-  :func:`.kernels.warmup` compiles (or loads from ``__pycache__``) every kernel for one dtype.
+- **Compiled when first needed, once per machine.** Every kernel is ``@numba.njit(**JIT)`` (or
+  ``**INLINE`` for a helper inlined into its callers) from :mod:`.llvm`, without signatures:
+  nothing compiles at import, and a kernel compiles on its first call, for the dtype of that call
+  only (a float32 model never compiles the float64 code). ``JIT`` has ``cache=True``: the machine
+  code goes to disk and later processes load it (:mod:`refimpl.jitcache` makes sure Numba has a
+  writable folder for it, also for a read-only install). A new kernel follows the same pattern:
+  declare it with ``**JIT``, pass scalars already in the arrays' dtype and flags as ``bool`` (one
+  specialisation per dtype), and copy read-only arrays rather than compiling for them.
+  :func:`.kernels.warmup` compiles every kernel for one dtype ahead of time (for an image
+  build or a benchmark); nothing calls it at run time.
 
 Layouts: every wrapper accepts any strides and makes C-contiguous copies where needed (parameters
 and contiguous activations are used as they are). The feature axis (``H`` or ``S``) is the last.
@@ -74,3 +82,7 @@ and contiguous activations are used as they are). The feature axis (``H`` or ``S
 
 Shape legend: B batch, N heads, T query length, S key length, H hidden (or intermediate) size.
 """
+
+from .. import jitcache
+
+jitcache.ensure()  # before the first cache=True declaration: Numba picks the cache folder there

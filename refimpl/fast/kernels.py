@@ -226,7 +226,7 @@ def _masked_softmax_kernel(s, mask, has_mask, scale, out):
     nb, nh, nt, ns = s.shape
     mb, mh, mt = mask.shape[0], mask.shape[1], mask.shape[2]
     sf, mf, of = s.reshape(-1), mask.reshape(-1), out.reshape(-1)
-    prev, total = -1, s.dtype.type(1.0)  # the row whose division is pending, and its sum
+    prev, total = np.int64(-1), s.dtype.type(1.0)  # the row whose division is pending, and its sum
     for bi in range(nb):
         for hi in range(nh):
             for ti in range(nt):

@@ -7,9 +7,11 @@ schedule only (each held to the reference by ``tests/test_fast.py``):
 - ``x W^T + b`` is :func:`.schedule.linear` (``(W x^T)^T`` for few rows, bias added in place);
 - without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
 - a batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-  (:func:`.schedule.split_batch`), encoder and head together; the loss is taken over the whole batch;
+  (:func:`.schedule.split_batch`), encoder and head together, when its work is worth it
+  (:func:`worth_splitting`); the loss is taken over the whole batch;
 - one sequence of ``TOKEN_SPLIT_FROM`` tokens or more (no cache, cross-attention or kept
-  probabilities) runs as two token halves that meet at the attention (:func:`encode_token_halves`).
+  probabilities), when its work is worth it, runs as two token halves that meet at the attention
+  (:func:`encode_token_halves`).
 
 Only NumPy arrays; nothing is traced (a traced call runs the reference).
 """
@@ -177,22 +179,82 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
     return EncoderOutput(hidden[-1], hidden, [None] * n, [None] * n)
 
 
-def over_rows(params: Params, config: Config, x: Inputs, head):
+SPLIT_MIN_WORK = 2_000_000
+"""The fewest multiply-adds of the encoder's projections and FFN (all layers, whole batch) worth two
+threads: below it, handing half the batch to the other thread costs more than it saves (a tiny
+model's forward is mostly Python and kernel dispatch; a thread hop on a busy 2-core machine can
+take longer than the half it carries). 2M is ~0.2 ms of one core's GEMM time."""
+
+
+def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
+    """Whether the batch's encoder work, plus ``head_work`` multiply-adds of a head, reaches
+    :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
+    b, t = x.position_ids.shape[:2]
+    h, i = config.hidden_size, config.intermediate_size
+    return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) + head_work >= SPLIT_MIN_WORK
+
+
+def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
+    """``encode(...).last_hidden_state[:, 0]``, [B, H]: the final state of the first token only.
+
+    The last block's keys and values need every position; its query, attention output, FFN and the
+    final LayerNorm only the one read, so they run on position 0 alone (a sequence classifier and
+    an ``<s>`` embedding read nothing else). The blocks before it run as in :func:`encode`, the
+    batch in two halves when :func:`worth_splitting`. Held to the reference
+    ``refimpl.tasks.encoder_forward(...).last_hidden_state[:, 0]`` by ``tests/test_pipelines.py``.
+    """
+    if x.cache is not None or x.encoder_hidden_states is not None or x.inputs_embeds is not None or not params.layers:
+        return encode(params, config, x).last_hidden_state[:, 0]
+    c, eps, heads = config, config.layer_norm_eps, config.num_attention_heads
+
+    def run(rows: slice):
+        bias = x.attention_bias
+        if bias is not None and bias.shape[0] > 1:
+            bias = bias[rows]  # [b|1, 1|N, T|1, S]
+        e = params.embeddings
+        ids = x.input_ids[rows]  # [b, T]
+        h = layer_norm((e.word[ids] + e.token_type[x.token_type_ids[rows]]) + e.position[x.position_ids[rows]],
+                       e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
+        for layer in params.layers[:-1]:
+            h, _ = attention_block(h, layer.attention, bias, num_heads=heads, eps=eps)
+            h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)  # [b, T, H]
+        last = params.layers[-1]
+        p = last.attention
+        a = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [b, T, H]
+        q = split_heads(linear(a[:, :1], p.query.weight, p.query.bias), heads)  # [b, N, 1, D]
+        k = split_heads(linear(a, p.key.weight, p.key.bias), heads)  # [b, N, T, D]
+        v = split_heads(linear(a, p.value.weight, p.value.bias), heads)  # [b, N, T, D]
+        if bias is not None and bias.shape[-2] > 1:
+            bias = bias[:, :, :1]  # [b|1, 1|N, 1, S]: the first query's row
+        context = attention_context(q, k, v, bias, q.shape[-1] ** -0.5)  # [b, N, 1, D]
+        h0 = h[:, :1] + linear(merge_heads(context), p.output.weight, p.output.bias)  # [b, 1, H]
+        h0 = feed_forward_block(h0, last, act=c.hidden_act, eps=eps)  # [b, 1, H]
+        fl = params.final_layer_norm
+        return layer_norm(h0, fl.weight, fl.bias, eps)[:, 0]  # [b, H]
+
+    b = x.position_ids.shape[0]
+    parts = split_batch(run, b) if b > 1 and worth_splitting(config, x) else [run(slice(0, b))]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [B, H]
+
+
+def over_rows(params: Params, config: Config, x: Inputs, head, head_work: int = 0):
     """``head(encode(rows))`` over the rows of the batch -> (the head's arrays joined along the
     batch, the EncoderOutput with the fields the caller returns joined likewise).
 
     A batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-    (:func:`split_batch`); every sequence is computed on its own either way. One sequence of at
-    least ``TOKEN_SPLIT_FROM`` tokens runs as two token halves (:func:`encode_token_halves`). ``head`` maps an
-    EncoderOutput to a tuple of [b, ...] arrays.
+    (:func:`split_batch`) when :func:`worth_splitting` (``head_work``: the head's multiply-adds for
+    the whole batch); every sequence is computed on its own either way. One sequence of at least
+    ``TOKEN_SPLIT_FROM`` tokens, its work worth it, runs as two token halves
+    (:func:`encode_token_halves`). ``head`` maps an EncoderOutput to a tuple of [b, ...] arrays.
     """
-    b, t = x.position_ids.shape
+    b, t = x.position_ids.shape[:2]
     whole = x.cache is not None or x.encoder_hidden_states is not None
-    if b == 1 and not whole and not x.output_attentions and t >= TOKEN_SPLIT_FROM:
+    worth = not whole and worth_splitting(config, x, head_work)
+    if b == 1 and worth and not x.output_attentions and t >= TOKEN_SPLIT_FROM:
         enc = encode_token_halves(params, config, x)
         if enc is not None:
             return head(enc), enc
-    if b < 2 or whole:
+    if b < 2 or not worth:
         enc = encode(params, config, x)
         return head(enc), enc
     parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
@@ -216,6 +278,12 @@ def over_rows(params: Params, config: Config, x: Inputs, head):
 # ---------------------------------------------------------------------------------------------
 
 
+def lm_head_work(params: Params, config: Config, rows: int) -> int:
+    """The LM head's multiply-adds on ``rows`` rows: [rows, H] x [H, H] and [H, V]."""
+    h = config.hidden_size
+    return rows * h * (h + params.lm_head.decoder_weight.shape[0])
+
+
 def lm_head(seq, p, eps: float):
     """dense -> exact GELU -> LayerNorm -> tied decoder + bias. [..., H] -> [..., V]."""
     h = bias_gelu(linear(seq, p.dense.weight), p.dense.bias)  # [..., H]
@@ -237,11 +305,33 @@ def base(params: Params, config: Config, x: Inputs):
 
 def masked_lm(params: Params, config: Config, x: Inputs):
     eps = config.layer_norm_eps
-    (logits,), enc = over_rows(params, config, x, lambda enc: (lm_head(enc.last_hidden_state, params.lm_head, eps),))
+    b, t = x.position_ids.shape[:2]
+    work = lm_head_work(params, config, b * t)
+    (logits,), enc = over_rows(params, config, x, lambda enc: (lm_head(enc.last_hidden_state, params.lm_head, eps),), work)
     loss = None
     if x.labels is not None:
         loss = losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.labels.reshape(-1))  # [B*T, V]
     return MaskedLMOutput(loss=loss, logits=logits, **extras(enc, x))
+
+
+def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -> np.ndarray:
+    """The masked-LM logits at the positions ``where`` marks only: ``masked_lm(...).logits[where]``.
+
+    where: [B, T] bool -> [M, V], M = ``where.sum()``, in row-major order of ``where``. The encoder
+    runs as in :func:`masked_lm` (two halves on two threads); the LM head runs on the M marked rows
+    instead of all B*T (a fill-mask pipeline reads nothing else). Held to the reference
+    ``refimpl.tasks.masked_lm(...).logits[where]`` by ``tests/test_pipelines.py``.
+    """
+    eps = config.layer_norm_eps
+
+    def run(rows: slice):
+        seq = encode(params, config, x, rows).last_hidden_state  # [b, T, H]
+        return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
+
+    b = x.position_ids.shape[0]
+    parts = split_batch(run, b) if worth_splitting(config, x, lm_head_work(params, config, int(where.sum()))) \
+        else [run(slice(0, b))]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
 
 
 def causal_lm(params: Params, config: Config, x: Inputs):
@@ -251,7 +341,9 @@ def causal_lm(params: Params, config: Config, x: Inputs):
         seq = enc.last_hidden_state  # [b, T, H]
         return (lm_head(seq if x.keep is None else np.take(seq, x.keep, axis=1), params.lm_head, eps),)  # [b, T', V]
 
-    (logits,), enc = over_rows(params, config, x, head)
+    b, t = x.position_ids.shape[:2]
+    work = lm_head_work(params, config, b * (t if x.keep is None else len(x.keep)))
+    (logits,), enc = over_rows(params, config, x, head, work)
     loss = None if x.labels is None else losses.causal_lm_loss(logits, x.labels)
     return CausalLMOutputWithCrossAttentions(
         loss=loss, logits=logits, past_key_values=x.cache if x.return_cache else None,
