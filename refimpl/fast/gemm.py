@@ -21,6 +21,7 @@ Shape legend: R rows, K = in, O = out.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import threading
@@ -343,6 +344,12 @@ class _Helper:
         self.lock = threading.Lock()  # one split at a time; a second caller runs whole
         self.thread = threading.Thread(target=self._loop, name="refimpl-gemm", daemon=True)
         self.thread.start()
+        atexit.register(self.stop)
+
+    def stop(self):
+        """Let the helper end (at exit); later jobs run on the caller's thread alone."""
+        self.board[_EXIT] = 1
+        self.wake.set()
 
     def _loop(self):
         board, seen = self.board, 0
