@@ -122,7 +122,7 @@ class Job:
     column: str = "text"
     options: dict = field(default_factory=dict)
     dtype: str = "float32"
-    backend: str = "numba"
+    backend: str = "auto"
     batch_size: int = 8
     truncate: bool = False
     partition_size: int = DEFAULT_PARTITION_SIZE
@@ -195,7 +195,7 @@ def _n(count: int, noun: str) -> str:
 
 
 def make_job(task: str, model: str, source: str, out: str, *, format: str = "auto", column: str = "text",
-             options: dict | None = None, dtype: str = "float32", backend: str = "numba", batch_size: int = 8,
+             options: dict | None = None, dtype: str = "float32", backend: str = "auto", batch_size: int = 8,
              truncate: bool = False,
              partition_size: int | None = None, threads: int = 1, strict: bool = False, pairs: bool | None = None,
              revision=None, cache_dir=None) -> Job:
