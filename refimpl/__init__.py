@@ -11,6 +11,7 @@ any submodule reached as an attribute (``refimpl.ops``).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 # refimpl.generate is both a function and the module defining it: imported here, the function is
 # bound after the module, so later imports of the module do not shadow it (a lazy name would be).
@@ -29,6 +30,17 @@ _EXPORTS = {  # name -> the module that defines it
     "grad": "backward",  # refimpl.grad(model, **inputs) -> (loss, {transformers name: gradient})
     "trace": "golden",  # refimpl.trace(model, **inputs) -> {name: array}; the recorder is refimpl.tracing
 }
+
+if TYPE_CHECKING:  # what static readers see (type checkers, the API pages); at run time: __getattr__
+    from .backward import grad
+    from .cache import KVCache
+    from .config import Config, ConfigError
+    from .golden import trace
+    from .io import CheckpointError
+    from .loading import from_pretrained, params_from_state_dict, state_dict
+    from .model import InputError, Model
+    from .params import TASKS, Params
+    from .tracing import Trace
 
 __all__ = [
     "Config", "ConfigError", "InputError", "CheckpointError", "Model", "Params", "TASKS", "Trace",
