@@ -104,6 +104,11 @@ def finfo_min(xp, dtype) -> float:
 # a Numba ufunc over the same C functions (~20 ns an element) is compiled on first need, per dtype.
 # The two give the same bits (they call the same function); tests/test_coldstart.py checks it.
 ERF_DIRECT_MAX = 1 << 15
+# ...and once a process has sent this many elements down the direct path in all (~0.3 s of calls,
+# about what loading the ufunc from the on-disk cache costs), it loads the ufunc: a pipeline over
+# many texts pays the load once instead of 15x the ufunc's time on every batch. (Same bits either way.)
+ERF_DIRECT_BUDGET = 1 << 20
+_direct_used = 0
 
 
 def _libm_erf():
@@ -148,7 +153,7 @@ def _get_numba_erf(dtype: np.dtype):
 
 def _erf_numpy(x: np.ndarray) -> np.ndarray:
     """erf of a NumPy float32/float64 array: the C library's erf, direct or through Numba (same bits)."""
-    global _direct
+    global _direct, _direct_used
     if _direct is None:
         _direct = _libm_erf()
     dtype = x.dtype
@@ -156,7 +161,9 @@ def _erf_numpy(x: np.ndarray) -> np.ndarray:
         dtype = np.result_type(dtype, np.float32)
         x = x.astype(dtype)
     fn = _direct.get(dtype)
-    if fn is not None and x.size <= ERF_DIRECT_MAX and dtype not in _numba_erf:
+    if (fn is not None and x.size <= ERF_DIRECT_MAX and dtype not in _numba_erf
+            and _direct_used + x.size <= ERF_DIRECT_BUDGET):
+        _direct_used += x.size
         return np.fromiter(map(fn, x.ravel().tolist()), dtype, x.size).reshape(x.shape)
     return _get_numba_erf(dtype)(x)
 

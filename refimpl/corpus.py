@@ -628,7 +628,7 @@ class _Threads:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
-            from .fast.schedule import openblas_threads
+            from .blas import openblas_threads
 
             blas = openblas_threads()
             if blas is not None:

@@ -89,6 +89,20 @@ def test_erf_direct_and_numba_give_the_same_bits(dtype):
     np.testing.assert_array_equal(backend.erf(x[:7].reshape(7, 1)), by_numba[:7].reshape(7, 1))
 
 
+def test_erf_takes_the_ufunc_once_the_direct_budget_is_spent(monkeypatch):
+    """Small arrays go the direct way until the process has spent ERF_DIRECT_BUDGET elements there,
+    then through the Numba ufunc (same values either way)."""
+    monkeypatch.setattr(backend, "_numba_erf", {})
+    monkeypatch.setattr(backend, "_direct_used", 0)
+    monkeypatch.setattr(backend, "ERF_DIRECT_BUDGET", 1000)
+    x = np.linspace(-4, 4, 600, dtype=np.float32)
+    first = backend.erf(x)
+    assert backend._direct_used == 600 and not backend._numba_erf
+    second = backend.erf(x)  # would pass the budget: the ufunc
+    assert np.dtype(np.float32) in backend._numba_erf and backend._direct_used == 600
+    np.testing.assert_array_equal(first.view(np.int32), second.view(np.int32))
+
+
 def test_erf_keeps_dtype_and_shape_for_small_arrays():
     for dtype, want in (("float32", "float32"), ("float64", "float64"), ("float16", "float32"), ("int64", "float64")):
         y = backend.erf(np.arange(6, dtype=dtype).reshape(2, 3))

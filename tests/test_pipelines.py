@@ -531,3 +531,22 @@ def test_small_batches_run_on_one_thread(monkeypatch):
     monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 9 * model.config.num_hidden_layers * 3 * 16 * 64)
     model(input_ids=ids)  # the encoder's work reaches the bound exactly
     assert calls == [4, 4]
+
+
+def test_a_small_model_on_the_reference_runs_its_batches_on_one_blas_thread(monkeypatch):
+    """A tiny model's GEMMs take microseconds; waking OpenBLAS's second thread for each costs more.
+    The pipeline runs each batch on one BLAS thread and restores the count after it."""
+    from refimpl import blas
+
+    if blas.openblas_threads() is None:
+        pytest.skip("NumPy is not linked to an OpenBLAS refimpl can reach")
+    get, _ = blas.openblas_threads()
+    before = get()
+    seen = []
+    real = P.first_token_states
+    monkeypatch.setattr(P, "first_token_states", lambda m, enc: seen.append(get()) or real(m, enc))
+    pipe = P.TextClassification("tiny-classify", batch_size=2)
+    assert pipe.model.backend == "numpy"
+    want = P.TextClassification("tiny-classify", batch_size=2)(["a b", "c d", "e"])
+    assert pipe(["a b", "c d", "e"]) == want
+    assert seen[-2:] == [1, 1] and get() == before

@@ -7,14 +7,13 @@ differ. ``tests/test_fast.py`` holds each to its definition.
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..blas import openblas_threads
 from ..ops import activation
 from .gemm import SKINNY_ROWS, skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
@@ -92,37 +91,8 @@ def attention_context(q, k, v, bias, scale: float):
 # The batch over two threads
 # ---------------------------------------------------------------------------------------------
 
-_blas_threads = None  # (get, set) of the OpenBLAS that NumPy links, or () when not found
 _pool = None
 _split_lock = threading.Lock()
-
-
-def openblas_threads():
-    """``(get_num_threads, set_num_threads)`` of NumPy's OpenBLAS via ctypes, or None."""
-    global _blas_threads
-    if _blas_threads is None:
-        _blas_threads = ()
-        libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "lib*openblas*"))
-        for path in libs:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for get, set_ in (
-                ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-                ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                ("openblas_get_num_threads", "openblas_set_num_threads"),
-            ):
-                if hasattr(lib, get) and hasattr(lib, set_):
-                    g, s = getattr(lib, get), getattr(lib, set_)
-                    g.restype, g.argtypes = ctypes.c_int, []
-                    s.restype, s.argtypes = None, [ctypes.c_int]
-                    _blas_threads = (g, s)
-                    break
-            if _blas_threads:
-                break
-    return _blas_threads or None
 
 
 def split_batch(fn, n: int) -> list:
