@@ -1,13 +1,14 @@
 """Skinny GEMMs: ``x @ W.T + b`` for a few rows of ``x``, streaming each weight matrix once.
 
 For a handful of rows (a decoding step, a short input) a linear layer is bound by reading its
-weights more than by arithmetic. OpenBLAS first packs all of ``W`` into its own layout (one more
-pass over the weights) and reaches ~10 GB/s of weights at [8, 768] x [768, 3072].
+weights, not by arithmetic. OpenBLAS first packs all of ``W`` into its own layout (one more pass
+over the weights, through the caches) and reaches ~10 GB/s of weights at [8, 768] x [768, 3072].
 :func:`skinny_linear` reads ``W`` in its stored ``[out, in]`` order once: a tile of four weight
-rows meets four input rows at a time (then two, then one), sixteen dot products in sixteen vector
-accumulators, while the next tile's rows are prefetched; the tile stays in cache while every input
-row passes by. The two cores share the output columns (a helper thread, below), so each streams
-part of the weights.
+rows meets two input rows at a time, eight dot products held in eight vector accumulators, and
+the four weight rows stay in L1 while every input row passes by. The two cores take disjoint
+halves of the output columns (a ``prange`` of two: Numba's OpenMP threads wake in a few
+microseconds, where a Python thread pool takes ~0.1-0.3 ms on this VM, as long as a 768 x 768
+GEMV), so each streams half the weights.
 
 Each output element is one dot product: eight interleaved partial sums of fused multiply-adds
 (lane ``j`` sums ``k = j, j + 8, ...``), combined as ((s0+s1)+(s2+s3))+((s4+s5)+(s6+s7)), then
@@ -38,6 +39,9 @@ from .llvm import DTYPES, INLINE, JIT, prefetch, v8_lanes, v8_load, v8_splat, v_
 SKINNY_ROWS = 16  # up to this many rows, schedule.linear uses skinny_linear (measured crossover)
 SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which the two cores share a GEMM
 _TILE = 4  # weight rows per tile: the column split falls on multiples of it
+# Tiles of 4 weight rows x 2 input rows (8 accumulators). 4 x 4 tiles (16 accumulators) were 15-35%
+# faster single-threaded at 8-16 rows, but LLVM took ~20x longer to compile the kernel (4 s -> 86 s
+# on the development VM): a user's first call on a base-sized model paid over a minute.
 
 
 @numba.njit(**INLINE)
@@ -60,15 +64,6 @@ def _finish(acc, xf, xo, wf, wo, k8, k, b, has_bias, o, out, oo):
 
 
 @numba.njit(**INLINE)
-def _finish4(a0, a1, a2, a3, xf, xo, wf, w0, k8, k, b, has_bias, o, out, oo):
-    """``_finish`` for the four weight rows of a tile (at w0, w0 + k, ...) and one input row."""
-    _finish(a0, xf, xo, wf, w0, k8, k, b, has_bias, o, out, oo)
-    _finish(a1, xf, xo, wf, w0 + k, k8, k, b, has_bias, o + 1, out, oo + 1)
-    _finish(a2, xf, xo, wf, w0 + 2 * k, k8, k, b, has_bias, o + 2, out, oo + 2)
-    _finish(a3, xf, xo, wf, w0 + 3 * k, k8, k, b, has_bias, o + 3, out, oo + 3)
-
-
-@numba.njit(**INLINE)
 def _prefetch_next(wf, p0, p1, p2, p3, m, i, last):
     """Ask for the lines at ``i`` of the first ``m`` of the next tile's rows (starting at p0..p3)."""
     if m > 0:
@@ -87,43 +82,22 @@ def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C90
     xf [R*K], wf [O*K], out [R*O]."""
     k8 = k - k % 8
     z = v8_splat(xf.dtype.type(0.0))
-    last, quads = n_out * k - 1, nr // 4
+    last, pairs = n_out * k - 1, nr // 2
     o = o0
     while o + _TILE <= o1:  # tiles of 4 weight rows
         w0, w1, w2, w3 = o * k, (o + 1) * k, (o + 2) * k, (o + 3) * k
         r = 0
-        while r + 4 <= nr:  # 4 weight rows x 4 input rows: 16 accumulators
-            xa, xb, xc, xd = r * k, (r + 1) * k, (r + 2) * k, (r + 3) * k
-            # Meanwhile, the next tile's rows come in: pass p asks for rows p, p + quads, ... (the
-            # hardware prefetcher alone leaves the first pass over a tile waiting on memory).
-            p = r // 4
-            m = 0 if p >= 4 else (4 - p + quads - 1) // quads
-            n0 = w3 + k + p * k
-            n1, n2, n3 = n0 + quads * k, n0 + 2 * quads * k, n0 + 3 * quads * k
-            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = z
-            for i in range(0, k8, 8):
-                _prefetch_next(wf, n0, n1, n2, n3, m, i, last)
-                va, vb, vc, vd = v8_load(xf, xa + i), v8_load(xf, xb + i), v8_load(xf, xc + i), v8_load(xf, xd + i)
-                u = v8_load(wf, w0 + i)
-                a0, c0, d0, e0 = v_fma(u, va, a0), v_fma(u, vb, c0), v_fma(u, vc, d0), v_fma(u, vd, e0)
-                u = v8_load(wf, w1 + i)
-                a1, c1, d1, e1 = v_fma(u, va, a1), v_fma(u, vb, c1), v_fma(u, vc, d1), v_fma(u, vd, e1)
-                u = v8_load(wf, w2 + i)
-                a2, c2, d2, e2 = v_fma(u, va, a2), v_fma(u, vb, c2), v_fma(u, vc, d2), v_fma(u, vd, e2)
-                u = v8_load(wf, w3 + i)
-                a3, c3, d3, e3 = v_fma(u, va, a3), v_fma(u, vb, c3), v_fma(u, vc, d3), v_fma(u, vd, e3)
-            ra = r * n_out + o
-            _finish4(a0, a1, a2, a3, xf, xa, wf, w0, k8, k, b, has_bias, o, out, ra)
-            _finish4(c0, c1, c2, c3, xf, xb, wf, w0, k8, k, b, has_bias, o, out, ra + n_out)
-            _finish4(d0, d1, d2, d3, xf, xc, wf, w0, k8, k, b, has_bias, o, out, ra + 2 * n_out)
-            _finish4(e0, e1, e2, e3, xf, xd, wf, w0, k8, k, b, has_bias, o, out, ra + 3 * n_out)
-            r += 4
-        if r + 2 <= nr:  # two input rows left: 4 x 2
+        while r + 2 <= nr:  # 4 weight rows x 2 input rows: 8 accumulators
             xa, xb = r * k, (r + 1) * k
-            m = 4 if quads == 0 else 0  # without 4 x 4 passes this one asks for the next tile
+            # Meanwhile, the next tile's rows come in: pass p asks for rows p, p + pairs, ... (the
+            # hardware prefetcher alone leaves the first pass over a tile waiting on memory).
+            p = r // 2
+            m = 0 if p >= 4 else (4 - p + pairs - 1) // pairs
+            n0 = w3 + k + p * k
+            n1, n2, n3 = n0 + pairs * k, n0 + 2 * pairs * k, n0 + 3 * pairs * k
             a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = z
             for i in range(0, k8, 8):
-                _prefetch_next(wf, w3 + k, w3 + 2 * k, w3 + 3 * k, w3 + 4 * k, m, i, last)
+                _prefetch_next(wf, n0, n1, n2, n3, m, i, last)
                 va, vb = v8_load(xf, xa + i), v8_load(xf, xb + i)
                 u = v8_load(wf, w0 + i)
                 a0, c0 = v_fma(u, va, a0), v_fma(u, vb, c0)
@@ -133,13 +107,19 @@ def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C90
                 a2, c2 = v_fma(u, va, a2), v_fma(u, vb, c2)
                 u = v8_load(wf, w3 + i)
                 a3, c3 = v_fma(u, va, a3), v_fma(u, vb, c3)
-            ra = r * n_out + o
-            _finish4(a0, a1, a2, a3, xf, xa, wf, w0, k8, k, b, has_bias, o, out, ra)
-            _finish4(c0, c1, c2, c3, xf, xb, wf, w0, k8, k, b, has_bias, o, out, ra + n_out)
+            ra, rb = r * n_out + o, (r + 1) * n_out + o
+            _finish(a0, xf, xa, wf, w0, k8, k, b, has_bias, o, out, ra)
+            _finish(a1, xf, xa, wf, w1, k8, k, b, has_bias, o + 1, out, ra + 1)
+            _finish(a2, xf, xa, wf, w2, k8, k, b, has_bias, o + 2, out, ra + 2)
+            _finish(a3, xf, xa, wf, w3, k8, k, b, has_bias, o + 3, out, ra + 3)
+            _finish(c0, xf, xb, wf, w0, k8, k, b, has_bias, o, out, rb)
+            _finish(c1, xf, xb, wf, w1, k8, k, b, has_bias, o + 1, out, rb + 1)
+            _finish(c2, xf, xb, wf, w2, k8, k, b, has_bias, o + 2, out, rb + 2)
+            _finish(c3, xf, xb, wf, w3, k8, k, b, has_bias, o + 3, out, rb + 3)
             r += 2
         if r < nr:  # the last, odd input row: 4 x 1
             xa = r * k
-            m = 4 if nr == 1 else 0  # a single row: this pass asks for the next tile
+            m = 4 if pairs == 0 else 0  # a single row: this pass asks for the next tile
             a0 = a1 = a2 = a3 = z
             for i in range(0, k8, 8):
                 _prefetch_next(wf, w3 + k, w3 + 2 * k, w3 + 3 * k, w3 + 4 * k, m, i, last)
@@ -148,7 +128,11 @@ def _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, o1):  # noqa: C90
                 a1 = v_fma(v8_load(wf, w1 + i), va, a1)
                 a2 = v_fma(v8_load(wf, w2 + i), va, a2)
                 a3 = v_fma(v8_load(wf, w3 + i), va, a3)
-            _finish4(a0, a1, a2, a3, xf, xa, wf, w0, k8, k, b, has_bias, o, out, r * n_out + o)
+            ra = r * n_out + o
+            _finish(a0, xf, xa, wf, w0, k8, k, b, has_bias, o, out, ra)
+            _finish(a1, xf, xa, wf, w1, k8, k, b, has_bias, o + 1, out, ra + 1)
+            _finish(a2, xf, xa, wf, w2, k8, k, b, has_bias, o + 2, out, ra + 2)
+            _finish(a3, xf, xa, wf, w3, k8, k, b, has_bias, o + 3, out, ra + 3)
         o += _TILE
     while o < o1:  # the last 1-3 weight rows: 1 x 1
         w0 = o * k
