@@ -376,10 +376,15 @@ def _the_helper():
 
 
 def _flat(a) -> np.ndarray:
-    """A C-contiguous, writeable 1-D copy-free view of ``a`` where possible (else a copy)."""
-    if not (a.flags.c_contiguous and a.flags.writeable):
-        a = np.array(a, order="C")  # read-only (mmap'd) weights would need a second compile
-    return a.reshape(-1)
+    """A C-contiguous, read-only 1-D view of ``a`` (a copy only when ``a`` is not C-contiguous).
+
+    Always read-only, so the kernels compile one specialisation that serves loaded checkpoints
+    (read-only memory maps) and in-memory arrays alike, and the weights are never copied."""
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C")
+    v = a.reshape(-1).view()
+    v.flags.writeable = False
+    return v
 
 
 def skinny_linear(x, weight, bias=None, *, out=None):
