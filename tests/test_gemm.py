@@ -123,7 +123,7 @@ def test_warmup_compiles_one_specialisation(dtype):
     (The two-core path's kernels compile on first use; which of them a call takes depends on whether
     the helper thread is asleep, so they are not counted here.)"""
     gemm.warmup(dtype)
-    kernels = (gemm._skinny_kernel,)
+    kernels = (gemm._run_whole,)  # the caller-thread entry (the kernel inside it takes writeable C arrays only)
     before = [len(k.signatures) for k in kernels]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 64)).astype(dtype)
@@ -135,10 +135,35 @@ def test_warmup_compiles_one_specialisation(dtype):
     assert [len(k.signatures) for k in kernels] == before
 
 
+def test_a_float32_process_compiles_the_kernel_for_float32_only():
+    """Compile only what a call needs: float32 work, split over both cores (helper thread
+    included), compiles one kernel specialisation, and no float64 one."""
+    code = (
+        "import time, numpy as np, refimpl.fast.gemm as g\n"
+        "g.SPLIT_FROM, g._CPUS = 0, 2\n"
+        "x, w = np.ones((3, 64), np.float32), np.ones((64, 64), np.float32)\n"
+        "w.flags.writeable = False\n"
+        "end = time.time() + 300\n"
+        "while not g._serve.signatures and time.time() < end:\n"
+        "    assert np.all(g.skinny_linear(x, w) == 64)\n"
+        "    time.sleep(0.05)\n"
+        "g.skinny_linear(x, w, np.zeros(64, np.float32))\n"
+        "g.SPLIT_FROM = 1 << 62\n"
+        "g.skinny_linear(x, w, np.zeros(64, np.float32))\n"
+        "g.skinny_linear(np.asfortranarray(x), w)\n"
+        "entries = (g._run_whole, g._serve, g._post, g._work, g._post_work)\n"
+        "sigs = [str(s) for f in entries for s in f.signatures]\n"
+        "assert g._serve.signatures and len(g._run_whole.signatures) == 1, sigs\n"
+        "assert not any('float64' in s for s in sigs), sigs\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
 def test_import_compiles_nothing():
     code = (
         "import refimpl, refimpl.fast.gemm as g\n"
-        "assert not (g._skinny_kernel.signatures or g._work.signatures or g._serve.signatures)\n"
+        "assert not (g._run_whole.signatures or g._work.signatures or g._serve.signatures)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

@@ -201,8 +201,8 @@ def _cas(typingctx, a, i, expected, new):
 
 @intrinsic
 def _pointer_like(typingctx, address, like):
-    """The address (an int64) as a pointer to ``like``'s element type."""
-    if not (address == types.int64 and isinstance(like, types.Array)):
+    """The address (a 64-bit integer) as a pointer to ``like``'s element type."""
+    if not (address in (types.int64, types.uint64) and isinstance(like, types.Array)):
         return None
     ptr = types.CPointer(like.dtype)
 
@@ -219,9 +219,27 @@ _LOW = (1 << 32) - 1
 
 
 @numba.njit(**INLINE)
+def _arrays(px, pw, pb, pout, like, nr, k, n_out):
+    """The flat arrays at these addresses, as writeable C arrays of ``like``'s dtype: every caller
+    hands the kernel the same array types, so it compiles once per dtype (not once per read-only
+    or writeable combination of its inputs). The kernel only reads x, W and b."""
+    return (numba.carray(_pointer_like(px, like), nr * k), numba.carray(_pointer_like(pw, like), n_out * k),
+            numba.carray(_pointer_like(pb, like), n_out), numba.carray(_pointer_like(pout, like), nr * n_out))
+
+
+@numba.njit(**INLINE)
 def _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx):
     o0 = idx * chunk
     _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, min(n_out, o0 + chunk))
+
+
+@numba.njit(**JIT)
+def _run_whole(xf, wf, b, has_bias, out, nr, k, n_out):
+    """The whole GEMM on the caller's thread (below the split threshold, or while another caller
+    holds the helper)."""
+    x, w, bb, o = _arrays(xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data, out, nr, k, n_out)
+    _run_chunk(x, w, bb, has_bias, o, nr, k, n_out, n_out, nr - nr)  # chunk 0 of one (not a literal 0:
+    # a literal would compile the kernel once more, for a constant first column)
 
 
 @numba.njit(**JIT)
@@ -236,10 +254,7 @@ def _help_with(board, seq, like):
     if c >> 32 != seq:
         return
     nr, k, n_out, chunk, n = board[_NR], board[_K], board[_NOUT], board[_CHUNK], board[_NCHUNKS]
-    xf = numba.carray(_pointer_like(board[_X], like), nr * k)
-    wf = numba.carray(_pointer_like(board[_W], like), n_out * k)
-    b = numba.carray(_pointer_like(board[_B], like), n_out)
-    out = numba.carray(_pointer_like(board[_OUT], like), nr * n_out)
+    xf, wf, b, out = _arrays(board[_X], board[_W], board[_B], board[_OUT], like, nr, k, n_out)
     has_bias = board[_HAS_BIAS] != 0
     while c >> 32 == seq and (c & _LOW) < n:
         found = _cas(board, _NEXT, c, c + 1)
@@ -252,21 +267,22 @@ def _help_with(board, seq, like):
 
 
 @numba.njit(**JIT)
-def _serve(board, seen, polls, f32, f64):
-    """The helper's loop: take part in every new job; return the last job number seen once
-    ``polls`` polls found nothing new, or at once when asked to exit."""
+def _serve(board, seen, polls, like):
+    """The helper's loop for jobs of ``like``'s dtype: take part in every new job; return the last
+    job number seen once ``polls`` polls found nothing new, or at once when asked to exit or when
+    a job of the other dtype arrives (left unseen: the caller serves it with that dtype's loop).
+    One loop per dtype, so that a process compiles the kernel only for the dtypes it uses."""
     idle = 0
     while idle < polls:
         if _atomic(board, _EXIT, 0, 0) != 0:
             return seen
         seq = _atomic(board, _SEQ, 0, 0)
         if seq != seen:
+            if _atomic(board, _DTYPE, 0, 0) != like.itemsize:
+                return seen
             seen = seq
             idle = 0
-            if _atomic(board, _DTYPE, 0, 0) == 4:
-                _help_with(board, seq, f32)
-            else:
-                _help_with(board, seq, f64)
+            _help_with(board, seq, like)
         else:
             idle += 1
     return seen
@@ -299,6 +315,7 @@ def _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
 def _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
     """The caller's share of the posted job, then the wait for the helper's claimed chunks."""
     base = board[_SEQ] << 32
+    xf, wf, b, out = _arrays(xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data, out, nr, k, n_out)
     while True:
         idx = _atomic(board, _NEXT, 2, 1) - base
         if idx >= n_chunks:
@@ -321,7 +338,8 @@ class _Helper:
 
     POLL_S = 0.0005  # how long the helper polls after its last job before it sleeps
 
-    def __init__(self):
+    def __init__(self, dtype=np.float32):
+        self.dtype = np.dtype(dtype)  # the dtype of the first job: its loop compiles first
         self.pid = os.getpid()
         self.board = np.zeros(16, np.int64)
         self.wake = threading.Event()
@@ -337,13 +355,17 @@ class _Helper:
 
     def _loop(self):
         board, seen = self.board, 0
-        f32, f64 = np.zeros(1, np.float32), np.zeros(1, np.float64)
-        _serve(board, seen, 1, f32, f64)  # compile or load it first
+        likes = {a.itemsize: a for a in (np.zeros(1, np.float32), np.zeros(1, np.float64))}
+        like = likes[self.dtype.itemsize]
+        _serve(board, seen, 1, like)  # compile or load it first
         t0 = time.perf_counter()
-        _serve(board, seen, 1 << 16, f32, f64)  # calibrate: polls a second
+        _serve(board, seen, 1 << 16, like)  # calibrate: polls a second
         polls = max(1 << 12, int(self.POLL_S * (1 << 16) / max(time.perf_counter() - t0, 1e-6)))
         while not board[_EXIT]:
-            seen = _serve(board, seen, polls, f32, f64)
+            seen = _serve(board, seen, polls, like)
+            if board[_SEQ] != seen and not board[_EXIT]:  # a job of the other dtype: its loop
+                like = likes.get(int(board[_DTYPE]), like)
+                continue
             if _may_sleep(board, seen):
                 self.wake.wait()
                 self.wake.clear()
@@ -366,12 +388,12 @@ _helper = None
 _helper_lock = threading.Lock()
 
 
-def _the_helper():
+def _the_helper(dtype):
     global _helper
     if _helper is None or _helper.pid != os.getpid():
         with _helper_lock:
             if _helper is None or _helper.pid != os.getpid():
-                _helper = _Helper()
+                _helper = _Helper(dtype)
     return _helper
 
 
@@ -420,11 +442,11 @@ def skinny_linear(x, weight, bias=None, *, out=None):
         return out
     xf, wf, of = _flat(x), _flat(weight), out.reshape(-1)
     has_bias = bias is not None
-    b = _flat(bias) if has_bias else np.zeros(1, dtype)
+    b = _flat(bias if has_bias else np.zeros(1, dtype))  # read-only either way: one specialisation
 
-    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or _CPUS < 2 else _the_helper()
+    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or _CPUS < 2 else _the_helper(dtype)
     if helper is None or not helper.lock.acquire(blocking=False):
-        _skinny_kernel(xf, wf, b, has_bias, of, nr, k, n_out, 0, n_out)
+        _run_whole(xf, wf, b, has_bias, of, nr, k, n_out)
         return out
     try:
         helper.run(xf, wf, b, has_bias, of, nr, k, n_out)
