@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Dump a transformers RobertaPreLayerNorm forward pass as a refimpl *candidate* file.
 
-A thin wrapper kept for old command lines: the adapter lives in ``refimpl.adapters.transformers_torch``
-and the command is ``refimpl dump --impl transformers`` (docs/judge.md):
+A thin wrapper kept for old command lines: the adapter lives in ``refimpl_adapters.transformers_torch``
+(the ``adapters/`` folder, installed with refimpl) and the command is ``refimpl dump --impl
+transformers``, also installed as ``refimpl-dump`` (docs/judge.md):
 
     refimpl golden --model tiny --text "Hello world" --out golden.safetensors
     refimpl dump --impl transformers --model refimpl/data/tiny-random-mlm golden.safetensors --out candidate.safetensors
@@ -17,14 +18,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's refimpl
-from refimpl.adapters import float32_to_bf16_bits, write_candidate  # noqa: E402,F401  (re-exported)
-from refimpl.adapters.transformers_torch import capture, load_transformers, torch_inputs  # noqa: E402,F401
+from refimpl_adapters import float32_to_bf16_bits, write_candidate  # noqa: E402,F401  (re-exported)
+from refimpl_adapters.transformers_torch import capture, load_transformers, torch_inputs  # noqa: E402,F401
 
 
 def main(argv=None) -> int:
     import argparse
 
-    from refimpl.cli import main as refimpl_main
+    from refimpl_adapters.cli import main as dump_main
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a Hugging Face folder (config.json + weights)")
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     args = ap.parse_args(argv)
     argv = ["dump", "--impl", "transformers", "--model", args.model, args.golden, "--out", args.out, "--dtype", args.dtype]
-    return refimpl_main(argv + (["--task", args.task] if args.task else []))
+    return dump_main(argv[1:] + (["--task", args.task] if args.task else []))
 
 
 if __name__ == "__main__":

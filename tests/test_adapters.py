@@ -1,4 +1,4 @@
-"""The adapters (refimpl.adapters, `refimpl dump`) with transformers 5.x PyTorch, and the hints that
+"""The adapters (refimpl_adapters, `refimpl dump`) with transformers 5.x PyTorch, and the hints that
 know: output fields and the hidden_states conventions, float32 rounding in a float64 comparison, a
 per-unit bias offset. transformers 4.x, Flax and ONNX have their own files (test_adapters_*.py).
 """
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import refimpl
-from refimpl.adapters import ADAPTERS, AdapterError, dump, require
 from refimpl.golden import compare, float32_evidence, output_field_map, read_golden
+from refimpl_adapters import ADAPTERS, AdapterError, dump, require
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -225,12 +225,15 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_refimpl_imports_no_framework():
-    """Importing refimpl, the adapters package and the CLI imports none of the frameworks."""
+    """Importing refimpl, the adapters package and the CLIs (refimpl's full parser, with `refimpl dump`)
+    imports none of the frameworks: an adapter imports its framework only when it runs."""
     import subprocess
     import sys
 
-    code = ("import sys, refimpl, refimpl.adapters, refimpl.cli, refimpl.adapters.transformers_torch, "
-            "refimpl.adapters.flax, refimpl.adapters.onnx; "
+    code = ("import sys, refimpl, refimpl_adapters, refimpl.cli, refimpl_adapters.transformers_torch, "
+            "refimpl_adapters.flax, refimpl_adapters.onnx, refimpl_adapters.cli; "
+            "assert 'run another implementation' in refimpl.cli.build_parser().format_help(); "
+            "refimpl_adapters.cli.build_parser(); "
             "print(sorted(m for m in ('torch', 'transformers', 'jax', 'flax', 'onnx', 'onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

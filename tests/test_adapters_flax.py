@@ -8,8 +8,8 @@ import fnmatch
 import numpy as np
 import pytest
 
-from refimpl.adapters import dump
 from refimpl.golden import compare
+from refimpl_adapters import dump
 
 pytestmark = pytest.mark.adapters
 pytest.importorskip("jax")

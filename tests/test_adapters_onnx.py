@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refimpl.adapters import AdapterError, dump
 from refimpl.golden import compare
+from refimpl_adapters import AdapterError, dump
 
 pytestmark = pytest.mark.adapters
 onnx = pytest.importorskip("onnx")

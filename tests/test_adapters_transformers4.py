@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from refimpl.adapters import dump
 from refimpl.golden import compare
+from refimpl_adapters import dump
 
 pytestmark = pytest.mark.adapters
 torch = pytest.importorskip("torch")

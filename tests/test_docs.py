@@ -16,7 +16,7 @@ folder holds the checkpoints the pages name, so the examples run as written:
   and ``hf-folder-with-pytorch_model.bin`` the ``tiny`` model saved as a ``.bin``;
 - ``scripts/`` and ``benchmarks/`` are the repository's, as from its root.
 
-A line that is one plain ``refimpl``/``refimpl-convert`` command runs in this process through the
+A line that is one plain ``refimpl``/``refimpl-convert``/``refimpl-dump`` command runs in this process through the
 console script's ``main``, and ``python script.py args`` through ``runpy`` (saving a process start
 and the imports each); other lines (pipes, redirections, other programs) run in bash. ``tests/test_cli.py`` checks the installed console scripts themselves.
 
@@ -203,12 +203,13 @@ def run_python(code: str, namespace: dict, where: str) -> None:
     exec(compile(tree, where, "exec"), namespace)
 
 
-ENTRY_POINTS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli"}  # pyproject's scripts
+ENTRY_POINTS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli",
+                "refimpl-dump": "refimpl_adapters.cli"}  # pyproject's scripts
 OPERATORS = set("|&;<>()")
 
 
 def in_process(line: str) -> list[str] | None:
-    """argv of a line that is one plain ``refimpl``/``refimpl-convert`` command (no pipe,
+    """argv of a line that is one plain ``refimpl``/``refimpl-convert``/``refimpl-dump`` command (no pipe,
     redirection, list or substitution), which runs in this process through the console script's own
     ``main``: the same code without a process start per line. Anything else goes to bash."""
     if "$" in line or "`" in line:

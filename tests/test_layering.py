@@ -2,16 +2,26 @@
 
 1. ``refimpl`` never imports ``refimpl_conversion`` (the ``conversion/`` folder): conversion builds
    on refimpl, never the reverse.
-2. No import cycles between the modules of ``refimpl`` and ``refimpl_conversion`` (imports inside
-   functions count: a lazy import is still a dependency).
+2. No import cycles between the modules of ``refimpl``, ``refimpl_conversion`` and
+   ``refimpl_adapters`` (imports inside functions count: a lazy import is still a dependency).
 3. No private name (``_x``) of one module is used by another, whether imported
    (``from m import _x``) or reached through the module (``m._x``).
 4. Command-line code (``argparse``) lives only in the command-line modules.
 5. The reference math modules never import the fast path (Numba kernels, scheduling), so that a
    reader of the reference meets the math alone and the fast path can only be held to it by tests.
+6. ``refimpl`` and ``refimpl_conversion`` never import ``refimpl_adapters`` (the ``adapters/``
+   folder): the adapters build on refimpl, which reaches ``refimpl dump`` only through the
+   ``refimpl.commands`` entry point group.
+7. ``refimpl`` and ``refimpl_conversion`` never import a framework (torch, transformers, jax, flax,
+   tensorflow, onnx, onnxruntime): torch and transformers are test-only oracles, and the other
+   implementations run only in ``refimpl_adapters``. Both ``import x`` / ``from x import y`` and a
+   call of an import function (``importlib.import_module``, ``__import__``, ``find_spec``, a
+   ``require(...)``-style helper: any function whose name contains "import", or ``require``) with
+   a string naming one count.
 
 ``violations()`` is also run on planted examples below, so a rule that stopped matching anything
-would fail here too.
+would fail here too. The last test checks rule 7 at run time as well: refimpl's everyday paths run
+with the frameworks made unimportable.
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ from collections import defaultdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # installed package name -> folder in the repository
-PACKAGES = {"refimpl": "refimpl", "refimpl_conversion": "conversion"}
-CLI_MODULES = ("refimpl.cli", "refimpl_conversion.cli")
+PACKAGES = {"refimpl": "refimpl", "refimpl_conversion": "conversion", "refimpl_adapters": "adapters"}
+CLI_MODULES = ("refimpl.cli", "refimpl_conversion.cli", "refimpl_adapters.cli")
+CORE = ("refimpl", "refimpl_conversion")  # the packages that run without any framework (rules 6 and 7)
+FRAMEWORKS = ("torch", "transformers", "jax", "flax", "tensorflow", "onnx", "onnxruntime")
 # The reference: the math a learner reads. The fast path and the scheduling must stay out of it.
 REFERENCE = ("refimpl.ops", "refimpl.attention", "refimpl.encoder", "refimpl.heads",
              "refimpl.losses", "refimpl.tasks", "refimpl.params", "refimpl.config", "refimpl.tracing",
@@ -85,16 +97,42 @@ def _owner(name: str, sources: dict) -> str | None:
     return None
 
 
+def _named_imports(tree: ast.AST):
+    """Yield ``(module named by a string, line)`` for every call of an import function with string
+    arguments: ``importlib.import_module("torch")``, ``__import__("jax")``,
+    ``require("transformers", "torch")``, ``find_spec("onnx")``, ..."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+        if "import" not in name.lower() and name not in ("require", "find_spec"):
+            continue
+        for arg in node.args:
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                yield arg.value, node.lineno
+
+
 def violations(sources: dict) -> list[str]:
     found = []
     graph = defaultdict(set)
     for mod, text in sorted(sources.items()):
         tree = ast.parse(text)
+        top = mod.split(".")[0]
         module_aliases = {}  # local name -> our module it is bound to
+        for named, line in _named_imports(tree):
+            if top in CORE and named.split(".")[0] in FRAMEWORKS:
+                found.append(f"rule 7: {mod}:{line} imports {named} by name ({top} never imports a framework)")
+            if top in CORE and named.split(".")[0] == "refimpl_adapters":
+                found.append(f"rule 6: {mod}:{line} imports {named} by name ({top} never imports the adapters)")
         for target, names, line in _imports(mod, tree, sources):
             where = f"{mod}:{line}"
-            if mod.split(".")[0] == "refimpl" and target.split(".")[0] in ("refimpl_conversion", "conversion"):
+            if top == "refimpl" and target.split(".")[0] in ("refimpl_conversion", "conversion"):
                 found.append(f"rule 1: {where} imports {target} (refimpl never imports conversion)")
+            if top in CORE and target.split(".")[0] == "refimpl_adapters":
+                found.append(f"rule 6: {where} imports {target} ({top} never imports the adapters)")
+            if top in CORE and target.split(".")[0] in FRAMEWORKS:
+                found.append(f"rule 7: {where} imports {target} ({top} never imports a framework)")
             if target.split(".")[0] == "argparse" and not mod.startswith(CLI_MODULES):
                 found.append(f"rule 4: {where} imports argparse outside the command-line modules")
             own = _owner(target, sources)
@@ -150,7 +188,7 @@ def violations(sources: dict) -> list[str]:
 
 def test_the_packages_keep_the_layering_rules():
     sources = _modules()
-    assert "refimpl" in sources and "refimpl_conversion.cli" in sources  # the walk found the packages
+    assert {"refimpl", "refimpl_conversion.cli", "refimpl_adapters.cli"} <= set(sources)  # the walk found the packages
     problems = violations(sources)
     assert not problems, "\n".join(problems)
 
@@ -166,8 +204,17 @@ def test_each_rule_catches_a_planted_violation():
         "refimpl.loading": "from .losses import _first\nfrom . import losses\nlosses._other\n",  # rule 3 twice
         "refimpl.losses": "def _first(): pass\n",
         "refimpl.cli": "import argparse\n",  # allowed
+        "refimpl.hub": "import importlib\nimportlib.import_module('refimpl_adapters.cli')\n",  # rule 6
+        "refimpl.backend": "def f():\n    import torch.nn\n",  # rule 7 (a lazy import)
+        "refimpl.pipelines": "import importlib\nimportlib.import_module('transformers')\n__import__('jax')\n"
+                             "require('adapter', 'onnxruntime')\n",  # rule 7 three times
+        "refimpl.torch_pickle": "marker('torch.Tensor')\n",  # allowed: a string, not an import
         "refimpl_conversion": "",
         "refimpl_conversion.exporter": "from refimpl.loading import params_from_state_dict\n",  # allowed
+        "refimpl_conversion.hf": "from refimpl_adapters import dump\nfrom flax import linen\n",  # rules 6 and 7
+        "refimpl_adapters": "from refimpl.golden import read_golden\n",  # allowed
+        "refimpl_adapters.transformers_torch": "def run():\n    import torch\n",  # allowed: the adapters may
+        "refimpl_adapters.cli": "import argparse\nfrom . import _private\n",  # allowed; rule 3
     }
     problems = violations(planted)
     text = "\n".join(problems)
@@ -177,8 +224,18 @@ def test_each_rule_catches_a_planted_violation():
     assert "rule 3: refimpl.loading:3 uses the private name refimpl.losses._other" in text
     assert "rule 4: refimpl.golden:2 imports argparse" in text
     assert "rule 5: refimpl.ops:1 (reference) imports the fast path refimpl.kernels" in text
-    assert not any(p.split(": ")[1].startswith(("refimpl.cli:", "refimpl_conversion.exporter:")) for p in problems)
-    assert len(problems) == 6, text
+    assert "rule 6: refimpl.hub:2 imports refimpl_adapters.cli by name" in text
+    assert "rule 6: refimpl_conversion.hf:1 imports refimpl_adapters (refimpl_conversion never" in text
+    assert "rule 7: refimpl.backend:2 imports torch.nn (refimpl never imports a framework)" in text
+    assert "rule 7: refimpl.pipelines:2 imports transformers by name" in text
+    assert "rule 7: refimpl.pipelines:3 imports jax by name" in text
+    assert "rule 7: refimpl.pipelines:4 imports onnxruntime by name" in text
+    assert "rule 7: refimpl_conversion.hf:2 imports flax" in text
+    assert "rule 3: refimpl_adapters.cli:2 imports the private name _private from refimpl_adapters" in text
+    allowed = ("refimpl.cli:", "refimpl_conversion.exporter:", "refimpl.torch_pickle:", "refimpl_adapters:",
+               "refimpl_adapters.transformers_torch:")
+    assert not any(p.split(": ")[1].startswith(allowed) for p in problems)
+    assert len(problems) == 14, text
 
 
 # The reference path of a masked-LM forward, as a reader follows it from the task function (input
@@ -229,3 +286,73 @@ def test_the_reference_forward_reads_in_one_sitting():
                         raise AssertionError(f"{mod}.{name} calls {target[0]}.{target[1]}, which the count leaves out")
     assert len(MASKED_LM_PATH) <= 6
     assert total <= 350, f"the masked-LM reference path is {total} lines"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule 7 at run time
+# ---------------------------------------------------------------------------------------------
+
+# Run in a fresh interpreter: a finder first on sys.meta_path makes every framework unimportable
+# (as where none is installed) and records each attempt made from refimpl's or conversion's own
+# code, even one that caught the ImportError.
+WITHOUT_FRAMEWORKS = r'''
+import importlib.abc, importlib.util, json, os, sys, tempfile
+
+BLOCKED = set(sys.argv[1].split(","))
+# where refimpl and refimpl_conversion are imported from (a checkout or an installed copy)
+OURS = tuple(os.path.dirname(importlib.util.find_spec(p).origin) + os.sep for p in ("refimpl", "refimpl_conversion"))
+attempts = []
+
+
+class NoFrameworks(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in BLOCKED:
+            return None
+        frame = sys._getframe(1)
+        while frame and (frame.f_code.co_filename.startswith("<frozen") or "importlib" in frame.f_code.co_filename):
+            frame = frame.f_back  # the import machinery: the importer is the first frame outside it
+        if frame and frame.f_code.co_filename.startswith(OURS):
+            attempts.append(f"{name} from {frame.f_code.co_filename}:{frame.f_lineno}")
+        raise ModuleNotFoundError(f"No module named {name!r} (made unimportable by the test)", name=name)
+
+
+sys.meta_path.insert(0, NoFrameworks())
+
+import numpy as np
+
+import refimpl
+from refimpl.cli import main
+from refimpl.pipelines import FillMask
+
+model = refimpl.from_pretrained("tiny")
+out = model(input_ids=[[0, 31414, 232, 2]])
+assert out.logits.shape[:2] == (1, 4) and np.isfinite(out.logits).all()
+assert len(FillMask("tiny")("Hello <mask>!")) == 5
+work = tempfile.mkdtemp()
+golden = os.path.join(work, "golden.safetensors")
+assert main(["fill-mask", "--model", "tiny", "Hello <mask>"]) == 0
+assert main(["golden", "--model", "tiny", "--text", "Hello world", "--out", golden]) == 0
+assert main(["compare", golden, golden, "--quiet"]) == 0
+# the adapters load (refimpl dump is a plugin command) and fail in one line when their framework is absent
+assert main(["dump", "--impl", "transformers", "--model", "tiny", golden, "--out", os.path.join(work, "c")]) == 2
+
+import refimpl_conversion
+from refimpl_conversion.cli import main as convert
+
+assert convert(["tiny", os.path.join(work, "converted")]) == 0
+print(json.dumps({"attempts": attempts, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+'''
+
+
+def test_refimpl_and_conversion_run_without_any_framework(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_FRAMEWORKS, ",".join(FRAMEWORKS)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "pip install '.[adapters-torch]'" in done.stderr  # refimpl dump's one line: the adapter ran and said why
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report == {"attempts": [], "loaded": []}, report

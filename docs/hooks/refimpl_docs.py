@@ -45,7 +45,7 @@ MARKER = re.compile(r"^::: (source|cli|file|modules|bench|tolerances) +(\S+) *$"
 FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.M | re.S)
 if ROOT not in sys.path:  # document this tree's refimpl, also where another copy is installed
     sys.path.insert(0, ROOT)
-CLI_PARSERS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli"}  # command -> module with build_parser()
+CLI_PARSERS = {"refimpl": "refimpl.cli", "refimpl-convert": "refimpl_conversion.cli", "refimpl-dump": "refimpl_adapters.cli"}  # command -> module with build_parser()
 HELP_WIDTH = "100"  # argparse wraps --help to $COLUMNS; fixed so the page does not depend on the terminal
 WALKTHROUGH = "walkthrough.py"
 
@@ -147,7 +147,7 @@ def file_block(path: str) -> str:
     return f'```{lang} title="{path}" linenums="1"\n{text}\n```'
 
 
-PACKAGE_FOLDERS = {"refimpl": "refimpl", "refimpl_conversion": "conversion"}
+PACKAGE_FOLDERS = {"refimpl": "refimpl", "refimpl_conversion": "conversion", "refimpl_adapters": "adapters"}
 
 
 def modules_block(package: str) -> str:

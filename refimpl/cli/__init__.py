@@ -10,6 +10,13 @@
     refimpl info --model tiny
     refimpl forward --model tiny --ids "0 31414 232 2"
 
+Commands can also come from other installed packages: an entry point of the group
+``refimpl.commands`` (``[project.entry-points."refimpl.commands"]`` in their pyproject.toml) names a
+function that adds its subcommand to the subparsers given to it. ``refimpl dump`` (docs/judge.md)
+arrives that way, from the adapters package of this distribution, so that refimpl itself imports
+neither the adapters nor the frameworks they run. A plugin that fails to load breaks only its own
+command, which then says what went wrong and how to fix it.
+
 Each task command reads its texts from the arguments, from ``--file FILE`` (``-`` = stdin) or, with
 neither, from stdin when it is not a terminal: one text per line, read as the work goes. Results
 are printed as each batch finishes, one output per input in input order; ``--json`` prints one JSON
@@ -61,8 +68,10 @@ def add_model_options(p, default_model=None, default_dtype="float32", hub=True) 
 
 
 # The commands defined in this file. A command line naming one of them builds its parser without the
-# commands whose modules load golden files, adapters or training code (~0.15 s of imports).
+# commands whose modules load golden files, adapters or training code (~0.15 s of imports), and
+# without looking up the plugin commands' entry points (~0.01 s).
 _LIGHT_COMMANDS = ("fill-mask", "classify", "tag", "qa", "choose", "embed", "generate", "info", "forward")
+PLUGIN_GROUP = "refimpl.commands"  # the entry point group of the commands other packages add
 
 
 def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
@@ -184,12 +193,51 @@ def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="task (default: from config.json's architectures)")
     p.add_argument("--ids", required=True, help="token ids, rows separated by ';'")
     if heavy:
-        from . import dump, finetune, golden
+        from . import finetune, golden
 
         golden.add_golden_commands(sub, add_model_options)  # refimpl golden, refimpl compare
-        dump.add_dump_command(sub)  # refimpl dump
         finetune.add_finetune_command(sub)  # refimpl finetune
+        add_plugin_commands(sub)  # refimpl dump, and any other installed package's commands
     return parser
+
+
+def add_plugin_commands(sub) -> None:
+    """Add the subcommands of the ``refimpl.commands`` entry points, in the order of their names.
+
+    Each entry point is a function called with ``sub`` (argparse's subparsers). A name refimpl
+    already has keeps its own command. A plugin that fails to import or to add itself leaves a
+    command of its name that fails with one line naming the error and the fix, and accepts any
+    arguments: a broken plugin breaks nothing else.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        if ep.name in sub.choices:
+            continue
+        try:
+            ep.load()(sub)
+        except Exception as e:  # noqa: BLE001 - whatever broke the plugin, the other commands keep working
+            message = _plugin_error(ep, e)
+            p = sub.choices.get(ep.name)  # what the plugin added before it failed, else a placeholder
+            if p is None:
+                p = sub.add_parser(ep.name, help=f"(unavailable: {message})", description=message)
+            p.set_defaults(func=_failing(message), plugin_error=message)
+
+
+def _plugin_error(ep, error: BaseException) -> str:
+    dist = getattr(ep.dist, "name", None)
+    fix = ("reinstall refimpl from its checkout: pip install . (pip install -e . for an editable install)"
+           if dist == "refimpl" else f"reinstall {dist or 'the package that provides it'}, or uninstall that "
+           "package to drop the command")
+    return (f"the {ep.name} command could not be loaded ({ep.value}, entry point of {dist or 'an unknown package'}: "
+            f"{type(error).__name__}: {_one_line(error)}); {fix}")
+
+
+def _failing(message: str):
+    def fail(args) -> int:
+        raise ImportError(message)
+
+    return fail
 
 
 def _one_line(e: BaseException) -> str:
@@ -230,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refimpl {__version__}")
         raise SystemExit(0)
     command = next((w for w in words if not w.startswith("-")), None)  # the top level takes no option values
-    args = build_parser(heavy=command not in _LIGHT_COMMANDS).parse_args(argv)
+    parser = build_parser(heavy=command not in _LIGHT_COMMANDS)
+    args, unknown = parser.parse_known_args(argv)  # parse_args, but a broken plugin's command takes any words
+    if unknown and getattr(args, "plugin_error", None) is None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler = _log_warnings_to_stderr(args.command)
     try:
         return args.func(args)

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from ..params import TASKS
+from refimpl.params import TASKS
 from . import AdapterError, Dump, add_fields, finish, golden_inputs, require
 
 TASK_CLASSES = {task: cls for task, (cls, _, _) in TASKS.items()}

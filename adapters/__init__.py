@@ -1,15 +1,18 @@
 """Adapters: run another implementation of RoBERTa-PreLayerNorm on a golden file's own inputs and
 record its tensors under golden names, as a *candidate* file for ``refimpl compare``.
 
-    from refimpl.adapters import dump
+    from refimpl_adapters import dump
     result = dump("transformers", "path/to/hf-folder", "golden.safetensors", dtype="float32")
     result.write("candidate.safetensors")
     print(result.missing)          # golden names this implementation does not provide, with the reason
 
     refimpl dump --impl transformers --model path/to/hf-folder golden.safetensors --out candidate.safetensors
+    refimpl-dump --impl transformers --model path/to/hf-folder golden.safetensors --out candidate.safetensors
 
-One module per implementation, each importing its framework only when it runs (the frameworks are
-optional extras, never needed by refimpl itself):
+This package (the ``adapters/`` folder of the checkout, installed as ``refimpl_adapters``) builds
+on refimpl; refimpl never imports it, nor any of the frameworks: ``refimpl dump`` reaches
+:mod:`refimpl_adapters.cli` through the ``refimpl.commands`` entry point group. One module per
+implementation, each importing its framework only when it runs (the frameworks are optional extras):
 
     transformers   transformers' RobertaPreLayerNorm* PyTorch classes, 4.x and 5.x (forward hooks)
     flax           transformers 4.x FlaxRobertaPreLayerNorm* (capture_intermediates)
@@ -31,8 +34,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..golden import INPUT_PREFIX, Golden, num_layers, output_field_map, read_golden
-from ..io import BF16_BITS, FLOAT_DTYPES, float32_to_bf16_bits, write_safetensors
+from refimpl.golden import INPUT_PREFIX, Golden, num_layers, output_field_map, read_golden
+from refimpl.io import BF16_BITS, FLOAT_DTYPES, float32_to_bf16_bits, write_safetensors
 
 
 class AdapterError(ValueError):
@@ -51,13 +54,13 @@ class AdapterInfo:
 
 ADAPTERS: dict[str, AdapterInfo] = {
     "transformers": AdapterInfo(
-        "transformers", "refimpl.adapters.transformers_torch", "adapters-torch", ("torch", "transformers"),
+        "transformers", "refimpl_adapters.transformers_torch", "adapters-torch", ("torch", "transformers"),
         "transformers' RobertaPreLayerNorm* PyTorch classes (4.x and 5.x), through forward hooks"),
     "flax": AdapterInfo(
-        "flax", "refimpl.adapters.flax", "adapters-flax", ("jax", "flax", "transformers"),
+        "flax", "refimpl_adapters.flax", "adapters-flax", ("jax", "flax", "transformers"),
         "transformers 4.x FlaxRobertaPreLayerNorm* classes, through capture_intermediates"),
     "onnx": AdapterInfo(
-        "onnx", "refimpl.adapters.onnx", "adapters-onnx", ("onnxruntime", "onnx"),
+        "onnx", "refimpl_adapters.onnx", "adapters-onnx", ("onnxruntime", "onnx"),
         "an ONNX graph through onnxruntime (a .onnx file, or a transformers folder exported with torch.onnx)"),
 }
 

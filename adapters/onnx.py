@@ -24,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from ..golden import output_field_map, num_layers
+from refimpl.golden import output_field_map, num_layers
 from . import AdapterError, Dump, finish, require, split_heads
 
 # Forward-changing inputs: when the graph does not take one, the golden's must be the default.
