@@ -5,7 +5,9 @@
 Each candidate is a fresh process, timed by wall clock from start to exit; candidates take turns in
 rounds (so whatever else the machine does falls on all of them) and the table reports medians and
 ratios to transformers' warm pipeline measured in the same run, and the CPU time each process used
-(user + system; on a machine shared with other work it says what wall clock would be unshared).
+(user + system; on a machine shared with other work it says what wall clock would be unshared)
+and its peak resident memory (``ru_maxrss``; Linux starts it from the launching process's resident
+size, this script's, which is printed: a smaller figure than that is not measured).
 
 - cold: an empty Numba cache (a fresh ``NUMBA_CACHE_DIR``), Python bytecode present: the first
   call after a fresh ``pip install`` (which writes bytecode at install time);
@@ -26,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -52,16 +53,19 @@ def refimpl_command() -> list[str]:
     return [script] if os.path.exists(script) else [sys.executable, "-m", "refimpl"]
 
 
-def run(argv: list[str], env: dict, cwd: str | None = None) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds: user + system of the process and its children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+def run(argv: list[str], env: dict, cwd: str | None = None) -> tuple[float, float, float]:
+    """(wall-clock seconds, CPU seconds: user + system, peak resident memory in MiB) of the process
+    (with its threads; ``os.wait4`` reads the process's own resource usage)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err.read().decode(errors='replace')[-2000:]}")
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
 def main() -> int:
@@ -116,6 +120,7 @@ def main() -> int:
             run(argv, env(mode, 0, baseline), cwd=work)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     cpu: dict[str, list[float]] = {name: [] for name in candidates}
+    peak: dict[str, list[float]] = {name: [] for name in candidates}
     n = 0
     try:
         for r in range(args.rounds):
@@ -123,9 +128,10 @@ def main() -> int:
             for name in order:
                 argv, mode, baseline = candidates[name]
                 n += 1
-                wall, used = run(argv, env(mode, n, baseline), cwd=work)  # cwd: no checkout shadows PYTHONPATH
+                wall, used, mib = run(argv, env(mode, n, baseline), cwd=work)  # cwd: no checkout shadows PYTHONPATH
                 times[name].append(wall)
                 cpu[name].append(used)
+                peak[name].append(mib)
                 for d in (f"numba-{n}", f"pyc-{n}"):  # a cold run's caches are thrown away
                     shutil.rmtree(os.path.join(work, d), ignore_errors=True)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
@@ -134,12 +140,15 @@ def main() -> int:
 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
+    med_peak = {name: statistics.median(ts) for name, ts in peak.items()}
+    launcher_mib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+    print(f"peak MiB: at least this script's own {launcher_mib:.0f} MiB (ru_maxrss starts from the launcher's)")
     ref = med.get("transformers warm")
-    print(f"{'candidate':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'CPU s':>7s}"
+    print(f"{'candidate':26s} {'median s':>9s} {'min s':>7s} {'max s':>7s} {'CPU s':>7s} {'peak MiB':>9s}"
           + ("  / transformers warm" if ref else ""))
     for name, ts in times.items():
         ratio = f"  {med[name] / ref:6.2f}x" if ref else ""
-        print(f"{name:26s} {med[name]:9.2f} {min(ts):7.2f} {max(ts):7.2f} {med_cpu[name]:7.2f}{ratio}")
+        print(f"{name:26s} {med[name]:9.2f} {min(ts):7.2f} {max(ts):7.2f} {med_cpu[name]:7.2f} {med_peak[name]:9.0f}{ratio}")
     acceptance = {name: {"median_s": med[name], "bound_s": bound, "ok": med[name] <= bound} for name, bound in BOUNDS.items()}
     for name, a in acceptance.items():
         print(f"acceptance: {name} median {a['median_s']:.2f} s <= {a['bound_s']:.1f} s: {'yes' if a['ok'] else 'NO'}")
@@ -151,6 +160,9 @@ def main() -> int:
         "median_s": med,
         "cpu_seconds": cpu,
         "median_cpu_s": med_cpu,
+        "peak_rss_mib": peak,
+        "median_peak_rss_mib": med_peak,
+        "launcher_peak_rss_mib": launcher_mib,
         "ratio_to_transformers_warm": {name: m / ref for name, m in med.items()} if ref else None,
         "acceptance": acceptance,
     }

@@ -28,7 +28,9 @@ thread count) and on one thread (refimpl with NumPy's BLAS limited to one thread
 ``set_num_threads(1)``): on a 2-core machine that other work also uses, one thread can be faster
 than two that wait on each other. Two ratios, transformers' time over refimpl's (refimpl's
 throughput in multiples of transformers'; higher is better for refimpl), from the medians of one
-run: default threads on both sides, and the faster configuration of each.
+run: default threads on both sides, and the faster configuration of each. Peak memory: each side's
+pipeline loaded and run once over the texts in a fresh process, its peak resident memory
+(``VmHWM``, interpreter and libraries included).
 
 Not a test: the numbers depend on the machine; quote ratios from one run, never bare times.
 """
@@ -42,6 +44,7 @@ import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,33 +104,71 @@ def build_base(folder: str) -> dict[str, str]:
     return out
 
 
-def candidates(folders: dict[str, str], batch_size: int):
-    """{task: (refimpl callable, transformers callable, inputs)}: each callable maps the texts to its outputs."""
+def build(task: str, impl: str, folders: dict[str, str], batch_size: int):
+    """One candidate: ``impl`` ("refimpl" or "transformers")'s pipeline for ``task``, as a callable
+    mapping the texts to its outputs."""
+    if impl == "refimpl":
+        from refimpl import pipelines as P
+
+        if task == "fill-mask":
+            pipe, kwargs = P.FillMask(folders["mlm"], batch_size=batch_size), dict(top_k=5)
+        elif task == "classify":
+            pipe, kwargs = P.TextClassification(folders["classify"], batch_size=batch_size), dict(top_k=1)
+        else:
+            pipe, kwargs = P.Embedding(folders["mlm"], batch_size=batch_size), dict(pooling="cls")
+
+        def run(xs):
+            return pipe(xs, **kwargs)
+
+        run.backend = pipe.model.backend
+        return run
     import torch
     import transformers as tf
 
-    from refimpl import pipelines as P
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_fill = tf.pipeline("fill-mask", model=folders["mlm"], tokenizer=folders["mlm"], top_k=5)
-        hf_cls = tf.pipeline("text-classification", model=folders["classify"], tokenizer=folders["classify"],
-                             top_k=1)
+        if task == "fill-mask":
+            hf_fill = tf.pipeline("fill-mask", model=folders["mlm"], tokenizer=folders["mlm"], top_k=5)
+            return lambda xs: hf_fill(xs, batch_size=batch_size)
+        if task == "classify":
+            hf_cls = tf.pipeline("text-classification", model=folders["classify"], tokenizer=folders["classify"],
+                                 top_k=1)
+            return lambda xs: hf_cls(xs, batch_size=batch_size)
         hf_emb = tf.pipeline("feature-extraction", model=folders["mlm"], tokenizer=folders["mlm"],
                              return_tensors=True)
-    fill = P.FillMask(folders["mlm"], batch_size=batch_size)
-    cls = P.TextClassification(folders["classify"], batch_size=batch_size)
-    emb = P.Embedding(folders["mlm"], batch_size=batch_size)
 
     def hf_embed(xs):
         with torch.inference_mode():
             return np.stack([t[0, 0].numpy() for t in hf_emb(xs, batch_size=batch_size)])
 
-    return {
-        "fill-mask": (lambda xs: fill(xs, top_k=5), lambda xs: hf_fill(xs, batch_size=batch_size), True),
-        "classify": (lambda xs: cls(xs, top_k=1), lambda xs: hf_cls(xs, batch_size=batch_size), False),
-        "embed": (lambda xs: emb(xs, pooling="cls"), hf_embed, False),
-    }, fill.model.backend
+    return hf_embed
+
+
+TASKS = ("fill-mask", "classify", "embed")
+
+
+def candidates(folders: dict[str, str], batch_size: int):
+    """{task: (refimpl callable, transformers callable, inputs have a mask)}, and refimpl's backend."""
+    cands = {task: (build(task, "refimpl", folders, batch_size), build(task, "transformers", folders, batch_size),
+                    task == "fill-mask") for task in TASKS}
+    return cands, cands["fill-mask"][0].backend
+
+
+def peak_memory(task: str, impl: str, folders: dict[str, str], n: int, batch_size: int) -> float:
+    """Peak resident memory (MiB) of a fresh process that loads ``impl``'s pipeline for ``task`` and
+    runs it once over the ``n`` texts: what a script doing that needs (interpreter and libraries
+    included)."""
+    # VmHWM, the process's own high-water mark: ru_maxrss would start from the parent's resident size
+    # (Linux carries it over the fork and exec), and the parent here holds both libraries.
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import pipelines as B; "
+            "task, impl, folders, n, bs = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5]), "
+            "int(sys.argv[6]); B.build(task, impl, folders, bs)(B.texts(n, seed=1, mask=task == 'fill-mask')); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024)")
+    proc = subprocess.run([sys.executable, "-c", code, HERE, task, impl, json.dumps(folders), str(n), str(batch_size)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"peak memory of {impl} {task} failed: {proc.stderr.strip()[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def check(task: str, ours, theirs) -> float:
@@ -192,12 +233,15 @@ def measure(size: str, folders: dict[str, str], n: int, batch_size: int, rounds:
         med = {k: statistics.median(v) for k, v in times.items()}
         ours_best = min(med["refimpl"], med["refimpl-1-thread"])
         theirs_best = min(med["transformers"], med["transformers-1-thread"])
+        peak = {impl: peak_memory(task, impl, folders, n, batch_size) for impl in ("refimpl", "transformers")}
         results[task] = dict(texts=n, batch_size=batch_size, median_s=med,
                              ratio_default_threads=med["transformers"] / med["refimpl"],
-                             ratio_best=theirs_best / ours_best, max_difference=err, rounds=times)
+                             ratio_best=theirs_best / ours_best, max_difference=err, rounds=times,
+                             peak_rss_mib=peak)
         print(f"{size:5s} {task:10s} {n:4d} texts  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items())
               + f"  ratio (default threads) {med['transformers'] / med['refimpl']:.2f}x"
-              + f"  ratio (best of each) {theirs_best / ours_best:.2f}x", flush=True)
+              + f"  ratio (best of each) {theirs_best / ours_best:.2f}x"
+              + f"  peak MiB refimpl {peak['refimpl']:.0f} transformers {peak['transformers']:.0f}", flush=True)
     return dict(backend=backend, tasks=results)
 
 
