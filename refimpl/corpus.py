@@ -684,7 +684,7 @@ class _Runner:
         else:
             cls = getattr(pipelines, _PIPELINES[job.task])
             self.pipe = cls(job.model, dtype=job.dtype, batch_size=job.batch_size, truncate=job.truncate, progress=False,
-                            backend=job.backend)
+                            backend=job.backend, group_by_length=False)  # each call is one batch, in input order
             self.tokenizer, self.max_length = self.pipe.tokenizer, self.pipe.max_length
             self._warm(self.pipe.model)
 

@@ -15,7 +15,9 @@ from . import heads, losses
 from .backend import namespace
 from .config import Config
 from .encoder import embed
-from .encoder import EncoderOutput, encode
+from .encoder import EncoderOutput, encode, feed_forward_block, transformer_layer
+from .attention import attention_block
+from .ops import layer_norm
 from .inputs import Inputs
 from .outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
@@ -36,6 +38,36 @@ def encoder_forward(params: Params, config: Config, x: Inputs, trace: Trace | No
               input_ids=x.input_ids, inputs_embeds=x.inputs_embeds, trace=scope(trace, "embeddings"))  # [B, T, H]
     return encode(h, params, config, x.attention_bias, encoder_hidden_states=x.encoder_hidden_states,
                   encoder_bias=x.encoder_bias, cache=x.cache, trace=trace)
+
+
+def first_token_states(params: Params, config: Config, x: Inputs):
+    """``encoder_forward(...).last_hidden_state[:, 0]``, [B, H], computing the last block for the
+    first position only: a sequence classifier and an ``<s>`` embedding read nothing else.
+
+    The last block's keys and values need every position (``LayerNorm(h)`` [B, T, H], passed to
+    the attention sub-block as the states it attends over); its query, output projection, FFN and
+    the final LayerNorm run on position 0 alone. Every row's numbers are those of the full encoder
+    up to the rounding of a GEMM with fewer rows. Without the shortcut's preconditions (a cache,
+    cross-attention, no layers) it is the full encoder's first position.
+    """
+    if x.cache is not None or x.encoder_hidden_states is not None or not params.layers:
+        return encoder_forward(params, config, x).last_hidden_state[:, 0]
+    eps, heads_ = config.layer_norm_eps, config.num_attention_heads
+    h = embed(params.embeddings, x.position_ids, x.token_type_ids, eps=eps, input_ids=x.input_ids,
+              inputs_embeds=x.inputs_embeds)  # [B, T, H]
+    for layer in params.layers[:-1]:
+        h = transformer_layer(h, layer, x.attention_bias, config).hidden  # [B, T, H]
+    last = params.layers[-1]
+    p = last.attention
+    kv = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [B, T, H]: what every position offers
+    bias = x.attention_bias  # [B|1, 1|N, T|1, S] or None
+    if bias is not None and bias.shape[-2] > 1:
+        bias = bias[:, :, :1]  # [B|1, 1|N, 1, S]: the first query's row
+    h0, _, _ = attention_block(h[:, :1], p, bias, num_heads=heads_, eps=eps, key_value_states=kv,
+                               cross=True)  # [B, 1, H]: LayerNorm(h[:, :1]) queries, kv's keys and values
+    h0 = feed_forward_block(h0, last, act=config.hidden_act, eps=eps)  # [B, 1, H]
+    fl = params.final_layer_norm
+    return layer_norm(h0, fl.weight, fl.bias, eps)[:, 0]  # [B, H]
 
 
 def base(params: Params, config: Config, x: Inputs, trace: Trace | None = None):

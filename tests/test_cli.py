@@ -315,7 +315,8 @@ def test_results_are_printed_batch_by_batch_while_input_is_read(monkeypatch):
     monkeypatch.setattr(sys, "stdout", out)
     stdin = LazyStdin(texts, out)
     monkeypatch.setattr(sys, "stdin", stdin)
-    assert cli.main(["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "2"]) == 0
+    in_order = ["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "2", "--no-group-by-length"]
+    assert cli.main(in_order) == 0
     # The first line is read before the model loads (to check there is input); each later batch is
     # read only after the previous batch's results were printed.
     assert stdin.printed_before == [0, 0, 2, 2, 4, 4, 6]
@@ -324,8 +325,17 @@ def test_results_are_printed_batch_by_batch_while_input_is_read(monkeypatch):
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stdin", LazyStdin(texts, out, interrupt_at=5))
-    assert cli.main(["fill-mask", "--model", "tiny", "--json", "--top-k", "1", "--batch-size", "2"]) == 130
+    assert cli.main(in_order) == 130
     assert [r["index"] for r in records(out.getvalue())] == [0, 1, 2, 3]
+    # Grouped by length (the default): 8 batches (here 16 lines) are read, then their results printed.
+    texts = [f"text {i} <mask>." for i in range(20)]
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    stdin = LazyStdin(texts, out)
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert cli.main(in_order[:-1]) == 0
+    assert stdin.printed_before == [0] * 16 + [16] * 4
+    assert [r["index"] for r in records(out.getvalue())] == list(range(20))
 
 
 def test_console_script_streams_through_a_pipe(tmp_path):

@@ -96,24 +96,24 @@ def assert_same_outputs(a, b):
 
 
 def pipeline_reference(task, models, lines):
-    """The pipeline itself on the same inputs, batch by batch as a corpus run composes them, with
-    BLAS on one thread (the corpus run's default)."""
+    """The pipeline itself on the same inputs, batch by batch in input order as a corpus run composes
+    them, with BLAS on one thread (the corpus run's default)."""
     o = OPTIONS[task]
     with threadpoolctl.threadpool_limits(1):
         if task == "embed":
-            return pipelines.Embedding(models[task], batch_size=BATCH)(lines, **o)
+            return pipelines.Embedding(models[task], batch_size=BATCH, group_by_length=False)(lines, **o)
         if task == "classify":
-            return pipelines.TextClassification(models[task], batch_size=BATCH)(lines, **o)
+            return pipelines.TextClassification(models[task], batch_size=BATCH, group_by_length=False)(lines, **o)
         if task == "fill-mask":
-            return [[r] for r in pipelines.FillMask(models[task], batch_size=BATCH)(lines, **o)]
+            return [[r] for r in pipelines.FillMask(models[task], batch_size=BATCH, group_by_length=False)(lines, **o)]
         if task == "tag":
-            return pipelines.TokenClassification(models[task], batch_size=BATCH)(lines, **o)
+            return pipelines.TokenClassification(models[task], batch_size=BATCH, group_by_length=False)(lines, **o)
         if task == "qa":
             qs, cs = zip(*(line.split("\t", 1) for line in lines))
-            return pipelines.QuestionAnswering(models[task], batch_size=BATCH)(list(qs), list(cs), **o)
+            return pipelines.QuestionAnswering(models[task], batch_size=BATCH, group_by_length=False)(list(qs), list(cs), **o)
         if task == "choose":
             groups = [line.split("\t") for line in lines]
-            return pipelines.MultipleChoice(models[task], batch_size=BATCH)([g[0] for g in groups], [g[1:] for g in groups])
+            return pipelines.MultipleChoice(models[task], batch_size=BATCH, group_by_length=False)([g[0] for g in groups], [g[1:] for g in groups])
     raise AssertionError(task)
 
 
@@ -247,7 +247,7 @@ def test_unusable_inputs_are_listed_and_the_rest_kept(tmp_path, models):
     assert kept.column("index").to_pylist() == [i for i in range(17) if i not in planted]
     # the usable inputs of each partition, batch_size at a time: partition 0 keeps good[0:5] (batches of
     # 4 and 1), partition 1 good[5:11] (4 and 2), partition 2 good[11:12]
-    pipe = pipelines.FillMask(models["fill-mask"], batch_size=BATCH)
+    pipe = pipelines.FillMask(models["fill-mask"], batch_size=BATCH, group_by_length=False)
     with threadpoolctl.threadpool_limits(1):
         expected = [[r] for a, b in ((0, 4), (4, 5), (5, 9), (9, 11), (11, 12)) for r in pipe(good[a:b], top_k=3)]
     assert [drop_nulls(r) for r in kept.column("result").to_pylist()] == expected
@@ -286,7 +286,7 @@ def test_an_input_only_the_pipeline_refuses_is_found_and_the_batch_redone(tmp_pa
     good = lines[:2] + lines[3:]
     qs, cs = zip(*(line.split("\t", 1) for line in good))
     with threadpoolctl.threadpool_limits(1):
-        expected = pipelines.QuestionAnswering(models["qa"], batch_size=BATCH)(list(qs), list(cs), max_seq_len=32,
+        expected = pipelines.QuestionAnswering(models["qa"], batch_size=BATCH, group_by_length=False)(list(qs), list(cs), max_seq_len=32,
                                                                               doc_stride=4)
     assert kept == [r if isinstance(r, list) else [r] for r in expected]
 

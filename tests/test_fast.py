@@ -18,7 +18,7 @@ from refimpl import attention, encoder, tasks
 from refimpl.cache import empty_cache
 from refimpl.inputs import validate
 from refimpl.params import build_params, hf_key_table
-from tolerances import FAST, assert_close
+from tolerances import FAST, REORDERED, assert_close
 
 DTYPES = ["float64", "float32"]
 
@@ -192,3 +192,26 @@ def test_token_halves_a_failing_part_raises_and_does_not_hang(monkeypatch):
         pytest.skip("no two-thread split here")
     with pytest.raises(RuntimeError, match="boom"):
         model(input_ids=np.arange(3, 14)[None])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, dtype, act):
+    """The reference's and the fast path's first-position shortcut (the last block on position 0
+    only, what a classifier or an <s> embedding reads) against the full encoder's
+    ``last_hidden_state[:, 0]``: a padded batch with token types, whole and in two halves."""
+    model = random_model("base", seed=7, hidden_act=act).astype(dtype)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 99, size=(5, 11))
+    mask = np.ones_like(ids)
+    for i, n in enumerate([11, 7, 3, 11, 1]):
+        mask[i, n:] = 0
+        ids[i, n:] = model.config.pad_token_id
+    x = validate(model, input_ids=ids, attention_mask=mask, token_type_ids=rng.integers(0, 2, size=ids.shape))
+    want = tasks.encoder_forward(model.params, model.config, x).last_hidden_state[:, 0]  # [B, H]
+    got = tasks.first_token_states(model.params, model.config, x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # Only the GEMMs' row counts differ: float64 to ~1e-15, float32 within rounding.
+    assert_close(got, want, dtype, "reference first_token_states", REORDERED)
+    monkeypatch.setattr(fast, "worth_splitting", lambda *a, **k: True)
+    assert_close(fast.first_token_states(model.params, model.config, x), want, dtype, "fast first_token_states", FAST)

@@ -325,6 +325,50 @@ def test_pipeline_factory_and_shipped_model():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_batches_grouped_by_length_give_the_same_results_in_input_order(ck, monkeypatch):
+    """group_by_length (the default) batches each window of 8 batches in order of length: the
+    results are those of batches in input order up to float rounding, in input order."""
+    _, mlm = ck["mlm"]
+    texts = [("word " * (1 + (7 * i) % 13)) + "<mask>." for i in range(21)]  # lengths out of order
+    seen = []
+    encode = P.Pipeline._encode
+
+    def spy(self, batch, *args, **kw):
+        seen.append(list(batch))
+        return encode(self, batch, *args, **kw)
+
+    monkeypatch.setattr(P.Pipeline, "_encode", spy)
+    grouped = P.FillMask(mlm, batch_size=2)(texts, top_k=3)
+    batches, seen[:] = list(seen), []
+    in_order = P.FillMask(mlm, batch_size=2, group_by_length=False)(texts, top_k=3)
+    assert seen == [texts[i:i + 2] for i in range(0, 21, 2)]
+    for text, a, b in zip(texts, grouped, in_order):
+        assert_same(a, b, text)
+    # The first window (16 texts) in order of length, ties in input order; then the last 5.
+    first = sorted(texts[:16], key=len)
+    assert batches[:8] == [first[i:i + 2] for i in range(0, 16, 2)]
+    assert batches[8:] == [sorted(texts[16:], key=len)[i:i + 2] for i in range(0, 5, 2)]
+    assert len({len(t) for t in batches[0]}) == 1  # short with short
+
+
+def test_grouped_batches_report_the_first_failing_input_after_the_results_before_it(ck):
+    """Inputs 3 and 6 (1-based) have no mask; sorted by length, input 6 comes first: yet input 3 is
+    reported, after the results of inputs 1 and 2, as batches in input order would."""
+    _, mlm = ck["mlm"]
+    texts = ["a much longer text with a <mask> in it", "and another long one with a <mask>",
+             "no mask at all in this rather long text", "short <mask>", "tiny <mask>", "none"]
+    pipe = P.FillMask(mlm, batch_size=2)
+    got = []
+    with pytest.raises(P.PipelineError, match="input 3 has no <mask>") as e:
+        for r in pipe.stream(texts, top_k=2):
+            got.append(r)
+    assert e.value.index == 2 and len(got) == 2
+    for text, r in zip(texts, got):
+        assert_same(r, pipe(text, top_k=2), text)
+    with pytest.raises(P.PipelineError, match="input 6 has no <mask>"):
+        pipe(texts[3:5] + texts[3:5] + texts[3:4] + ["none"])
+
+
 def test_stream_gives_the_results_of_a_list(ck):
     """stream(iterable) and pipe(generator) run the same batches as a list: identical results,
     one per input, produced batch by batch as the input is read."""
@@ -341,8 +385,13 @@ def test_stream_gives_the_results_of_a_list(ck):
     stream = pipe.stream(texts(), top_k=3)
     assert read == []  # nothing is read before the first result is asked for
     first = next(stream)
-    assert read == [0, 1] and first == want[0]  # one batch read
+    assert read == list(range(len(FILL_TEXTS) * 2)) and first == want[0]  # one window (up to 8 batches) read
     assert [first, *stream] == want
+    read.clear()
+    in_order = P.FillMask(mlm, batch_size=2, group_by_length=False)
+    stream = in_order.stream(texts(), top_k=3)
+    first = next(stream)
+    assert read == [0, 1] and first == in_order(FILL_TEXTS * 2, top_k=3)[0]  # one batch read
     assert list(pipe(iter(FILL_TEXTS * 2), top_k=3)) == want
     with pytest.raises(P.PipelineError, match="top_k"):  # options are checked at once
         pipe.stream(iter([]), top_k=0)

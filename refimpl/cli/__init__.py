@@ -98,6 +98,9 @@ def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
             p.add_argument("texts", nargs="*", metavar="TEXT", help="input texts (else --file or stdin)")
             p.add_argument("--file", default=None, help="read one input per line from FILE ('-' = stdin)")
         p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
+        p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                       help="batch the inputs in their order (default: read 8 batches at a time and batch them "
+                            "by length, which pads less; results are printed in input order either way)")
         p.add_argument("--truncate", action="store_true",
                        help="cut inputs longer than the model's limit (max_position_embeddings - pad_token_id - 1) "
                             "instead of failing")

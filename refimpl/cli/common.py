@@ -42,7 +42,7 @@ def load_model(name: str, task: str | None, dtype: str, backend: str = "auto", *
 
 def pipeline(cls, args):
     return cls(args.model, dtype=args.dtype, batch_size=args.batch_size, truncate=args.truncate,
-               backend=args.backend, **hub_args(args))
+               backend=args.backend, group_by_length=getattr(args, "group_by_length", True), **hub_args(args))
 
 
 # ---------------------------------------------------------------------------------------------
