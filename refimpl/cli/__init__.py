@@ -93,14 +93,15 @@ def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def batching(p, texts=True):
+    def batching(p, texts=True, group=True):
         if texts:
             p.add_argument("texts", nargs="*", metavar="TEXT", help="input texts (else --file or stdin)")
             p.add_argument("--file", default=None, help="read one input per line from FILE ('-' = stdin)")
         p.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass (default 8)")
-        p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                       help="batch the inputs in their order (default: read 8 batches at a time and batch them "
-                            "by length, which pads less; results are printed in input order either way)")
+        if group:
+            p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                           help="batch the inputs in their order (default: read 8 batches at a time and batch "
+                                "them by length, which pads less; results are printed in input order either way)")
         p.add_argument("--truncate", action="store_true",
                        help="cut inputs longer than the model's limit (max_position_embeddings - pad_token_id - 1) "
                             "instead of failing")
@@ -159,7 +160,7 @@ def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
             '"and flew to the moon."\n\n'
             "Input: PROMPT ENDING ENDING... as arguments, or 'prompt<TAB>ending<TAB>ending...' lines (--file or stdin).",
             tasks.cmd_choose)
-    batching(p)
+    batching(p, group=False)  # one forward per prompt
     corpus.add_options(p, "choose")
 
     p = add("embed", "sentence embeddings from the last hidden state (CLS or mean pooling)",
@@ -179,7 +180,7 @@ def build_parser(heavy: bool = True) -> argparse.ArgumentParser:
     p = add("generate", "continue each prompt with a causal-LM checkpoint (greedy or sampling)",
             'refimpl generate --model path/to/causal-lm --max-new-tokens 20 "Once upon a time"\n\n' + _TEXT_INPUT,
             tasks.cmd_generate)
-    batching(p)
+    batching(p, group=False)  # sampling: batches in input order
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add (default 20)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
