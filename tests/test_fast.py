@@ -215,3 +215,34 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
     assert_close(got, want, dtype, "reference first_token_states", REORDERED)
     monkeypatch.setattr(fast, "worth_splitting", lambda *a, **k: True)
     assert_close(fast.first_token_states(model.params, model.config, x), want, dtype, "fast first_token_states", FAST)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_parts_multiply_with_packed_weights_and_match_the_reference(monkeypatch, dtype):
+    """In a part of a split (one thread per core) the GEMMs of up to PACKED_ROWS rows use the weights
+    packed once (refimpl.fast.packed); the outputs stay within FAST of the reference."""
+    from refimpl.fast import schedule
+
+    model = random_model("masked-lm", seed=11).astype(dtype)
+    reference = model.to("numpy")
+    calls = []
+    real = schedule.packed_linear
+    monkeypatch.setattr(schedule, "packed_linear", lambda x, p, b=None: calls.append(x.shape[0]) or real(x, p, b))
+    monkeypatch.setattr(fast, "worth_splitting", lambda *a, **k: True)
+    ids = np.random.default_rng(5).integers(3, 99, size=(4, 9))
+    got, want = model(input_ids=ids), reference(input_ids=ids)
+    if schedule.run_two(lambda i: i) is None:
+        pytest.skip("no split here (one core, or no control over OpenBLAS's threads)")
+    assert calls and set(calls) == {18}  # two parts of 2 x 9 rows, every block's GEMMs
+    assert_close(got.logits, want.logits, dtype, "logits", FAST)
+
+
+def test_packed_weights_are_made_once_per_array_and_forgotten_with_it():
+    from refimpl.fast import schedule
+
+    w = np.random.default_rng(0).standard_normal((40, 24)).astype(np.float32)
+    p = schedule.packed_weight(w)
+    assert schedule.packed_weight(w) is p and schedule.packed_weight(w.copy()) is not p
+    key = id(w)
+    del w
+    assert key not in schedule._packed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,8 +18,14 @@ from ..blas import openblas_threads
 from ..ops import activation
 from .gemm import SKINNY_ROWS, skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
+from .packed import pack, packed_linear
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
+# On one thread (a part of a split), linear() multiplies up to this many rows with packed weights
+# (benchmarks/gemm_packed.py, one thread, base-sized weights from memory: packed/OpenBLAS float32
+# 0.34-0.51 at 4-16 rows, 0.64-0.73 at 64, 0.78-0.84 at 128, 0.86-0.95 at 256, ~1.0 at 512; float64
+# 0.88-1.00 at 128, 1.0-1.1 from 256).
+PACKED_ROWS = {np.dtype(np.float32): 256, np.dtype(np.float64): 128}
 TOKEN_SPLIT_FROM = 24  # a single sequence from this many tokens runs as two token halves (run_two)
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
 
@@ -26,15 +33,21 @@ PER_HEAD_FROM = 128  # query length from which attention_context runs attention(
 def linear(x, weight, bias=None):
     """``ops.linear``: ``x @ W.T + b``, x: [..., in], weight: [out, in] -> [..., out].
 
-    Up to ``SKINNY_ROWS`` rows (a decoding step, a short input) :func:`.gemm.skinny_linear`
-    streams W once, both cores on disjoint output columns, the bias added per element. Up to
+    In a part of a split (one thread per core), up to ``PACKED_ROWS`` rows multiply with W packed
+    once (:func:`packed_weight`, :func:`.packed.packed_linear`: no per-call packing of W as OpenBLAS
+    does, a register-blocked micro-kernel). Otherwise, up to ``SKINNY_ROWS`` rows (a decoding step,
+    a short input) :func:`.gemm.skinny_linear` streams W once, both cores on disjoint output
+    columns, the bias added per element. Up to
     ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``: BLAS then
     streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is added in
     place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
     """
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
-    if rows.shape[0] <= SKINNY_ROWS and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+    same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
+    if same and getattr(_here, "one_thread", False) and rows.shape[0] <= PACKED_ROWS.get(x.dtype, 0):
+        return packed_linear(rows, packed_weight(weight), bias).reshape(*lead, weight.shape[0])
+    if rows.shape[0] <= SKINNY_ROWS and same:
         return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= THIN_ROWS:
         y = (weight @ rows.T).T  # [out, R] -> [R, out], a transposed view of a fresh array
@@ -47,6 +60,52 @@ def linear(x, weight, bias=None):
         else:
             y = y + bias
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights: each weight matrix packed once, the first time a GEMM on one thread needs it
+# ---------------------------------------------------------------------------------------------
+
+_here = threading.local()  # .one_thread: this thread runs a part of a split (OpenBLAS on one thread)
+_packed: dict[int, tuple] = {}  # id(weight) -> (weakref to the weight, its Packed)
+_pack_lock = threading.Lock()
+PACKED_CACHE_MAX = 4096  # entries; beyond it the cache starts afresh (weights passed as fresh views)
+
+
+def packed_weight(weight):
+    """``pack(weight)``, made once per weight array and kept while the array lives (a model's
+    parameters live as long as the model; the packed copy takes as much memory again)."""
+    key = id(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    with _pack_lock:  # the two halves of a split ask for the same weights at once
+        hit = _packed.get(key)
+        if hit is not None and hit[0]() is weight:
+            return hit[1]
+        if len(_packed) >= PACKED_CACHE_MAX:
+            _packed.clear()
+        p = pack(weight)
+
+        def forget(ref, key=key):
+            if _packed.get(key, (None,))[0] is ref:
+                del _packed[key]
+
+        _packed[key] = (weakref.ref(weight, forget), p)
+        return p
+
+
+def _on_one_thread(fn):
+    """``fn`` marked, while it runs, as a part of a split: its GEMMs have this core alone."""
+
+    def run(*args):
+        _here.one_thread = True
+        try:
+            return fn(*args)
+        finally:
+            _here.one_thread = False
+
+    return run
 
 
 def linear_act(x, weight, bias, act_name: str):
@@ -119,8 +178,9 @@ def split_batch(fn, n: int) -> list:
         half = (n + 1) // 2
         set_(1)
         try:
-            first = _pool.submit(fn, slice(0, half))
-            second = fn(slice(half, n))
+            part = _on_one_thread(fn)
+            first = _pool.submit(part, slice(0, half))
+            second = part(slice(half, n))
             return [first.result(), second]
         finally:
             set_(before)
@@ -150,9 +210,10 @@ def run_two(fn) -> list | None:
             _pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-batch")
         set_(1)
         try:
-            first = _pool.submit(fn, 0)
+            part = _on_one_thread(fn)
+            first = _pool.submit(part, 0)
             try:
-                second, error = fn(1), None
+                second, error = part(1), None
             except BaseException as e:  # noqa: BLE001 (re-raised below, after part 0 has ended)
                 second, error = None, e
             errors = [e for e in (first.exception(), error) if e is not None]  # waits for part 0
