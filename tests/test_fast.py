@@ -8,6 +8,8 @@ and the batch in two halves, so they agree to rounding: tolerances.FAST, not bit
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -246,3 +248,27 @@ def test_packed_weights_are_made_once_per_array_and_forgotten_with_it():
     key = id(w)
     del w
     assert key not in schedule._packed
+
+
+def test_packing_a_mapped_weight_releases_its_resident_pages(tmp_path):
+    """A weight mapped from a checkpoint file is released from memory once packed (the packed copy
+    replaces it in the split schedule; other schedules fault it back in): resident memory grows by
+    about nothing, not by the weight's size, and the weight still reads the same."""
+    from refimpl.fast import schedule
+    from refimpl.io import read_safetensors, write_safetensors
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: resident memory is not readable here")
+    want = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)  # 16 MiB
+    write_safetensors(tmp_path / "w.safetensors", {"w": want})
+    w = read_safetensors(tmp_path / "w.safetensors")[0]["w"]
+    assert float(w.sum()) == float(want.sum())  # every page resident now
+    before = rss_mib()
+    schedule.packed_weight(w)
+    assert rss_mib() - before < 8  # +16 MiB packed, -16 MiB of the map's pages
+    np.testing.assert_array_equal(w, want)  # faulted back in from the file
+    assert schedule.release_mapped_pages(want) is False  # an array in memory: left alone
