@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,21 +38,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from refimpl.blas import blas_threads  # noqa: E402
 from refimpl.fast import packed  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_micro import interleaved  # noqa: E402  (the same round-robin medians)
+
 SHAPES = ((768, 768), (3072, 768), (768, 3072))  # (O, K): attention projections, FFN in, FFN out
 ROWS = (1, 4, 8, 16, 32, 64, 128, 256, 512)
-
-
-def interleaved(candidates: dict, repeats: int) -> dict:
-    """Median seconds per call of each candidate, run round-robin after one warm-up call each."""
-    for fn in candidates.values():
-        fn()
-    times = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def candidates(x, ws, b, pws) -> dict:

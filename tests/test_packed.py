@@ -22,7 +22,7 @@ import pytest
 
 from refimpl.fast import packed
 from refimpl.fast.llvm import JIT, fma
-from tolerances import KERNEL_ULPS
+from test_gemm import _assert_dot_bound  # the K-term dot-product bound, one definition
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,21 +55,6 @@ def _data(dtype, rows, n_out, k, seed=0):
     w = rng.standard_normal((n_out, k)).astype(dtype)
     b = rng.standard_normal(n_out).astype(dtype)
     return x, w, b
-
-
-def _exact(x, w, b):
-    wide = np.float64 if x.dtype == F32 else np.longdouble
-    y = x.astype(wide) @ w.astype(wide).T
-    return y if b is None else y + b.astype(wide)
-
-
-def _assert_dot_bound(got, x, w, b):
-    """|got - exact| <= ulps * eps * K * (|x| @ |W|^T + |b|) per element (as tests/test_gemm.py)."""
-    k = x.shape[-1]
-    size = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T + (0 if b is None else np.abs(b))
-    bound = KERNEL_ULPS["dot"][x.dtype.name] * np.finfo(x.dtype).eps * k * size
-    err = np.abs(got.astype(np.float64) - _exact(x, w, b).astype(np.float64))
-    assert np.all(err <= bound), float(np.max(err / np.maximum(bound, np.finfo(np.float64).tiny)))
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

@@ -397,7 +397,7 @@ def _the_helper(dtype):
     return _helper
 
 
-def _flat(a) -> np.ndarray:
+def flat_view(a) -> np.ndarray:
     """A C-contiguous, read-only 1-D view of ``a`` (a copy only when ``a`` is not C-contiguous).
 
     Always read-only, so the kernels compile one specialisation that serves loaded checkpoints
@@ -407,6 +407,17 @@ def _flat(a) -> np.ndarray:
     v = a.reshape(-1).view()
     v.flags.writeable = False
     return v
+
+
+def result_array(out, shape: tuple, dtype) -> np.ndarray:
+    """``out`` checked as a GEMM's destination (C-contiguous, writeable, ``shape``, ``dtype``), or a
+    new array when it is None."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
+    return out
 
 
 def skinny_linear(x, weight, bias=None, *, out=None):
@@ -428,21 +439,16 @@ def skinny_linear(x, weight, bias=None, *, out=None):
     n_out, k = weight.shape
     if bias is not None and bias.shape != (n_out,):
         raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}")
-    shape = x.shape[:-1] + (n_out,)
-    if out is None:
-        out = np.empty(shape, dtype)
-    elif not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
-              and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
+    out = result_array(out, x.shape[:-1] + (n_out,), dtype)
     nr = math.prod(x.shape[:-1])
     if out.size == 0:
         return out
     if k == 0:
         out[...] = 0 if bias is None else bias
         return out
-    xf, wf, of = _flat(x), _flat(weight), out.reshape(-1)
+    xf, wf, of = flat_view(x), flat_view(weight), out.reshape(-1)
     has_bias = bias is not None
-    b = _flat(bias if has_bias else np.zeros(1, dtype))  # read-only either way: one specialisation
+    b = flat_view(bias if has_bias else np.zeros(1, dtype))  # read-only either way: one specialisation
 
     helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or _CPUS < 2 else _the_helper(dtype)
     if helper is None or not helper.lock.acquire(blocking=False):

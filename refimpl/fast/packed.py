@@ -68,6 +68,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .gemm import flat_view, result_array
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -461,16 +462,7 @@ _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), *_TAIL_PANELS) for dtyp
 # ---------------------------------------------------------------------------------------------
 
 
-def _flat(a) -> np.ndarray:
-    """A C-contiguous, read-only 1-D view of ``a`` (a copy only when ``a`` is not C-contiguous):
-    always read-only, so that one kernel specialisation per dtype serves every input."""
-    v = a.ravel()  # a view when a is C-contiguous, else a C copy
-    if v.flags.writeable:
-        v.flags.writeable = False
-    return v
-
-
-_NO_BIAS = {dtype: _flat(np.zeros(1, dtype)) for dtype in DTYPES}  # (never read: has_bias is False)
+_NO_BIAS = {dtype: flat_view(np.zeros(1, dtype)) for dtype in DTYPES}  # (never read: has_bias is False)
 
 
 def packed_linear(x, packed, bias=None, *, out=None):
@@ -498,12 +490,7 @@ def packed_linear(x, packed, bias=None, *, out=None):
                          f"uses {_WIDTHS[dtype]}: pack it again")
     if bias is not None and bias.shape != (n_out,):
         raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}")
-    shape = x.shape[:-1] + (n_out,)
-    if out is None:
-        out = np.empty(shape, dtype)
-    elif not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
-              and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
+    out = result_array(out, x.shape[:-1] + (n_out,), dtype)
     if out.size == 0:
         return out
     if k == 0:
@@ -511,10 +498,10 @@ def packed_linear(x, packed, bias=None, *, out=None):
         return out
     nr, p, of = x.size // k, packed.width, out.ravel()  # R; of: [R*O], a view of out
     has_bias = bias is not None
-    b = _flat(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
+    b = flat_view(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
     scratch = np.empty(nr * p, dtype) if n_out % p else of  # [R, P] for a partial last panel (else unused)
     xp = np.empty(min(nr, MC) * min(k, KC), dtype)  # x's row block, packed tile by tile
-    _DRIVERS[dtype](_flat(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC)
+    _DRIVERS[dtype](flat_view(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC)
     return out
 
 
