@@ -473,10 +473,12 @@ def test_bias_gelu_in_place_is_bitwise_out_of_place(dtype, h):
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (64,), (65,), (2, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_ops_linear(dtype, lead, with_bias):
-    """schedule.linear: the skinny GEMM for at most SKINNY_ROWS rows (tests/test_gemm.py), (W x^T)^T
-    for at most THIN_ROWS rows, x W^T above, bias added in place. Bitwise the same call written out;
-    against ops.linear (always x W^T) within the bound of another GEMM kernel's rounding."""
-    from refimpl.fast.gemm import SKINNY_ROWS, skinny_linear
+    """schedule.linear: the skinny GEMM below TWO_CORE_FROM rows (tests/test_gemm.py), packed
+    weights up to TWO_CORE_ROWS (tests/test_packed.py), (W x^T)^T for at most THIN_ROWS rows, x W^T
+    above, bias added in place. Bitwise the same call written out; against ops.linear (always
+    x W^T) within the bound of another GEMM kernel's rounding."""
+    from refimpl.fast.gemm import skinny_linear
+    from refimpl.fast.packed import pack, packed_linear
     from tolerances import REORDERED, assert_close
 
     rng = np.random.default_rng(len(lead))
@@ -487,8 +489,10 @@ def test_linear_matches_ops_linear(dtype, lead, with_bias):
     rows = x.reshape(-1, 24)
     same_calls = (w @ rows.T).T if rows.shape[0] <= schedule.THIN_ROWS else rows @ w.T
     same_calls = same_calls.reshape(*lead, 40) + (0 if b is None else b)
-    if rows.shape[0] <= SKINNY_ROWS:
+    if rows.shape[0] < schedule.TWO_CORE_FROM:
         same_calls = skinny_linear(x, w, b)
+    elif rows.shape[0] <= schedule.TWO_CORE_ROWS[np.dtype(dtype)]:
+        same_calls = packed_linear(x, pack(w), b)
     want = ops.linear(x, w, b)
     assert got.shape == want.shape == lead + (40,) and got.dtype == want.dtype == dtype
     np.testing.assert_array_equal(got, same_calls)

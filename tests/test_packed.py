@@ -110,6 +110,67 @@ def test_each_element_independent_of_rows_blocks_and_threads(monkeypatch, dtype)
         np.testing.assert_array_equal(y, whole[i:])
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_two_cores_give_the_same_bits(monkeypatch, dtype):
+    """cores=2: the caller and gemm.py's helper thread claim chunks of panels (x packed once for
+    both): bitwise the one-thread result, for full and partial last panels, tails of every tile size,
+    several k-blocks and row blocks, one panel per chunk or many; also when the helper is busy with
+    another caller's job (the caller runs it all) and on one core."""
+    from refimpl.fast import gemm
+
+    monkeypatch.setattr(packed, "SPLIT_FROM", 0)  # two cores whatever the size
+    x, w, b = _data(dtype, 37, 300, 1600, seed=5)
+    for rows in (1, 3, 7, 8, 13, 37):
+        for n_out in (2 * packed.panel_width(dtype), 100, 300):  # 2 panels; partial last panels
+            pw = packed.pack(w[:n_out])
+            for bias in (b[:n_out], None):
+                one = packed.packed_linear(x[:rows], pw, bias)
+                np.testing.assert_array_equal(packed.packed_linear(x[:rows], pw, bias, cores=2), one)
+    pw = packed.pack(w)
+    one = packed.packed_linear(x, pw, b)
+    for chunks in (1, 2, 3, 1000):  # one chunk (no helper), chunks of uneven size, a panel each
+        monkeypatch.setattr(packed, "TWO_CORE_CHUNKS", chunks)
+        np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
+    monkeypatch.setattr(packed, "KC", 5)  # k-blocks and row blocks inside each chunk
+    monkeypatch.setattr(packed, "MC", 16)
+    np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
+    monkeypatch.undo()
+    monkeypatch.setattr(packed, "SPLIT_FROM", 0)
+    helper = gemm._the_helper(dtype)
+    with helper.lock:  # another caller holds the helper: this one runs the job alone
+        np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
+    monkeypatch.setattr(gemm, "_CPUS", 1)
+    np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
+    with pytest.raises(ValueError, match="cores must be 1 or 2"):
+        packed.packed_linear(x, pw, b, cores=3)
+
+
+def test_two_core_jobs_of_both_kinds_from_many_threads_at_once(monkeypatch):
+    """Skinny and packed jobs, float32 and float64, posted from four threads at once: one caller at
+    a time has the helper, the others run whole; every result is the one-thread result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from refimpl.fast import gemm
+
+    monkeypatch.setattr(gemm, "SPLIT_FROM", 0)
+    monkeypatch.setattr(packed, "SPLIT_FROM", 0)
+    cases = []
+    for i, dtype in enumerate((F32, F64, F32, F64)):
+        x, w, b = _data(dtype, 3 + 5 * i, 100 + 40 * i, 64, seed=10 + i)
+        pw = packed.pack(w)
+        cases.append((x, w, b, pw, packed.packed_linear(x, pw, b), gemm.skinny_linear(x, w, b)))
+
+    def run(case):
+        x, w, b, pw, want_packed, want_skinny = case
+        for _ in range(25):
+            np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), want_packed)
+            np.testing.assert_array_equal(gemm.skinny_linear(x, w, b), want_skinny)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, cases))
+
+
 def test_bias_is_added_after_the_chain():
     x, w, b = _data(F32, 9, 40, 100, seed=2)
     pw = packed.pack(w)

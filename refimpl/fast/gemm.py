@@ -32,7 +32,8 @@ import numba
 import numpy as np
 
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 from .llvm import DTYPES, INLINE, JIT, prefetch, v8_lanes, v8_load, v8_splat, v_fma
 
@@ -212,10 +213,25 @@ def _pointer_like(typingctx, address, like):
     return ptr(address, like), codegen
 
 
+@intrinsic
+def _read_only(typingctx, a):
+    """``a`` typed as a read-only array (the same data): the arrays a job hands a kernel have the
+    types the caller's own call gives it, so both compile to one specialisation."""
+    if not isinstance(a, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return args[0]
+
+    return a.copy(readonly=True)(a), codegen
+
+
 # The job board: one int64 array, its fields at these indices.
 _SEQ, _NEXT, _DONE, _SLEEPING, _EXIT = 0, 1, 2, 3, 4  # job number; next chunk (seq << 32 | index)
-_X, _W, _B, _OUT, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _DTYPE = range(5, 16)  # the job
+_KIND, _DTYPE = 5, 6  # what the job runs (SKINNY or PACKED) and its itemsize
+_X, _W, _B, _OUT, _SCRATCH, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _KC, _MC = range(7, 20)  # the job
 _LOW = (1 << 32) - 1
+SKINNY, PACKED = 0, 1  # job kinds: column chunks of _skinny_kernel; panel chunks of packed.py's driver
 
 
 @numba.njit(**INLINE)
@@ -228,17 +244,58 @@ def _arrays(px, pw, pb, pout, like, nr, k, n_out):
 
 
 @numba.njit(**INLINE)
-def _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx):
+def _skinny_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx):
     o0 = idx * chunk
     _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, min(n_out, o0 + chunk))
 
 
+def _packed_chunk(board, like, idx):
+    """Chunk ``idx`` of a PACKED job on the board: panels idx*chunk .. (idx+1)*chunk through
+    :mod:`.packed`'s driver for ``like``'s dtype (an overload: each dtype compiles its own driver
+    only, and only when a two-core packed GEMM first runs)."""
+    raise NotImplementedError  # (Numba-only: see the overload below)
+
+
+@overload(_packed_chunk, jit_options=INLINE)
+def _packed_chunk_impl(board, like, idx):
+    from .packed import driver_for  # (packed.py imports this module: bound at compile time)
+
+    drive, p = driver_for(as_dtype(like.dtype))
+
+    def impl(board, like, idx):
+        nr, k, n_out, chunk = board[_NR], board[_K], board[_NOUT], board[_CHUNK]
+        n_panels = (n_out + p - 1) // p
+        xp = numba.carray(_pointer_like(board[_X], like), nr * k)  # x packed whole (_pack_x_whole)
+        pf = numba.carray(_pointer_like(board[_W], like), n_panels * k * p)
+        has_bias = board[_HAS_BIAS] != 0
+        b = numba.carray(_pointer_like(board[_B], like), n_out if has_bias else 1)
+        out = numba.carray(_pointer_like(board[_OUT], like), nr * n_out)
+        scratch = numba.carray(_pointer_like(board[_SCRATCH], like), nr * p if n_out % p else nr * n_out)
+        drive(_read_only(xp), _read_only(pf), _read_only(b), has_bias, out, scratch, xp, nr, k, n_out, board[_KC],
+              board[_MC], idx * chunk, idx * chunk + chunk, idx >= 0)  # prepacked: True, typed as
+        # a bool (a literal True would compile the driver once more), as in packed_linear's own call
+
+    return impl
+
+
+@numba.njit(**JIT)
+def _run_chunk(board, like, idx):
+    """Chunk ``idx`` of the job on the board, whichever thread claimed it. (Not inlined: the
+    helper's and the caller's loops call one compiled copy of both kinds' kernels.)"""
+    if board[_KIND] == SKINNY:
+        nr, k, n_out = board[_NR], board[_K], board[_NOUT]
+        xf, wf, b, out = _arrays(board[_X], board[_W], board[_B], board[_OUT], like, nr, k, n_out)
+        _skinny_chunk(xf, wf, b, board[_HAS_BIAS] != 0, out, nr, k, n_out, board[_CHUNK], idx)
+    else:
+        _packed_chunk(board, like, idx)
+
+
 @numba.njit(**JIT)
 def _run_whole(xf, wf, b, has_bias, out, nr, k, n_out):
-    """The whole GEMM on the caller's thread (below the split threshold, or while another caller
-    holds the helper)."""
+    """The whole skinny GEMM on the caller's thread (below the split threshold, or while another
+    caller holds the helper)."""
     x, w, bb, o = _arrays(xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data, out, nr, k, n_out)
-    _run_chunk(x, w, bb, has_bias, o, nr, k, n_out, n_out, nr - nr)  # chunk 0 of one (not a literal 0:
+    _skinny_chunk(x, w, bb, has_bias, o, nr, k, n_out, n_out, nr - nr)  # chunk 0 of one (not a literal 0:
     # a literal would compile the kernel once more, for a constant first column)
 
 
@@ -253,13 +310,11 @@ def _help_with(board, seq, like):
     c = _atomic(board, _NEXT, 0, 0)
     if c >> 32 != seq:
         return
-    nr, k, n_out, chunk, n = board[_NR], board[_K], board[_NOUT], board[_CHUNK], board[_NCHUNKS]
-    xf, wf, b, out = _arrays(board[_X], board[_W], board[_B], board[_OUT], like, nr, k, n_out)
-    has_bias = board[_HAS_BIAS] != 0
+    n = board[_NCHUNKS]
     while c >> 32 == seq and (c & _LOW) < n:
         found = _cas(board, _NEXT, c, c + 1)
         if found == c:
-            _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, c & _LOW)
+            _run_chunk(board, like, c & _LOW)
             _atomic(board, _DONE, 2, 1)
             c += 1
         else:
@@ -271,7 +326,7 @@ def _serve(board, seen, polls, like):
     """The helper's loop for jobs of ``like``'s dtype: take part in every new job; return the last
     job number seen once ``polls`` polls found nothing new, or at once when asked to exit or when
     a job of the other dtype arrives (left unseen: the caller serves it with that dtype's loop).
-    One loop per dtype, so that a process compiles the kernel only for the dtypes it uses."""
+    One loop per dtype, so that a process compiles the kernels only for the dtypes it uses."""
     idle = 0
     while idle < polls:
         if _atomic(board, _EXIT, 0, 0) != 0:
@@ -299,12 +354,13 @@ def _may_sleep(board, seen):
 
 
 @numba.njit(**JIT)
-def _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+def _post(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
     """Publish a job (its fields, then the chunk counter, then the job number)."""
     seq = board[_SEQ] + 1
     board[_X], board[_W], board[_B], board[_OUT] = xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data
-    board[_HAS_BIAS], board[_NR], board[_K], board[_NOUT] = has_bias, nr, k, n_out
-    board[_CHUNK], board[_NCHUNKS] = chunk, n_chunks
+    board[_SCRATCH], board[_HAS_BIAS], board[_NR], board[_K], board[_NOUT] = scratch.ctypes.data, has_bias, nr, k, n_out
+    board[_CHUNK], board[_NCHUNKS], board[_KC], board[_MC] = chunk, n_chunks, kc, mc
+    _atomic(board, _KIND, 1, kind)
     _atomic(board, _DTYPE, 1, xf.itemsize)
     _atomic(board, _DONE, 1, 0)
     _atomic(board, _NEXT, 1, seq << 32)
@@ -312,25 +368,24 @@ def _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
 
 
 @numba.njit(**JIT)
-def _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+def _work(board, like):
     """The caller's share of the posted job, then the wait for the helper's claimed chunks."""
-    base = board[_SEQ] << 32
-    xf, wf, b, out = _arrays(xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data, out, nr, k, n_out)
+    base, n_chunks = board[_SEQ] << 32, board[_NCHUNKS]
     while True:
         idx = _atomic(board, _NEXT, 2, 1) - base
         if idx >= n_chunks:
             break
-        _run_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx)
+        _run_chunk(board, like, idx)
         _atomic(board, _DONE, 2, 1)
     while _atomic(board, _DONE, 0, 0) < n_chunks:
         pass
 
 
 @numba.njit(**JIT)
-def _post_work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks):
+def _post_work(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
     """``_post`` and ``_work`` in one call (the helper is awake)."""
-    _post(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks)
-    _work(board, xf, wf, b, has_bias, out, nr, k, n_out, chunk, n_chunks)
+    _post(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
+    _work(board, out)
 
 
 class _Helper:
@@ -341,7 +396,7 @@ class _Helper:
     def __init__(self, dtype=np.float32):
         self.dtype = np.dtype(dtype)  # the dtype of the first job: its loop compiles first
         self.pid = os.getpid()
-        self.board = np.zeros(16, np.int64)
+        self.board = np.zeros(24, np.int64)
         self.wake = threading.Event()
         self.lock = threading.Lock()  # one split at a time; a second caller runs whole
         self.thread = threading.Thread(target=self._loop, name="refimpl-gemm", daemon=True)
@@ -371,14 +426,12 @@ class _Helper:
                 self.wake.clear()
                 board[_SLEEPING] = 0
 
-    def run(self, xf, wf, b, has_bias, of, nr, k, n_out):
-        chunk = max(_TILE, -(-n_out // (_TILE * 24)) * _TILE)  # ~24 chunks, whole tiles
-        n_chunks = -(-n_out // chunk)
-        args = (self.board, xf, wf, b, has_bias, of, nr, k, n_out, chunk, n_chunks)
+    def run(self, kind, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc=0, mc=0):
+        args = (self.board, kind, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
         if self.board[_SLEEPING]:  # (if it falls asleep just after this, it misses one job: no harm)
             _post(*args)
             self.wake.set()
-            _work(*args)
+            _work(self.board, of)
         else:
             _post_work(*args)
 
@@ -395,6 +448,23 @@ def _the_helper(dtype):
             if _helper is None or _helper.pid != os.getpid():
                 _helper = _Helper(dtype)
     return _helper
+
+
+def on_two_cores(kind, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc=0, mc=0) -> bool:
+    """Run a job of ``kind`` (SKINNY: output columns ``chunk`` at a time; PACKED: ``chunk`` panels
+    at a time, x packed whole in ``xf`` in k-blocks of ``kc`` and row blocks of ``mc``) with the helper thread: both claim chunks until none is
+    left. -> False, nothing run, where it cannot: one core, or the helper busy with another
+    caller's job (the caller then runs the whole GEMM itself). Flat C arrays of one dtype."""
+    if _CPUS < 2 or n_chunks < 2:
+        return False
+    helper = _the_helper(of.dtype)
+    if not helper.lock.acquire(blocking=False):
+        return False
+    try:
+        helper.run(kind, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
+    finally:
+        helper.lock.release()
+    return True
 
 
 def flat_view(a) -> np.ndarray:
@@ -450,14 +520,11 @@ def skinny_linear(x, weight, bias=None, *, out=None):
     has_bias = bias is not None
     b = flat_view(bias if has_bias else np.zeros(1, dtype))  # read-only either way: one specialisation
 
-    helper = None if nr * k * n_out < SPLIT_FROM or n_out < 2 * _TILE or _CPUS < 2 else _the_helper(dtype)
-    if helper is None or not helper.lock.acquire(blocking=False):
-        _run_whole(xf, wf, b, has_bias, of, nr, k, n_out)
-        return out
-    try:
-        helper.run(xf, wf, b, has_bias, of, nr, k, n_out)
-    finally:
-        helper.lock.release()
+    if nr * k * n_out >= SPLIT_FROM and n_out >= 2 * _TILE:
+        chunk = max(_TILE, -(-n_out // (_TILE * 24)) * _TILE)  # ~24 chunks, whole tiles
+        if on_two_cores(SKINNY, xf, wf, b, has_bias, of, of, nr, k, n_out, chunk, -(-n_out // chunk)):
+            return out
+    _run_whole(xf, wf, b, has_bias, of, nr, k, n_out)
     return out
 
 

@@ -68,7 +68,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import flat_view, result_array
+from .gemm import PACKED, SPLIT_FROM, flat_view, on_two_cores, result_array
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -104,6 +104,7 @@ def _host_isa() -> str:
 
 ISA = _host_isa()
 _MR = _TILES[ISA][0]
+TWO_CORE_CHUNKS = 16  # with cores=2, the panels are cut into this many chunks (at most)
 MC = 32 * _MR  # rows per row block, a multiple of MR (AVX-512: x's block is 768 KB float32, 1.5 MB float64)
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
@@ -334,19 +335,30 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
 
 
 @numba.njit(**JIT)
-def _pack_x(xf, xp, r0, r1, k, k0, kn, mr):
-    """x's row block x[r0:r1, k0:k0+kn] into xp, tile by tile: the tile of m rows from row r at
-    xp[(r - r0) * kn], k-major ([kn, m]: the m rows' x[., k] side by side), so that the micro-kernel
-    reads one contiguous stream. The tiles as the driver cuts them: MR rows, then 4, 2, 1."""
+def _pack_x(xf, xp, at, r0, r1, k, k0, kn, mr):
+    """x's row block x[r0:r1, k0:k0+kn] into xp from ``at``, tile by tile: the tile of m rows from
+    row r at xp[at + (r - r0) * kn], k-major ([kn, m]: the m rows' x[., k] side by side), so that
+    the micro-kernel reads one contiguous stream. The tiles as the driver cuts them: MR rows, then
+    4, 2, 1."""
     r = r0
     while r < r1:
         m = mr if r + mr <= r1 else (4 if r1 - r >= 4 else (2 if r1 - r >= 2 else 1))
-        xo = (r - r0) * kn
+        xo = at + (r - r0) * kn
         for i in range(m):
             src = (r + i) * k + k0
             for kk in range(kn):
                 xp[xo + kk * m + i] = xf[src + kk]
         r += m
+
+
+@numba.njit(**JIT)
+def _pack_x_whole(xf, xp, nr, k, kc, mc, mr):
+    """All of x [R, K] into xp [R*K], block by block as the driver reads it: the block of rows
+    r0..r1 and inputs k0..k0+kn at r0*K + k0*(r1 - r0) (the layout of ``prepacked`` x)."""
+    for r0 in range(0, nr, mc):
+        r1 = min(nr, r0 + mc)
+        for k0 in range(0, k, kc):
+            _pack_x(xf, xp, r0 * k + k0 * (r1 - r0), r0, r1, k, k0, min(kc, k - k0), mr)
 
 
 def _make_driver(mr, p, g4, g2, g1):
@@ -356,12 +368,16 @@ def _make_driver(mr, p, g4, g2, g1):
     REFIMPL_PACKED_ISA never loads another ISA's cached code."""
 
     @numba.njit(**JIT)
-    def _packed_kernel(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc):  # noqa: C901 (one loop nest)
-        """``of[r*O + o] = fma chain over k of x[r, k] * W[o, k] (+ b[o])``; flat C arrays: xf [R*K],
-        pf the panels, bf [O] (or any, without bias), of [R*O], scratch [R*P] (the last, partial
-        panel's columns), xp [min(R, MC) * min(K, KC)] (x's row block, tile by tile, k-major)."""
+    def _packed_kernel(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked):  # noqa: C901
+        """``of[r*O + o] = fma chain over k of x[r, k] * W[o, k] (+ b[o])`` for the outputs of
+        panels q0..q1 (o from q0*P to min(q1*P, O)); flat C arrays: xf [R*K], pf the panels, bf [O]
+        (or any, without bias), of [R*O], scratch [R*P] (the last, partial panel's columns), xp:
+        x's row block, tile by tile, k-major, packed here ([min(R, MC) * min(K, KC)]), or all of x
+        packed by ``_pack_x_whole`` when ``prepacked`` ([R*K]; xf is then not read)."""
         full = n_out // p  # panels whose P columns are all real: written in place in of
         n_panels = full + (1 if n_out % p else 0)
+        q1 = min(q1, n_panels)
+        qf = min(q1, full)  # this range's full panels: q0..qf
         ps = k * p  # from one panel to the next in pf
         for k0 in range(0, k, kc):
             kn = min(kc, k - k0)
@@ -370,8 +386,10 @@ def _make_driver(mr, p, g4, g2, g1):
             for r0 in range(0, nr, mc):
                 r1 = min(nr, r0 + mc)
                 rt = r0 + (r1 - r0) // mr * mr  # rows r0..rt in tiles of MR, the tail rt..r1 below
-                _pack_x(xf, xp, r0, r1, k, k0, kn, mr)  # x[r0:r1, k0:k0+kn], tile by tile
-                for q in range(n_panels):
+                xa = r0 * k + k0 * (r1 - r0) if prepacked else 0  # x[r0:r1, k0:k0+kn] in xp, tile by tile
+                if not prepacked:
+                    _pack_x(xf, xp, 0, r0, r1, k, k0, kn, mr)
+                for q in range(q0, q1):
                     wo = (q * k + k0) * p  # the panel's block: pf[wo : wo + kn*P], [kn, P]
                     ahead, bo = wo + ps, q * p  # the next panel's block (past the end for the last)
                     # The MR-row tiles. The first also asks for the next panel's block, so that it
@@ -381,66 +399,72 @@ def _make_driver(mr, p, g4, g2, g1):
                     if q < full:
                         r = r0
                         if r < rt:
-                            _tile(pf, wo, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start, addb,
-                                  mr, p, ahead, 1, ps, 1)
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start,
+                                  addb, mr, p, ahead, 1, ps, 1)
                             r += mr
                         while r < rt:
-                            _tile(pf, wo, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start, addb,
-                                  mr, p, ahead, 0, ps, 1)
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start,
+                                  addb, mr, p, ahead, 0, ps, 1)
                             r += mr
                     else:  # the partial panel accumulates in scratch [R, P]; bias added on copy-out
                         r = r0
                         while r + mr <= r1:
-                            _tile(pf, wo, xp, (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
                                   mr, p, ahead, 0, ps, 1)
                             r += mr
                         if mr > 4 and r1 - r >= 4:
-                            _tile(pf, wo, xp, (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
                                   4, p, ahead, 0, ps, 1)
                             r += 4
                         if r1 - r >= 2:
-                            _tile(pf, wo, xp, (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
                                   2, p, ahead, 0, ps, 1)
                             r += 2
                         if r1 - r >= 1:
-                            _tile(pf, wo, xp, (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
                                   1, p, ahead, 0, ps, 1)
                 # The tail rows of the full panels in tiles of 4, 2 and 1 rows, each spanning several
-                # panels (the same chains, enough of them to hide the fma latency).
-                r = rt
-                if mr > 4 and r1 - r >= 4:
-                    q = 0
-                    while q + g4 <= full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 4, p, 0, 0, ps, g4)
-                        q += g4
-                    while q < full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 4, p, 0, 0, ps, 1)
-                        q += 1
-                    r += 4
-                if r1 - r >= 2:
-                    q = 0
-                    while q + g2 <= full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 2, p, 0, 0, ps, g2)
-                        q += g2
-                    while q < full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 2, p, 0, 0, ps, 1)
-                        q += 1
-                    r += 2
-                if r1 - r >= 1:
-                    q = 0
-                    while q + g1 <= full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 1, p, 0, 0, ps, g1)
-                        q += g1
-                    while q < full:
-                        _tile(pf, (q * k + k0) * p, xp, (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, q * p,
-                              start, addb, 1, p, 0, 0, ps, 1)
-                        q += 1
-        if full < n_panels:  # the partial panel's real columns, plus the bias
+                # panels (the same chains, enough of them to hide the fma latency), a group of g1
+                # panels at a time: the tiles of 4, 2 and 1 rows find the group's blocks in L2 (for
+                # 3, 5, 6 or 7 rows a base-sized weight is not streamed from memory two or three
+                # times). Asking for the next group's blocks here was no faster (tried).
+                qg = q0
+                while rt < r1 and qg < qf:
+                    qe, r = min(qg + g1, qf), rt
+                    if mr > 4 and r1 - r >= 4:
+                        q = qg
+                        while q + g4 <= qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 4, p, 0, 0, ps, g4)
+                            q += g4
+                        while q < qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 4, p, 0, 0, ps, 1)
+                            q += 1
+                        r += 4
+                    if r1 - r >= 2:
+                        q = qg
+                        while q + g2 <= qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 2, p, 0, 0, ps, g2)
+                            q += g2
+                        while q < qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 2, p, 0, 0, ps, 1)
+                            q += 1
+                        r += 2
+                    if r1 - r >= 1:
+                        q = qg
+                        while q + g1 <= qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 1, p, 0, 0, ps, g1)
+                            q += g1
+                        while q < qe:
+                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                                  q * p, start, addb, 1, p, 0, 0, ps, 1)
+                            q += 1
+                    qg = qe
+        if full < q1:  # the partial panel (in this range): its real columns, plus the bias
             o0 = full * p
             for r in range(nr):
                 for j in range(n_out - o0):
@@ -457,6 +481,12 @@ _TAIL_PANELS = (2, 4, 8) if ISA == "avx512" else (1, 2, 4)
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), *_TAIL_PANELS) for dtype in DTYPES}
 
 
+def driver_for(dtype) -> tuple:
+    """(the driver, its panel width P) for ``dtype``: what the two-core job (:mod:`.gemm`'s board)
+    calls for its chunks of panels."""
+    return _DRIVERS[np.dtype(dtype)], panel_width(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The wrapper
 # ---------------------------------------------------------------------------------------------
@@ -465,13 +495,17 @@ _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), *_TAIL_PANELS) for dtyp
 _NO_BIAS = {dtype: flat_view(np.zeros(1, dtype)) for dtype in DTYPES}  # (never read: has_bias is False)
 
 
-def packed_linear(x, packed, bias=None, *, out=None):
+def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     """``ops.linear`` with a packed weight: ``x @ W.T + b``. x: [..., K]; packed: :func:`pack` of
     weight [O, K]; bias: [O] or None -> [..., O], C-contiguous, in x's dtype (no casting).
 
     ``out``: a C-contiguous, writeable array of the result's shape and dtype to write into.
+    ``cores=2``: from ``gemm.SPLIT_FROM`` multiply-adds, the caller and :mod:`.gemm`'s helper thread
+    share the panels (chunks of them claimed as they come; x packed once for both); on one core, or
+    while the helper serves another caller, the caller runs all of it.
     Each element is one fused multiply-add chain in k order, then the bias (module docstring):
-    within the K-term dot-product bound of any BLAS's ``x @ W.T + b``.
+    within the K-term dot-product bound of any BLAS's ``x @ W.T + b``, and the same bits whatever
+    the rows, the ISA's tile or ``cores``.
     """
     if not isinstance(x, np.ndarray) or x.dtype not in DTYPES:
         raise TypeError("x must be a float32 or float64 NumPy array")
@@ -479,6 +513,8 @@ def packed_linear(x, packed, bias=None, *, out=None):
         raise TypeError(f"packed must be a Packed weight (refimpl.fast.packed.pack), got {type(packed).__name__}")
     if bias is not None and (not isinstance(bias, np.ndarray) or bias.dtype not in DTYPES):
         raise TypeError("bias must be a float32 or float64 NumPy array")
+    if cores not in (1, 2):
+        raise ValueError(f"cores must be 1 or 2, got {cores!r}")
     dtype = x.dtype
     if packed.dtype != dtype or (bias is not None and bias.dtype != dtype):
         raise TypeError(f"packed weight and bias must have x's dtype {dtype}; cast explicitly (no casting here)")
@@ -497,11 +533,21 @@ def packed_linear(x, packed, bias=None, *, out=None):
         out[...] = 0 if bias is None else bias
         return out
     nr, p, of = x.size // k, packed.width, out.ravel()  # R; of: [R*O], a view of out
+    n_panels = -(-n_out // p)
     has_bias = bias is not None
     b = flat_view(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
     scratch = np.empty(nr * p, dtype) if n_out % p else of  # [R, P] for a partial last panel (else unused)
+    if cores == 2 and nr * k * n_out >= SPLIT_FROM and n_panels >= 2:
+        xp = np.empty(nr * k, dtype)  # all of x, packed once for both threads
+        _pack_x_whole(flat_view(x), xp, nr, k, KC, MC, _MR)
+        chunk = -(-n_panels // min(n_panels, TWO_CORE_CHUNKS))  # panels per chunk
+        n_chunks, xr = -(-n_panels // chunk), flat_view(xp)  # (read-only, as skinny's x: one specialisation)
+        if on_two_cores(PACKED, xr, packed.panels, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, KC, MC):
+            return out
+        _DRIVERS[dtype](xr, packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, True)
+        return out
     xp = np.empty(min(nr, MC) * min(k, KC), dtype)  # x's row block, packed tile by tile
-    _DRIVERS[dtype](flat_view(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC)
+    _DRIVERS[dtype](flat_view(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, False)
     return out
 
 

@@ -27,7 +27,17 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 # 0.34-0.51 at 4-16 rows, 0.64-0.73 at 64, 0.78-0.84 at 128, 0.86-0.95 at 256, ~1.0 at 512; float64
 # 0.88-1.00 at 128, 1.0-1.1 from 256).
 PACKED_ROWS = {np.dtype(np.float32): 256, np.dtype(np.float64): 128}
-TOKEN_SPLIT_FROM = 24  # a single sequence from this many tokens runs as two token halves (run_two)
+# Outside a split, linear() multiplies TWO_CORE_FROM up to TWO_CORE_ROWS rows with packed weights on
+# both cores (packed_linear(cores=2); benchmarks/gemm_packed.py --cores 2, weights from memory):
+# 0.6-0.85x the skinny GEMM's time and 0.25-0.7x OpenBLAS's (2 threads) at 8-32 rows; OpenBLAS is
+# faster from ~64 (float32) / ~48 (float64) rows. Below 8 rows the skinny GEMM streams the weights
+# 5-10% faster over a whole forward (a step of decoding), though not in a single GEMM's benchmark.
+TWO_CORE_FROM = 8
+TWO_CORE_ROWS = {np.dtype(np.float32): 48, np.dtype(np.float64): 32}
+# A single sequence from this many tokens runs as two token halves (run_two); shorter ones run whole,
+# their GEMMs on both cores (TWO_CORE_ROWS). A/B on a base-sized model: whole 0.73x the halves' time
+# at 24 tokens, ~1.0x at 32, halves ~5% faster at 48.
+TOKEN_SPLIT_FROM = 40
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
 
 
@@ -36,18 +46,21 @@ def linear(x, weight, bias=None):
 
     In a part of a split (one thread per core), up to ``PACKED_ROWS`` rows multiply with W packed
     once (:func:`packed_weight`, :func:`.packed.packed_linear`: no per-call packing of W as OpenBLAS
-    does, a register-blocked micro-kernel). Otherwise, up to ``SKINNY_ROWS`` rows (a decoding step,
-    a short input) :func:`.gemm.skinny_linear` streams W once, both cores on disjoint output
-    columns, the bias added per element. Up to
-    ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``: BLAS then
-    streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is added in
-    place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
+    does, a register-blocked micro-kernel). Outside a split, ``TWO_CORE_FROM`` to ``TWO_CORE_ROWS``
+    rows (a short input, a batch's decoding step) multiply with W packed, both cores on disjoint
+    panels; below that (a decoding step of one or a few sequences) :func:`.gemm.skinny_linear`
+    streams W once in its stored order, both cores on disjoint output columns, the bias added per
+    element. Up to ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``:
+    BLAS then streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is
+    added in place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
     """
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     if same and getattr(_here, "one_thread", False) and rows.shape[0] <= PACKED_ROWS.get(x.dtype, 0):
         return packed_linear(rows, packed_weight(weight), bias).reshape(*lead, weight.shape[0])
+    if same and TWO_CORE_FROM <= rows.shape[0] <= TWO_CORE_ROWS.get(x.dtype, 0):
+        return packed_linear(rows, packed_weight(weight), bias, cores=2).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= SKINNY_ROWS and same:
         return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= THIN_ROWS:
