@@ -158,6 +158,7 @@ def test_one_sequence_in_token_halves_matches_the_reference(monkeypatch, task, d
 
     monkeypatch.setattr(fast, "TOKEN_SPLIT_FROM", 2)
     monkeypatch.setattr(fast, "SPLIT_MIN_WORK", 0)  # a tiny model's work is too small otherwise
+    monkeypatch.setattr(fast, "SPLIT_MIN_ROWS", 0)
     calls = []
     run_two = schedule.run_two
     monkeypatch.setattr(fast, "run_two", lambda fn: calls.append(1) or run_two(fn))
@@ -179,6 +180,7 @@ def test_token_halves_a_failing_part_raises_and_does_not_hang(monkeypatch):
 
     monkeypatch.setattr(fast, "TOKEN_SPLIT_FROM", 2)
     monkeypatch.setattr(fast, "SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(fast, "SPLIT_MIN_ROWS", 0)
     model = random_model("base", seed=4)
     real = fast.feed_forward_block
     calls = []
@@ -229,13 +231,14 @@ def test_split_parts_multiply_with_packed_weights_and_match_the_reference(monkey
     reference = model.to("numpy")
     calls = []
     real = schedule.packed_linear
-    monkeypatch.setattr(schedule, "packed_linear", lambda x, p, b=None: calls.append(x.shape[0]) or real(x, p, b))
+    monkeypatch.setattr(schedule, "packed_linear",
+                        lambda x, p, b=None, cores=1: calls.append((x.shape[0], cores)) or real(x, p, b, cores=cores))
     monkeypatch.setattr(fast, "worth_splitting", lambda *a, **k: True)
     ids = np.random.default_rng(5).integers(3, 99, size=(4, 9))
     got, want = model(input_ids=ids), reference(input_ids=ids)
     if schedule.run_two(lambda i: i) is None:
         pytest.skip("no split here (one core, or no control over OpenBLAS's threads)")
-    assert calls and set(calls) == {18}  # two parts of 2 x 9 rows, every block's GEMMs
+    assert calls and set(calls) == {(18, 1)}  # two parts of 2 x 9 rows, every block's GEMMs, one core each
     assert_close(got.logits, want.logits, dtype, "logits", FAST)
 
 

@@ -106,7 +106,7 @@ def test_skinny_linear_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("lead", [(1,), (3,), (7,), (2, 4), (2, 5), (16,), (17,), (32,), (33,), (48,), (49,)])
 def test_linear_uses_the_skinny_or_packed_gemm_for_few_rows(dtype, lead):
     """Outside a split: the skinny GEMM below TWO_CORE_FROM rows, packed weights on two cores up to
-    TWO_CORE_ROWS (the dtype's), BLAS above."""
+    TWO_CORE_ROWS, BLAS above."""
     from refimpl.fast import packed
 
     rng = np.random.default_rng(len(lead))
@@ -118,7 +118,7 @@ def test_linear_uses_the_skinny_or_packed_gemm_for_few_rows(dtype, lead):
     assert got.shape == lead + (40,) and got.dtype == dtype
     if rows < schedule.TWO_CORE_FROM:
         np.testing.assert_array_equal(got, gemm.skinny_linear(x, w, b))
-    elif rows <= schedule.TWO_CORE_ROWS[dtype]:
+    elif rows <= schedule.TWO_CORE_ROWS:
         np.testing.assert_array_equal(got, packed.packed_linear(x, packed.pack(w), b))
     assert_close(got, ops.linear(x, w, b), dtype.name, "linear", REORDERED)
 

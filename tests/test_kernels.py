@@ -491,12 +491,31 @@ def test_linear_matches_ops_linear(dtype, lead, with_bias):
     same_calls = same_calls.reshape(*lead, 40) + (0 if b is None else b)
     if rows.shape[0] < schedule.TWO_CORE_FROM:
         same_calls = skinny_linear(x, w, b)
-    elif rows.shape[0] <= schedule.TWO_CORE_ROWS[np.dtype(dtype)]:
+    elif rows.shape[0] <= schedule.TWO_CORE_ROWS:
         same_calls = packed_linear(x, pack(w), b)
     want = ops.linear(x, w, b)
     assert got.shape == want.shape == lead + (40,) and got.dtype == want.dtype == dtype
     np.testing.assert_array_equal(got, same_calls)
     assert_close(got, want, np.dtype(dtype).name, "linear", REORDERED)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("lead", [(1,), (2, 4), (3, 11), (1, 48), (2, 40)])
+@pytest.mark.parametrize("one_thread", [False, True])
+def test_linears_is_each_linear(monkeypatch, dtype, lead, one_thread):
+    """schedule.linears: q, k, v of one input as one GEMM with the weights stacked where linear()
+    would use packed weights (two cores, or a part of a split), else one linear() each: bitwise
+    the separate calls either way, as views of the right shapes."""
+    monkeypatch.setattr(schedule._here, "one_thread", one_thread, raising=False)
+    rng = np.random.default_rng(sum(lead))
+    x = rng.standard_normal(lead + (24,)).astype(dtype)
+    ws = [rng.standard_normal((n, 24)).astype(dtype) for n in (40, 40, 33)]
+    bs = [rng.standard_normal(n).astype(dtype) for n in (40, 40, 33)]
+    got = schedule.linears(x, ws, bs)
+    for y, w, b in zip(got, ws, bs):
+        assert y.shape == lead + (w.shape[0],) and y.dtype == dtype
+        np.testing.assert_array_equal(y, schedule.linear(x, w, b))
+    assert schedule.packed_weight(*ws) is schedule.packed_weight(*ws)  # packed once, stacked
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
@@ -547,6 +566,7 @@ def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
     calls = []
     split_batch = schedule.split_batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
+    monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_ROWS", 0)
     monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
         a = model(input_ids=ids, attention_mask=mask, **kwargs)
@@ -907,6 +927,7 @@ def test_split_batch_heads_match_the_whole_batch(monkeypatch, task):
     calls = []
     split_batch = schedule.split_batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
+    monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_ROWS", 0)
     monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     a = model(**inputs)
     assert calls, "the split path did not run"

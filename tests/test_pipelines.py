@@ -563,21 +563,26 @@ def test_batch_decode_is_decode_per_row(ck):
 
 
 def test_small_batches_run_on_one_thread(monkeypatch):
-    """A batch too small for two threads (fast.tasks.worth_splitting) runs whole; a large one splits,
-    and a vocabulary-sized head counts: the tiny masked LM's full head makes the same batch large."""
+    """A batch too small for two threads (fast.tasks.worth_splitting: too little work, or at most
+    TWO_CORE_ROWS tokens, whose GEMMs use both cores anyway) runs whole; a large one splits, and a
+    vocabulary-sized head counts: the tiny masked LM's full head makes the same batch large."""
     import refimpl
     import refimpl.fast.tasks as fast_tasks
 
     model = refimpl.from_pretrained("tiny", task="base", backend="numba")
-    ids = np.full((4, 9), 100)
+    ids = np.full((4, 13), 100)  # 52 tokens
+    assert fast_tasks.SPLIT_MIN_ROWS <= 52
     calls = []
     split_batch = fast_tasks.split_batch
     monkeypatch.setattr(fast_tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
     model(input_ids=ids)
     assert calls == []
-    refimpl.from_pretrained("tiny", backend="numba")(input_ids=ids)  # masked LM: [36, 16] x [16, 50265] in the head
+    masked_lm = refimpl.from_pretrained("tiny", backend="numba")
+    masked_lm(input_ids=ids)  # masked LM: [52, 16] x [16, 50265] in the head
     assert calls == [4]
-    monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 9 * model.config.num_hidden_layers * 3 * 16 * 64)
+    masked_lm(input_ids=ids[:, :12])  # 48 tokens: whole, however big the head
+    assert calls == [4]
+    monkeypatch.setattr(fast_tasks, "SPLIT_MIN_WORK", 4 * 13 * model.config.num_hidden_layers * 3 * 16 * 64)
     model(input_ids=ids)  # the encoder's work reaches the bound exactly
     assert calls == [4, 4]
 

@@ -86,3 +86,5 @@ Shape legend: B batch, N heads, T query length, S key length, H hidden (or inter
 from .. import jitcache
 
 jitcache.ensure()  # before the first cache=True declaration: Numba picks the cache folder there
+
+from . import packed  # noqa: E402,F401 (registers its kernels for gemm's two-core jobs)

@@ -249,18 +249,25 @@ def _skinny_chunk(xf, wf, b, has_bias, out, nr, k, n_out, chunk, idx):
     _skinny_kernel(xf, wf, b, has_bias, out, nr, k, n_out, o0, min(n_out, o0 + chunk))
 
 
+_PACKED_DRIVERS: dict = {}  # dtype -> (the driver, its panel width P): packed.py's, registered on its import
+
+
+def register_packed_drivers(drivers: dict) -> None:
+    """Give PACKED jobs their kernels (:mod:`.packed` calls this on import, and ``refimpl.fast``
+    imports it with the package: every process that runs a job has them before its first compile)."""
+    _PACKED_DRIVERS.update(drivers)
+
+
 def _packed_chunk(board, like, idx):
     """Chunk ``idx`` of a PACKED job on the board: panels idx*chunk .. (idx+1)*chunk through
     :mod:`.packed`'s driver for ``like``'s dtype (an overload: each dtype compiles its own driver
-    only, and only when a two-core packed GEMM first runs)."""
+    only, and only when a two-core job first runs)."""
     raise NotImplementedError  # (Numba-only: see the overload below)
 
 
 @overload(_packed_chunk, jit_options=INLINE)
 def _packed_chunk_impl(board, like, idx):
-    from .packed import driver_for  # (packed.py imports this module: bound at compile time)
-
-    drive, p = driver_for(as_dtype(like.dtype))
+    drive, p = _PACKED_DRIVERS[as_dtype(like.dtype)]  # (a KeyError here: refimpl.fast.packed not imported)
 
     def impl(board, like, idx):
         nr, k, n_out, chunk = board[_NR], board[_K], board[_NOUT], board[_CHUNK]

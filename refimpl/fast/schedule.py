@@ -28,16 +28,16 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 # 0.88-1.00 at 128, 1.0-1.1 from 256).
 PACKED_ROWS = {np.dtype(np.float32): 256, np.dtype(np.float64): 128}
 # Outside a split, linear() multiplies TWO_CORE_FROM up to TWO_CORE_ROWS rows with packed weights on
-# both cores (packed_linear(cores=2); benchmarks/gemm_packed.py --cores 2, weights from memory):
-# 0.6-0.85x the skinny GEMM's time and 0.25-0.7x OpenBLAS's (2 threads) at 8-32 rows; OpenBLAS is
-# faster from ~64 (float32) / ~48 (float64) rows. Below 8 rows the skinny GEMM streams the weights
-# 5-10% faster over a whole forward (a step of decoding), though not in a single GEMM's benchmark.
+# both cores (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in
+# a row, weights from memory, float32): 0.83x the skinny GEMM's time at 8 rows, 0.6x at 16-32;
+# OpenBLAS on two threads is faster from ~64 rows. Below 8 rows (a decoding step of one or a few
+# sequences) the skinny GEMM is as fast or 2-4% faster.
 TWO_CORE_FROM = 8
-TWO_CORE_ROWS = {np.dtype(np.float32): 48, np.dtype(np.float64): 32}
+TWO_CORE_ROWS = 48
 # A single sequence from this many tokens runs as two token halves (run_two); shorter ones run whole,
-# their GEMMs on both cores (TWO_CORE_ROWS). A/B on a base-sized model: whole 0.73x the halves' time
-# at 24 tokens, ~1.0x at 32, halves ~5% faster at 48.
-TOKEN_SPLIT_FROM = 40
+# their GEMMs on both cores. A/B on a base-sized model, whole / halves: 0.73 at 24 tokens, 0.81 at
+# 32, 0.85 at 40, 0.96 at 48, 1.04 at 64 (float32; float64 0.73, 0.86, 0.96 at 24, 40, 48).
+TOKEN_SPLIT_FROM = TWO_CORE_ROWS + 1
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
 
 
@@ -59,7 +59,7 @@ def linear(x, weight, bias=None):
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
     if same and getattr(_here, "one_thread", False) and rows.shape[0] <= PACKED_ROWS.get(x.dtype, 0):
         return packed_linear(rows, packed_weight(weight), bias).reshape(*lead, weight.shape[0])
-    if same and TWO_CORE_FROM <= rows.shape[0] <= TWO_CORE_ROWS.get(x.dtype, 0):
+    if same and TWO_CORE_FROM <= rows.shape[0] <= TWO_CORE_ROWS:
         return packed_linear(rows, packed_weight(weight), bias, cores=2).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= SKINNY_ROWS and same:
         return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
@@ -86,28 +86,52 @@ _pack_lock = threading.Lock()
 PACKED_CACHE_MAX = 4096  # entries; beyond it the cache starts afresh (weights passed as fresh views)
 
 
-def packed_weight(weight):
+def packed_weight(*weights):
     """``pack(weight)``, made once per weight array and kept while the array lives (a model's
-    parameters live as long as the model; the packed copy takes as much memory again)."""
-    key = id(weight)
+    parameters live as long as the model; the packed copy takes as much memory again). Several
+    weights [O_i, K]: their rows stacked [sum O_i, K], packed as one (:func:`linears`)."""
+    key = tuple(map(id, weights))
     hit = _packed.get(key)
-    if hit is not None and hit[0]() is weight:
+    if hit is not None and all(r() is w for r, w in zip(hit[0], weights)):
         return hit[1]
     with _pack_lock:  # the two halves of a split ask for the same weights at once
         hit = _packed.get(key)
-        if hit is not None and hit[0]() is weight:
+        if hit is not None and all(r() is w for r, w in zip(hit[0], weights)):
             return hit[1]
         if len(_packed) >= PACKED_CACHE_MAX:
             _packed.clear()
-        p = pack(weight)
+        p = pack(weights[0] if len(weights) == 1 else np.concatenate(weights))
 
         def forget(ref, key=key):
-            if _packed.get(key, (None,))[0] is ref:
+            if ref in _packed.get(key, ((),))[0]:
                 del _packed[key]
 
-        _packed[key] = (weakref.ref(weight, forget), p)
-        release_mapped_pages(weight)
+        _packed[key] = (tuple(weakref.ref(w, forget) for w in weights), p)
+        for w in weights:
+            release_mapped_pages(w)
         return p
+
+
+def linears(x, weights, biases) -> list:
+    """``[ops.linear(x, W_i, b_i), ...]``, the projections of one input (an attention's q, k, v).
+
+    Where :func:`linear` would multiply with packed weights, one GEMM with the weights stacked
+    ``[sum O_i, K]`` (packed once) and the biases joined; its ``[R, sum O_i]`` output is cut into
+    ``[..., O_i]`` views. Each element is the same chain as in its own GEMM: the same bits, one
+    job (and one pass of x's packing) instead of several. Otherwise one :func:`linear` each.
+    """
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, n_in)  # [R, in]
+    r, one = rows.shape[0], getattr(_here, "one_thread", False)
+    same = all(w.dtype == x.dtype for w in weights) and all(b is not None and b.dtype == x.dtype for b in biases)
+    if same and (r <= PACKED_ROWS.get(x.dtype, 0) if one else TWO_CORE_FROM <= r <= TWO_CORE_ROWS):
+        y = packed_linear(rows, packed_weight(*weights), np.concatenate(biases), cores=1 if one else 2)  # [R, sum O_i]
+        outs, o = [], 0
+        for w in weights:
+            outs.append(y[:, o:o + w.shape[0]].reshape(*lead, w.shape[0]))  # [..., O_i] view
+            o += w.shape[0]
+        return outs
+    return [linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 def release_mapped_pages(a) -> bool:
@@ -201,7 +225,9 @@ def split_batch(fn, n: int) -> list:
     Measured on 2 cores: 8x128 ~12% and 4x512 ~13% faster than one stream with 2-thread BLAS,
     because the softmax/GELU/LayerNorm kernels then run on both cores too, and no BLAS worker
     spins beside them. OpenBLAS's thread count is process-wide: it is set to 1 for the duration
-    and restored; one split runs at a time (a second caller just runs whole).
+    and restored; one split runs at a time (a second caller just runs whole). (Each half in pieces
+    of 512 tokens, to keep a 32x128 batch's activations small, was 2-7% slower: BLAS packs every
+    weight once per call.)
     """
     global _pool
     blas = openblas_threads()

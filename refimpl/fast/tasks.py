@@ -39,7 +39,8 @@ from ..outputs import (
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
 from .kernels import attention, bias_gelu, layer_norm, masked_softmax
-from .schedule import TOKEN_SPLIT_FROM, attention_context, linear, linear_act, run_two, split_batch
+from .schedule import (TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act, linears, run_two,
+                       split_batch)
 
 # ---------------------------------------------------------------------------------------------
 # The encoder (refimpl.attention.attention_block, refimpl.encoder.feed_forward_block / encode)
@@ -63,17 +64,20 @@ def attention_block(x, p: Attention, bias, *, num_heads: int, eps: float, key_va
                     cross: bool = False, need_probs: bool = False):
     """``x + W_o · attention(LayerNorm(x))`` -> (output [B, T, H], probabilities [B, N, T, S] or None)."""
     h = layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps)  # [B, T, H]
-    q = split_heads(linear(h, p.query.weight, p.query.bias), num_heads)  # [B, N, T, D]
-    if cross and cache is not None and has_cross(cache):
-        k, v = cache.cross_keys, cache.cross_values  # [B, N, S, D]
-    else:
-        source = key_value_states if cross else h  # [B, S, H] or [B, T, H]
-        k = split_heads(linear(source, p.key.weight, p.key.bias), num_heads)  # [B, N, T|S, D]
-        v = split_heads(linear(source, p.value.weight, p.value.bias), num_heads)  # [B, N, T|S, D]
-        if cache is not None and cross:
-            set_cross(cache, k, v)
-        elif cache is not None:
+    if not cross:  # q, k, v of the same input: one GEMM where the weights are packed (linears)
+        q, k, v = (split_heads(a, num_heads) for a in linears(
+            h, (p.query.weight, p.key.weight, p.value.weight), (p.query.bias, p.key.bias, p.value.bias)))  # [B, N, T, D]
+        if cache is not None:
             k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
+    else:
+        q = split_heads(linear(h, p.query.weight, p.query.bias), num_heads)  # [B, N, T, D]
+        if cache is not None and has_cross(cache):
+            k, v = cache.cross_keys, cache.cross_values  # [B, N, S, D]
+        else:
+            k = split_heads(linear(key_value_states, p.key.weight, p.key.bias), num_heads)  # [B, N, S, D]
+            v = split_heads(linear(key_value_states, p.value.weight, p.value.bias), num_heads)  # [B, N, S, D]
+            if cache is not None:
+                set_cross(cache, k, v)
     scale = q.shape[-1] ** -0.5
     if need_probs:
         probs = masked_softmax(q @ np.swapaxes(k, -1, -2), bias, scale)  # [B, N, T, S]
@@ -155,8 +159,9 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
             for i, layer in enumerate(params.layers):
                 p = layer.attention
                 ln = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [1, t', H]
-                for j, lin in enumerate((p.query, p.key, p.value)):
-                    qkv[j, :, rows] = linear(ln, lin.weight, lin.bias)
+                for j, a in enumerate(linears(ln, (p.query.weight, p.key.weight, p.value.weight),
+                                              (p.query.bias, p.key.bias, p.value.bias))):
+                    qkv[j, :, rows] = a
                 meet.wait()  # every token's q, k, v are there
                 q, k, v = (heads(a, part).transpose(0, 2, 1, 3) for a in qkv)  # [1, n, T, D]
                 if q.shape[1]:
@@ -186,12 +191,20 @@ model's forward is mostly Python and kernel dispatch; a thread hop on a busy 2-c
 take longer than the half it carries). 2M is ~0.2 ms of one core's GEMM time."""
 
 
+SPLIT_MIN_ROWS = TWO_CORE_ROWS + 1
+"""The fewest tokens (batch x length) worth two threads: up to ``TWO_CORE_ROWS`` the GEMMs of a whole
+batch run on both cores anyway (:func:`.schedule.linear`), and the halves would each stream every
+weight. A/B on a base-sized model, whole / halves: 0.88 at 2x8, 0.84 at 3x16, 0.99-1.03 at 2x16,
+4x8, 2x24, 4x12, 8x4."""
+
+
 def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
-    """Whether the batch's encoder work, plus ``head_work`` multiply-adds of a head, reaches
-    :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
+    """Whether the batch has ``SPLIT_MIN_ROWS`` tokens and its encoder work, plus ``head_work``
+    multiply-adds of a head, reaches :data:`SPLIT_MIN_WORK` (then it runs as two halves)."""
     b, t = x.position_ids.shape[:2]
     h, i = config.hidden_size, config.intermediate_size
-    return b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) + head_work >= SPLIT_MIN_WORK
+    work = b * t * config.num_hidden_layers * (4 * h * h + 2 * h * i) + head_work
+    return b * t >= SPLIT_MIN_ROWS and work >= SPLIT_MIN_WORK
 
 
 def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
