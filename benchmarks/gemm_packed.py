@@ -19,6 +19,7 @@ base-sized model is ~340 MB of float32 weights): each call reads its weight from
 
     python benchmarks/gemm_packed.py [--repeats 21] [--dtype float32] [--rows 16,64] [--cold] [--json PATH]
     python benchmarks/gemm_packed.py --jit    # first-call (compile) times, empty and filled cache
+    python benchmarks/gemm_packed.py --forward [--rows 8,16] [--repeats 7]   # a forward's GEMMs, two cores
 """
 
 from __future__ import annotations
@@ -103,6 +104,44 @@ def run(dtypes, rows, repeats: int, cold: bool = False) -> list[dict]:
     return records
 
 
+def forward_gemms(dtypes, rows, repeats: int) -> list[dict]:
+    """The 72 GEMMs of a base-sized forward one after the other (12 layers: q, k, v stacked as one
+    [2304, 768] weight, the [768, 768] output projection, [3072, 768] and [768, 3072]; ~340 MB of
+    float32 weights, so each GEMM reads its weight from memory, as in a forward), at R rows, with
+    the schedules a forward outside a split can take, each on both cores: the skinny GEMM, packed
+    weights with ``cores=2``, OpenBLAS's ``(W x^T)^T`` on 2 threads; and packed weights on one
+    thread for reference. Medians of interleaved repeats of the whole sequence."""
+    from refimpl.fast import gemm
+
+    records = []
+    rng = np.random.default_rng(0)
+    for dtype in dtypes:
+        shapes = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
+        ws = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+        bs = [rng.standard_normal(shape[0]).astype(dtype) for shape in shapes]
+        pws = [packed.pack(w) for w in ws]
+        print(f"\n{dtype}: the 72 GEMMs of a base-sized forward in a row; medians of {repeats} interleaved "
+              f"repeats, ms (and / skinny)")
+        print(f"{'R':>4} {'skinny':>9} {'packed, 2 cores':>22} {'OpenBLAS, 2 threads':>22} {'packed, 1 thread':>22}")
+        for r in rows:
+            xs = {k: rng.standard_normal((r, k)).astype(dtype) for k in (768, 3072)}
+
+            def seq(fn):
+                return lambda: [fn(xs[w.shape[1]], w, b, pw) for w, b, pw in zip(ws, bs, pws)]
+
+            res = interleaved({
+                "skinny": seq(lambda x, w, b, pw: gemm.skinny_linear(x, w, b)),
+                "packed2": seq(lambda x, w, b, pw: packed.packed_linear(x, pw, b, cores=2)),
+                "openblas2": seq(lambda x, w, b, pw: np.add((w @ x.T).T, b)),
+                "packed1": seq(lambda x, w, b, pw: packed.packed_linear(x, pw, b)),
+            }, repeats)
+            base = res["skinny"]
+            records.append(dict(dtype=np.dtype(dtype).name, rows=r, seconds=res))
+            print(f"{r:>4} {base * 1e3:>9.2f} " + " ".join(
+                f"{res[k] * 1e3:>13.2f} ({res[k] / base:4.2f})" for k in ("packed2", "openblas2", "packed1")), flush=True)
+    return records
+
+
 _FIRST_CALLS = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -145,9 +184,15 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="weights from memory: cycle through ~160 MB of copies")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--jit", action="store_true", help="only measure first-call (compile) times")
+    parser.add_argument("--forward", action="store_true",
+                        help="the 72 GEMMs of a base-sized forward in a row, the two-core schedules (default rows 1,4,8,16,32,48,64)")
     args = parser.parse_args()
     if args.jit:
         result = {"first_calls": first_call_times()}
+    elif args.forward:
+        dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32)]
+        rows = [int(r) for r in (args.rows if "--rows" in sys.argv else "1,4,8,16,32,48,64").split(",")]
+        result = {"isa": packed.ISA, "repeats": args.repeats, "forward": forward_gemms(dtypes, rows, args.repeats)}
     else:
         dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32), np.dtype(np.float64)]
         rows = [int(r) for r in args.rows.split(",")]
