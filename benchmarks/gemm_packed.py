@@ -104,7 +104,7 @@ def run(dtypes, rows, repeats: int, cold: bool = False) -> list[dict]:
     return records
 
 
-def forward_gemms(dtypes, rows, repeats: int) -> list[dict]:
+def forward_sequence(dtypes, rows, repeats: int) -> list[dict]:
     """The 72 GEMMs of a base-sized forward one after the other (12 layers: q, k, v stacked as one
     [2304, 768] weight, the [768, 768] output projection, [3072, 768] and [768, 3072]; ~340 MB of
     float32 weights, so each GEMM reads its weight from memory, as in a forward), at R rows, with
@@ -192,7 +192,7 @@ def main() -> None:
     elif args.forward:
         dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32)]
         rows = [int(r) for r in (args.rows if "--rows" in sys.argv else "1,4,8,16,32,48,64").split(",")]
-        result = {"isa": packed.ISA, "repeats": args.repeats, "forward": forward_gemms(dtypes, rows, args.repeats)}
+        result = {"isa": packed.ISA, "repeats": args.repeats, "forward": forward_sequence(dtypes, rows, args.repeats)}
     else:
         dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32), np.dtype(np.float64)]
         rows = [int(r) for r in args.rows.split(",")]

@@ -546,7 +546,8 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("batch", [2, 3, 5])
-def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
+@pytest.mark.parametrize("piece", [None, 1])
+def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch, piece):
     """The fast forward runs a batch as two halves on two threads (single-threaded OpenBLAS);
     every sequence is computed on its own either way, so the outputs agree up to the rounding of
     BLAS kernels picked for the other call shapes (tolerances.REORDERED; bitwise on machines where
@@ -567,11 +568,12 @@ def test_split_batch_forward_matches_the_whole_batch(monkeypatch, dtype, batch):
     split_batch = schedule.split_batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_ROWS", 0)
-    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n, piece=None: calls.append(n) or split_batch(fn, n, piece))
+    monkeypatch.setattr(refimpl.fast.tasks, "pieces", lambda params, x: piece)  # halves, or one sequence a turn
     for kwargs in ({}, {"output_hidden_states": True, "output_attentions": True}):
         a = model(input_ids=ids, attention_mask=mask, **kwargs)
         with monkeypatch.context() as m:  # the whole batch in one stream
-            m.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: [fn(slice(0, n))])
+            m.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n, piece=None: [fn(slice(0, n))])
             b = model(input_ids=ids, attention_mask=mask, **kwargs)
         assert a.logits.dtype == b.logits.dtype == np.dtype(dtype)
         assert_close(a.logits, b.logits, dtype, "logits", REORDERED)
@@ -592,6 +594,18 @@ def test_split_batch_restores_blas_threads_and_covers_the_batch():
     parts = schedule.split_batch(lambda rows: seen.append(rows) or rows, 5)
     assert sorted((s.start, s.stop) for s in seen) == [(0, 3), (3, 5)] or parts == [slice(0, 5)]
     assert schedule.split_batch(lambda rows: rows, 1) == [slice(0, 1)]
+    parts = schedule.split_batch(lambda rows: rows, 7, 2)  # pieces of 2 taken in turn: results in order
+    assert parts == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)] or parts == [slice(0, 7)]
+    assert schedule.split_batch(lambda rows: rows, 5, 3) in ([slice(0, 3), slice(3, 5)], [slice(0, 5)])  # >= half
+
+    def fails(rows):
+        if rows.start == 4:
+            raise ValueError("piece 4")
+        return rows
+
+    if blas and blas[0]() >= 2 and (os.cpu_count() or 1) >= 2:  # (else one stream: fails never sees row 4 first)
+        with pytest.raises(ValueError, match="piece 4"):  # whichever thread ran it
+            schedule.split_batch(fails, 7, 2)
     if blas:
         assert blas[0]() == before
 
@@ -928,10 +942,10 @@ def test_split_batch_heads_match_the_whole_batch(monkeypatch, task):
     split_batch = schedule.split_batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_WORK", 0)  # split even a tiny model's batch
     monkeypatch.setattr(refimpl.fast.tasks, "SPLIT_MIN_ROWS", 0)
-    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n, piece=None: calls.append(n) or split_batch(fn, n, piece))
     a = model(**inputs)
     assert calls, "the split path did not run"
-    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n: [fn(slice(0, n))])
+    monkeypatch.setattr(refimpl.fast.tasks, "split_batch", lambda fn, n, piece=None: [fn(slice(0, n))])
     b = model(**inputs)
     checked = 0
     for name in ("logits", "start_logits", "end_logits", "pooler_output", "last_hidden_state", "loss"):

@@ -574,7 +574,7 @@ def test_small_batches_run_on_one_thread(monkeypatch):
     assert fast_tasks.SPLIT_MIN_ROWS <= 52
     calls = []
     split_batch = fast_tasks.split_batch
-    monkeypatch.setattr(fast_tasks, "split_batch", lambda fn, n: calls.append(n) or split_batch(fn, n))
+    monkeypatch.setattr(fast_tasks, "split_batch", lambda fn, n, piece=None: calls.append(n) or split_batch(fn, n, piece))
     model(input_ids=ids)
     assert calls == []
     masked_lm = refimpl.from_pretrained("tiny", backend="numba")

@@ -39,7 +39,7 @@ from ..outputs import (
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
 from .kernels import attention, bias_gelu, layer_norm, masked_softmax
-from .schedule import (TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act, linears, run_two,
+from .schedule import (PACKED_ROWS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act, linears, run_two,
                        split_batch)
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +207,15 @@ def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
     return b * t >= SPLIT_MIN_ROWS and work >= SPLIT_MIN_WORK
 
 
+def pieces(params: Params, x: Inputs) -> int | None:
+    """Sequences a thread takes at a time in a split batch: as many as make ``PACKED_ROWS`` tokens
+    (each piece's GEMMs then multiply with packed weights, which cost nothing to reuse, where
+    OpenBLAS would pack every weight again for each piece), or None (halves) beyond."""
+    t = x.position_ids.shape[1]
+    rows = PACKED_ROWS.get(params.embeddings.word.dtype, 0)
+    return rows // t if 0 < t <= rows else None
+
+
 def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
     """``encode(...).last_hidden_state[:, 0]``, [B, H]: the final state of the first token only.
 
@@ -246,7 +255,7 @@ def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
         return layer_norm(h0, fl.weight, fl.bias, eps)[:, 0]  # [b, H]
 
     b = x.position_ids.shape[0]
-    parts = split_batch(run, b) if b > 1 and worth_splitting(config, x) else [run(slice(0, b))]
+    parts = split_batch(run, b, pieces(params, x)) if b > 1 and worth_splitting(config, x) else [run(slice(0, b))]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [B, H]
 
 
@@ -270,7 +279,7 @@ def over_rows(params: Params, config: Config, x: Inputs, head, head_work: int = 
     if b < 2 or not worth:
         enc = encode(params, config, x)
         return head(enc), enc
-    parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b)
+    parts = split_batch(lambda rows: (lambda enc: (head(enc), enc))(encode(params, config, x, rows)), b, pieces(params, x))
     if len(parts) == 1:
         return parts[0]
 
@@ -342,7 +351,7 @@ def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -
         return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
 
     b = x.position_ids.shape[0]
-    parts = split_batch(run, b) if worth_splitting(config, x, lm_head_work(params, config, int(where.sum()))) \
+    parts = split_batch(run, b, pieces(params, x)) if worth_splitting(config, x, lm_head_work(params, config, int(where.sum()))) \
         else [run(slice(0, b))]
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
 
