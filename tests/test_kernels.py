@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numba
 import numpy as np
@@ -598,14 +599,19 @@ def test_split_batch_restores_blas_threads_and_covers_the_batch():
     assert parts == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)] or parts == [slice(0, 7)]
     assert schedule.split_batch(lambda rows: rows, 5, 3) in ([slice(0, 3), slice(3, 5)], [slice(0, 5)])  # >= half
 
+    ran = []
+
     def fails(rows):
-        if rows.start == 4:
-            raise ValueError("piece 4")
+        ran.append(rows.start)
+        if rows.start == 0:
+            raise ValueError("piece 0")
+        time.sleep(0.005)  # (lets the failing thread run: 40 pieces would take 0.1 s on one thread)
         return rows
 
-    if blas and blas[0]() >= 2 and (os.cpu_count() or 1) >= 2:  # (else one stream: fails never sees row 4 first)
-        with pytest.raises(ValueError, match="piece 4"):  # whichever thread ran it
-            schedule.split_batch(fails, 7, 2)
+    if blas and blas[0]() >= 2 and (os.cpu_count() or 1) >= 2:  # (else one stream: fails sees slice(0, n))
+        with pytest.raises(ValueError, match="piece 0"):  # whichever thread ran it
+            schedule.split_batch(fails, 40, 1)
+        assert len(ran) < 20  # the other thread stopped taking pieces
     if blas:
         assert blas[0]() == before
 
