@@ -37,7 +37,6 @@ from numba.np.numpy_support import as_dtype
 
 from .llvm import DTYPES, INLINE, JIT, prefetch, v8_lanes, v8_load, v8_splat, v_fma
 
-SKINNY_ROWS = 16  # up to this many rows, schedule.linear uses skinny_linear (measured crossover)
 SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which the two cores share a GEMM
 _TILE = 4  # weight rows per tile: the column split falls on multiples of it
 # Tiles of 4 weight rows x 2 input rows (8 accumulators). 4 x 4 tiles (16 accumulators) were 15-35%

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..blas import openblas_threads
 from ..ops import activation
-from .gemm import SKINNY_ROWS, skinny_linear
+from .gemm import skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
 from .packed import pack, packed_linear
 
@@ -58,11 +58,10 @@ def linear(x, weight, bias=None):
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
-    if same and getattr(_here, "one_thread", False) and rows.shape[0] <= PACKED_ROWS.get(x.dtype, 0):
-        return packed_linear(rows, packed_weight(weight), bias).reshape(*lead, weight.shape[0])
-    if same and TWO_CORE_FROM <= rows.shape[0] <= TWO_CORE_ROWS:
-        return packed_linear(rows, packed_weight(weight), bias, cores=2).reshape(*lead, weight.shape[0])
-    if rows.shape[0] <= SKINNY_ROWS and same:
+    cores = packed_cores(rows, same)
+    if cores:
+        return packed_linear(rows, packed_weight(weight), bias, cores=cores).reshape(*lead, weight.shape[0])
+    if same and rows.shape[0] < TWO_CORE_FROM:
         return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= THIN_ROWS:
         y = (weight @ rows.T).T  # [out, R] -> [R, out], a transposed view of a fresh array
@@ -75,6 +74,18 @@ def linear(x, weight, bias=None):
         else:
             y = y + bias
     return y
+
+
+def packed_cores(rows, same: bool) -> int:
+    """How :func:`linear` multiplies ``rows`` [R, in] with packed weights: 1 (one core: this thread
+    runs a part of a split, R <= ``PACKED_ROWS``), 2 (both cores: ``TWO_CORE_FROM`` <= R <=
+    ``TWO_CORE_ROWS``), or 0 (not: another schedule; also when the dtypes differ, ``same`` False)."""
+    r = rows.shape[0]
+    if not same:
+        return 0
+    if getattr(_here, "one_thread", False):
+        return 1 if r <= PACKED_ROWS.get(rows.dtype, 0) else 0
+    return 2 if TWO_CORE_FROM <= r <= TWO_CORE_ROWS else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,10 +134,10 @@ def linears(x, weights, biases) -> list:
     """
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
-    r, one = rows.shape[0], getattr(_here, "one_thread", False)
     same = all(w.dtype == x.dtype for w in weights) and all(b is not None and b.dtype == x.dtype for b in biases)
-    if same and (r <= PACKED_ROWS.get(x.dtype, 0) if one else TWO_CORE_FROM <= r <= TWO_CORE_ROWS):
-        y = packed_linear(rows, packed_weight(*weights), np.concatenate(biases), cores=1 if one else 2)  # [R, sum O_i]
+    cores = packed_cores(rows, same)
+    if cores:
+        y = packed_linear(rows, packed_weight(*weights), np.concatenate(biases), cores=cores)  # [R, sum O_i]
         outs, o = [], 0
         for w in weights:
             outs.append(y[:, o:o + w.shape[0]].reshape(*lead, w.shape[0]))  # [..., O_i] view

@@ -4,11 +4,13 @@ The same equations in the same order as the reference, step by step, with these 
 schedule only (each held to the reference by ``tests/test_fast.py``):
 
 - LayerNorm, the masked softmax and bias+GELU run the Numba kernels of :mod:`.kernels`;
-- ``x W^T + b`` is :func:`.schedule.linear` (``(W x^T)^T`` for few rows, bias added in place);
+- ``x W^T + b`` is :func:`.schedule.linear` (packed weights, the skinny GEMM or ``(W x^T)^T`` for
+  few rows, bias added in place); q, k and v of a self-attention are one GEMM (:func:`qkv`);
 - without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
-- a batch of 2+ sequences without a cache or cross-attention runs as two halves on two threads
-  (:func:`.schedule.split_batch`), encoder and head together, when its work is worth it
-  (:func:`worth_splitting`); the loss is taken over the whole batch;
+- a batch of 2+ sequences without a cache or cross-attention runs on two threads, in halves or in
+  pieces the threads take in turn (:func:`.schedule.split_batch`, :func:`pieces`), encoder and head
+  together, when its work is worth it (:func:`worth_splitting`); the loss is taken over the whole
+  batch;
 - one sequence of ``TOKEN_SPLIT_FROM`` tokens or more (no cache, cross-attention or kept
   probabilities), when its work is worth it, runs as two token halves that meet at the attention
   (:func:`encode_token_halves`).
@@ -60,13 +62,18 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, t, n * d)
 
 
+def qkv(h, p: Attention) -> list:
+    """The query, key and value projections of ``h`` [B, T, H] -> three [B, T, H]: one GEMM with the
+    three weights stacked where they are packed (:func:`.schedule.linears`; the same values)."""
+    return linears(h, (p.query.weight, p.key.weight, p.value.weight), (p.query.bias, p.key.bias, p.value.bias))
+
+
 def attention_block(x, p: Attention, bias, *, num_heads: int, eps: float, key_value_states=None, cache=None,
                     cross: bool = False, need_probs: bool = False):
     """``x + W_o · attention(LayerNorm(x))`` -> (output [B, T, H], probabilities [B, N, T, S] or None)."""
     h = layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps)  # [B, T, H]
-    if not cross:  # q, k, v of the same input: one GEMM where the weights are packed (linears)
-        q, k, v = (split_heads(a, num_heads) for a in linears(
-            h, (p.query.weight, p.key.weight, p.value.weight), (p.query.bias, p.key.bias, p.value.bias)))  # [B, N, T, D]
+    if not cross:
+        q, k, v = (split_heads(a, num_heads) for a in qkv(h, p))  # [B, T, H] each -> [B, N, T, D]
         if cache is not None:
             k, v = append(cache, k, v)  # [B, N, S, D] views of the cache buffers
     else:
@@ -141,7 +148,7 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
                     e.layer_norm.weight, e.layer_norm.bias, eps)  # [1, T, H]
     t, hid = h0.shape[1], h0.shape[2]
     d, half, heads0 = hid // nh, (t + 1) // 2, (nh + 1) // 2
-    qkv = np.empty((3, 1, t, hid), h0.dtype)  # the projections of every token, [1, T, H] each
+    projections = np.empty((3, 1, t, hid), h0.dtype)  # the projections of every token, [1, T, H] each
     ctx = np.empty((1, t, hid), h0.dtype)  # the attention context, heads merged
     hidden = [h0] + [np.empty_like(h0) for _ in params.layers]
     bias = x.attention_bias  # [1, 1|N, T|1, S] or None
@@ -159,11 +166,10 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
             for i, layer in enumerate(params.layers):
                 p = layer.attention
                 ln = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [1, t', H]
-                for j, a in enumerate(linears(ln, (p.query.weight, p.key.weight, p.value.weight),
-                                              (p.query.bias, p.key.bias, p.value.bias))):
-                    qkv[j, :, rows] = a
+                for j, a in enumerate(qkv(ln, p)):  # [1, t', H] each
+                    projections[j, :, rows] = a
                 meet.wait()  # every token's q, k, v are there
-                q, k, v = (heads(a, part).transpose(0, 2, 1, 3) for a in qkv)  # [1, n, T, D]
+                q, k, v = (heads(a, part).transpose(0, 2, 1, 3) for a in projections)  # [1, n, T, D]
                 if q.shape[1]:
                     attention(q, k, v, part_bias, d**-0.5, out=heads(ctx, part).transpose(0, 2, 1, 3))
                 meet.wait()  # every head's context is there (and q, k, v may be overwritten)
