@@ -13,7 +13,7 @@ k-major (``panels[q, k, j] = W[q * P + j, k]``, zero rows pad the last panel), a
             the micro-kernel: MR x P accumulators in vector registers; for each k of the block
             load the two P/2-lane weight vectors panels[q, k, :], broadcast x[r, k] for each of
             the MR rows (MR neighbours in the buffer) and fuse-multiply-add it into that row's
-            two accumulators (the first tile of a panel also prefetches the next panel's block
+            two accumulators (each tile also prefetches its share of the next panel's block
             into L2)
 
 The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the same micro-kernel,
@@ -197,8 +197,8 @@ def _is_flat(a) -> bool:
 
 
 @intrinsic
-def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows, width, ahead, fetch, pstride,
-          panels):
+def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows, width, ahead, fstep, fetch,
+          pstride, panels):
     """One tile of MR rows x G panels of P outputs over one k-block, for k = 0 .. kn-1 (kn >= 1):
 
         acc[i, j] = 0 if start else c[co + i*ldc + j]          i < rows (MR), j < panels * width (G*P)
@@ -209,9 +209,9 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
     w: the panels (panel g of the tile at wo + g*pstride); x: the x buffer, whose tile at xo is
     [kn, rows] (x[r + i, k0 + k] at k*rows + i); c: out [R*O] or a scratch; b: the bias (read only
     when add_bias). Several panels give a tile of few rows enough independent chains (an MR x 1
-    tile of 1-2 rows has 2-4 and waits on the fma latency). With ``fetch``, step k also asks for
-    w[ahead + k*width : ... + width] in L2 (the next panel's block: a hint, never a fault; it moves
-    no number). ``rows``, ``width``, ``fetch`` and ``panels`` are integer literals: each combination
+    tile of 1-2 rows has 2-4 and waits on the fma latency). With ``fetch`` (1 or 2 lines), step k
+    also asks for the 64-byte lines at w[ahead + k*fstep + j*width/2], j < fetch, in L2 (a share of
+    the next panel's block: a hint, never a fault; it moves no number). ``rows``, ``width``, ``fetch`` and ``panels`` are integer literals: each combination
     is its own straight-line IR.
     """
     arrays = (w, x, c, b)
@@ -219,13 +219,13 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
         return None
     if not all(isinstance(a, types.IntegerLiteral) for a in (rows, width, fetch, panels)):
         return None
-    mr, p, prefetch, npan = rows.literal_value, width.literal_value, bool(fetch.literal_value), panels.literal_value
+    mr, p, lines, npan = rows.literal_value, width.literal_value, fetch.literal_value, panels.literal_value
     intp, boolean = types.intp, types.boolean
-    sig = types.none(w, intp, x, intp, c, intp, intp, intp, b, intp, boolean, boolean, rows, width, intp, fetch,
-                     intp, panels)
+    sig = types.none(w, intp, x, intp, c, intp, intp, intp, b, intp, boolean, boolean, rows, width, intp, intp,
+                     fetch, intp, panels)
 
     def codegen(context, builder, signature, args):
-        wa, wo, xa, xo, ca, co, ldc, kn, ba, bo, start, add_bias, _, _, ahead, _, pst = args[:17]
+        wa, wo, xa, xo, ca, co, ldc, kn, ba, bo, start, add_bias, _, _, ahead, fst, _, pst = args[:18]
         aty = signature.args[0]
         fty = context.get_value_type(aty.dtype)  # float or double
         lanes, itemsize = p // 2, aty.dtype.bitwidth // 8
@@ -272,7 +272,7 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
         # loop:  k   = phi [0, fresh], [0, resume], [k + 1, loop]
         #        acc = phi [0, fresh], [c, resume], [acc', loop]          (one per accumulator)
         #        w0, w1 = <lanes x T> loads of the panel at k*P and k*P + lanes
-        #        (fetch: llvm.prefetch(read, L2, data) of the two 64-byte lines at ahead + k*P)
+        #        (fetch: llvm.prefetch(read, L2, data) of the fetch lines at ahead + k*fstep)
         #        for each row i: s = load x_tile[k, i]; v = splat(s) (insertelement + shufflevector)
         #                        acc'[i][0] = llvm.fma(v, w0, acc[i][0]); acc'[i][1] = ... w1 ...
         #        br k + 1 < kn, loop, done
@@ -290,8 +290,9 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
         for g in range(npan):
             gp = builder.gep(wp, [builder.mul(pst, const(g))]) if g else wp
             wv += [vload(gp, koff), vload(gp, builder.add(koff, const(lanes)))]
-        for j in range(2 if prefetch else 0):  # (lanes elements = 64 bytes = one cache line)
-            line = builder.bitcast(builder.gep(pp, [builder.add(koff, const(j * lanes))]), i8p)
+        foff = builder.mul(k, fst)
+        for j in range(lines):  # (lanes elements = 64 bytes = one cache line)
+            line = builder.bitcast(builder.gep(pp, [builder.add(foff, const(j * lanes))]), i8p)
             builder.call(llvm_prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         new = []
         xk = builder.mul(k, const(mr))  # the tile's x at k: xp[k*MR : k*MR + MR]
@@ -389,43 +390,48 @@ def _make_driver(mr, p, g4, g2, g1):
             for r0 in range(0, nr, mc):
                 r1 = min(nr, r0 + mc)
                 rt = r0 + (r1 - r0) // mr * mr  # rows r0..rt in tiles of MR, the tail rt..r1 below
+                nt = (rt - r0) // mr  # MR-row tiles
+                fs = -(-p // nt) if nt else p  # each tile's prefetch step (elements a k step)
                 xa = r0 * k + k0 * (r1 - r0) if prepacked else 0  # x[r0:r1, k0:k0+kn] in xp, tile by tile
                 if not prepacked:
                     _pack_x(xf, xp, 0, r0, r1, k, k0, kn, mr)
                 for q in range(q0, q1):
                     wo = (q * k + k0) * p  # the panel's block: pf[wo : wo + kn*P], [kn, P]
                     ahead, bo = wo + ps, q * p  # the next panel's block (past the end for the last)
-                    # The MR-row tiles. The first also asks for the next panel's block, so that it
-                    # comes into L2 while this panel computes (the hardware prefetcher alone leaves
-                    # each panel's first pass waiting on memory: with weights from memory, as in a
-                    # forward pass, this is 10-20% faster at 16-64 rows).
-                    if q < full:
-                        r = r0
-                        if r < rt:
+                    # The MR-row tiles. Together they ask for the next panel's block, so that it comes
+                    # into L2 while this panel computes: each tile a 1/nt share of it, one line per
+                    # k step (a single tile: all of it, two lines a step). The hardware prefetcher
+                    # alone leaves each panel's first pass waiting on memory; asking for the whole
+                    # block during the first of several tiles floods the line-fill buffers while the
+                    # later tiles leave memory idle. A base-sized forward's 72 GEMMs, one thread,
+                    # weights from memory: spread 0.72-0.89x the time of first-tile-only at 32-256
+                    # rows (two threads sharing the weights 0.70-0.88x); the next-but-one panel
+                    # instead was no faster.
+                    if q < full and nt == 1:
+                        _tile(pf, wo, xp, xa, of, q * p + r0 * n_out, n_out, kn, bf, bo, start, addb, mr, p,
+                              ahead, p, 2, ps, 1)
+                    elif q < full:
+                        for i in range(nt):
+                            r = r0 + i * mr
                             _tile(pf, wo, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start,
-                                  addb, mr, p, ahead, 1, ps, 1)
-                            r += mr
-                        while r < rt:
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start,
-                                  addb, mr, p, ahead, 0, ps, 1)
-                            r += mr
+                                  addb, mr, p, ahead + i * kn * fs, fs, 1, ps, 1)
                     else:  # the partial panel accumulates in scratch [R, P]; bias added on copy-out
                         r = r0
                         while r + mr <= r1:
                             _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
-                                  mr, p, ahead, 0, ps, 1)
+                                  mr, p, ahead, 0, 0, ps, 1)
                             r += mr
                         if mr > 4 and r1 - r >= 4:
                             _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
-                                  4, p, ahead, 0, ps, 1)
+                                  4, p, ahead, 0, 0, ps, 1)
                             r += 4
                         if r1 - r >= 2:
                             _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
-                                  2, p, ahead, 0, ps, 1)
+                                  2, p, ahead, 0, 0, ps, 1)
                             r += 2
                         if r1 - r >= 1:
                             _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
-                                  1, p, ahead, 0, ps, 1)
+                                  1, p, ahead, 0, 0, ps, 1)
                 # The tail rows of the full panels in tiles of 4, 2 and 1 rows, each spanning several
                 # panels (the same chains, enough of them to hide the fma latency), a group of g1
                 # panels at a time: the tiles of 4, 2 and 1 rows find the group's blocks in L2 (for
@@ -438,33 +444,33 @@ def _make_driver(mr, p, g4, g2, g1):
                         q = qg
                         while q + g4 <= qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 4, p, 0, 0, ps, g4)
+                                  q * p, start, addb, 4, p, 0, 0, 0, ps, g4)
                             q += g4
                         while q < qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 4, p, 0, 0, ps, 1)
+                                  q * p, start, addb, 4, p, 0, 0, 0, ps, 1)
                             q += 1
                         r += 4
                     if r1 - r >= 2:
                         q = qg
                         while q + g2 <= qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 2, p, 0, 0, ps, g2)
+                                  q * p, start, addb, 2, p, 0, 0, 0, ps, g2)
                             q += g2
                         while q < qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 2, p, 0, 0, ps, 1)
+                                  q * p, start, addb, 2, p, 0, 0, 0, ps, 1)
                             q += 1
                         r += 2
                     if r1 - r >= 1:
                         q = qg
                         while q + g1 <= qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 1, p, 0, 0, ps, g1)
+                                  q * p, start, addb, 1, p, 0, 0, 0, ps, g1)
                             q += g1
                         while q < qe:
                             _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
-                                  q * p, start, addb, 1, p, 0, 0, ps, 1)
+                                  q * p, start, addb, 1, p, 0, 0, 0, ps, 1)
                             q += 1
                     qg = qe
         if full < q1:  # the partial panel (in this range): its real columns, plus the bias
