@@ -62,7 +62,9 @@ def _data(dtype, rows, n_out, k, seed=0):
 def test_packed_linear_is_the_scalar_fma_chain(dtype, k):
     """Every R in ROWS (row tails of each tile size) x every O in OUTS (partial last panels), with
     and without bias, bitwise. The chains of a row and column do not depend on the others, so the
-    reference of the largest shape holds every smaller one as a corner."""
+    reference of the largest shape holds every smaller one as a corner. The rows straddle
+    X_PACK_FROM: x read in place and x copied tile by tile give the same bits."""
+    assert min(ROWS) < packed.X_PACK_FROM <= max(ROWS)
     x, w, b = _data(dtype, max(ROWS), max(OUTS), k, seed=k)
     want = _reference_packed(x, w, None)  # [100, 130]
     for n_out in OUTS:
@@ -113,7 +115,7 @@ def test_each_element_independent_of_rows_blocks_and_threads(monkeypatch, dtype)
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_two_cores_give_the_same_bits(monkeypatch, dtype):
     """cores=2: the caller and gemm.py's helper thread claim chunks of panels (x packed once for
-    both): bitwise the one-thread result, for full and partial last panels, tails of every tile size,
+    both, or read in place below X_PACK_FROM rows): bitwise the one-thread result, for full and partial last panels, tails of every tile size,
     several k-blocks and row blocks, one panel per chunk or many; also when the helper is busy with
     another caller's job (the caller runs it all) and on one core."""
     from refimpl.fast import gemm
@@ -128,12 +130,15 @@ def test_two_cores_give_the_same_bits(monkeypatch, dtype):
                 np.testing.assert_array_equal(packed.packed_linear(x[:rows], pw, bias, cores=2), one)
     pw = packed.pack(w)
     one = packed.packed_linear(x, pw, b)
+    few = packed.packed_linear(x[:13], pw, b)  # (x read in place: below X_PACK_FROM)
     for chunks in (1, 2, 3, 1000):  # one chunk (no helper), chunks of uneven size, a panel each
         monkeypatch.setattr(packed, "TWO_CORE_CHUNKS", chunks)
         np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
     monkeypatch.setattr(packed, "KC", 5)  # k-blocks and row blocks inside each chunk
     monkeypatch.setattr(packed, "MC", 16)
     np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
+    for cores in (1, 2):  # x read in place, k-block by k-block
+        np.testing.assert_array_equal(packed.packed_linear(x[:13], pw, b, cores=cores), few)
     monkeypatch.undo()
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)
     helper = gemm._the_helper(dtype)

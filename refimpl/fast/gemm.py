@@ -32,6 +32,7 @@ import numba
 import numpy as np
 
 from numba import types
+from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
@@ -220,7 +221,8 @@ def _read_only(typingctx, a):
         return None
 
     def codegen(context, builder, signature, args):
-        return args[0]
+        # (a borrowed reference: incref it, as the caller's scope will release the result too)
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
 
     return a.copy(readonly=True)(a), codegen
 

@@ -7,7 +7,8 @@ k-major (``panels[q, k, j] = W[q * P + j, k]``, zero rows pad the last panel), a
 
     for each k-block of up to KC = 768 inputs:
       for each block of up to MC = 32 * MR rows:
-        copy x's block (MC x KC, stays in L2) into a buffer, tile by tile, k-major
+        copy x's block (MC x KC, stays in L2) into a buffer, tile by tile, k-major (from
+        X_PACK_FROM rows; fewer rows are read in place)
         for each panel q of P outputs (its k-block, KC x P, 96 KB, comes into L2 once):
           for each tile of MR rows in the row block (x's tile, KC x MR, 24 KB float32):
             the micro-kernel: MR x P accumulators in vector registers; for each k of the block
@@ -68,7 +69,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import PACKED, SPLIT_FROM, flat_view, on_two_cores, register_packed_drivers, result_array
+from .gemm import PACKED, SPLIT_FROM, _read_only, flat_view, on_two_cores, register_packed_drivers, result_array
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -108,6 +109,11 @@ _MR = _TILES[ISA][0]
 # weights better: a base-sized forward's 72 GEMMs at 16 rows took 23.3 ms in 4 chunks each, 25.3 in
 # 8, 26.4 in 16 (the first panel of every chunk waits on memory); 2 leave no room for a late helper.
 TWO_CORE_CHUNKS = 4
+# From this many rows x is copied tile by tile, k-major, before the micro-kernel reads it; fewer rows
+# read x in place (the MR broadcasts of a step from MR rows K apart). The copy costs ~1.5 ns an
+# element, which few rows do not earn back: a base-sized forward at 1x16 and 1x32 (two-core GEMM)
+# took 0.84-0.93x the time in place (3 runs each); at 48 rows in place was not faster.
+X_PACK_FROM = 33
 MC = 32 * _MR  # rows per row block, a multiple of MR (AVX-512: x's block is 768 KB float32, 1.5 MB float64)
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
@@ -197,17 +203,18 @@ def _is_flat(a) -> bool:
 
 
 @intrinsic
-def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows, width, ahead, fstep, fetch,
-          pstride, panels):
+def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_bias, rows, width, ahead, fstep,
+          fetch, pstride, panels):
     """One tile of MR rows x G panels of P outputs over one k-block, for k = 0 .. kn-1 (kn >= 1):
 
         acc[i, j] = 0 if start else c[co + i*ldc + j]          i < rows (MR), j < panels * width (G*P)
-        acc[i, g*P + j] = fma(x[xo + k*rows + i], w[wo + g*pstride + k*width + j], acc[i, g*P + j])
+        acc[i, g*P + j] = fma(x[xo + k*xks + i*xis], w[wo + g*pstride + k*width + j], acc[i, g*P + j])
                                                                                  for k in order
         c[co + i*ldc + j] = acc[i, j] (+ b[bo + j] if add_bias)
 
-    w: the panels (panel g of the tile at wo + g*pstride); x: the x buffer, whose tile at xo is
-    [kn, rows] (x[r + i, k0 + k] at k*rows + i); c: out [R*O] or a scratch; b: the bias (read only
+    w: the panels (panel g of the tile at wo + g*pstride); x: the x buffer (xks = rows, xis = 1: the
+    tile at xo is [kn, rows], x[r + i, k0 + k] at k*rows + i) or x itself (xks = 1, xis = K: its
+    rows in place); c: out [R*O] or a scratch; b: the bias (read only
     when add_bias). Several panels give a tile of few rows enough independent chains (an MR x 1
     tile of 1-2 rows has 2-4 and waits on the fma latency). With ``fetch`` (1 or 2 lines), step k
     also asks for the 64-byte lines at w[ahead + k*fstep + j*width/2], j < fetch, in L2 (a share of
@@ -221,11 +228,11 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
         return None
     mr, p, lines, npan = rows.literal_value, width.literal_value, fetch.literal_value, panels.literal_value
     intp, boolean = types.intp, types.boolean
-    sig = types.none(w, intp, x, intp, c, intp, intp, intp, b, intp, boolean, boolean, rows, width, intp, intp,
-                     fetch, intp, panels)
+    sig = types.none(w, intp, x, intp, intp, intp, c, intp, intp, intp, b, intp, boolean, boolean, rows, width, intp,
+                     intp, fetch, intp, panels)
 
     def codegen(context, builder, signature, args):
-        wa, wo, xa, xo, ca, co, ldc, kn, ba, bo, start, add_bias, _, _, ahead, fst, _, pst = args[:18]
+        wa, wo, xa, xo, xks, xis, ca, co, ldc, kn, ba, bo, start, add_bias, _, _, ahead, fst, _, pst = args[:20]
         aty = signature.args[0]
         fty = context.get_value_type(aty.dtype)  # float or double
         lanes, itemsize = p // 2, aty.dtype.bitwidth // 8
@@ -246,8 +253,9 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
 
         # Pointers: the panel's block at k0, the x tile and each tile row's c[r, o0].
         wp, pp = builder.gep(data(0, wa), [wo]), builder.gep(data(0, wa), [ahead])  # (pp: maybe past the end)
-        xp, cdata = builder.gep(data(2, xa), [xo]), data(4, ca)
+        xp, cdata = builder.gep(data(2, xa), [xo]), data(6, ca)
         crows = [builder.gep(cdata, [builder.add(co, builder.mul(ldc, const(i)))]) for i in range(mr)]
+        xrow = [builder.mul(xis, const(i)) for i in range(mr)]  # row i of the tile at xp + i*xis
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{lanes}f{aty.dtype.bitwidth}")
         zero_index = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
@@ -295,9 +303,9 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
             line = builder.bitcast(builder.gep(pp, [builder.add(foff, const(j * lanes))]), i8p)
             builder.call(llvm_prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         new = []
-        xk = builder.mul(k, const(mr))  # the tile's x at k: xp[k*MR : k*MR + MR]
+        xk = builder.mul(k, xks)  # the tile's x at k: xp[k*xks + i*xis], i < MR
         for i in range(mr):
-            s = builder.load(builder.gep(xp, [builder.add(xk, const(i))]), align=itemsize)
+            s = builder.load(builder.gep(xp, [builder.add(xk, xrow[i])]), align=itemsize)
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(i32, 0))
             v = builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zero_index)  # s in every lane
             new.append([builder.call(fma, [v, wv[j], acc[i][j]]) for j in range(nv)])
@@ -317,7 +325,7 @@ def _tile(typingctx, w, wo, x, xo, c, co, ldc, kn, b, bo, start, add_bias, rows,
         store = builder.append_basic_block("packed.store")
         builder.cbranch(add_bias, biased, store)
         builder.position_at_end(biased)
-        bp = builder.gep(data(8, ba), [bo])
+        bp = builder.gep(data(10, ba), [bo])
         bv = [vload(bp, const(v * lanes)) for v in range(nv)]
         plus = [[builder.fadd(new[i][j], bv[j]) for j in range(nv)] for i in range(mr)]
         builder.branch(store)
@@ -377,12 +385,17 @@ def _make_driver(mr, p, g4, g2, g1):
         panels q0..q1 (o from q0*P to min(q1*P, O)); flat C arrays: xf [R*K], pf the panels, bf [O]
         (or any, without bias), of [R*O], scratch [R*P] (the last, partial panel's columns), xp:
         x's row block, tile by tile, k-major, packed here ([min(R, MC) * min(K, KC)]), or all of x
-        packed by ``_pack_x_whole`` when ``prepacked`` ([R*K]; xf is then not read)."""
+        packed by ``_pack_x_whole`` when ``prepacked`` ([R*K]; xf is then not read). Below
+        ``X_PACK_FROM`` rows x is read in place from xf, and xp is neither read nor written."""
         full = n_out // p  # panels whose P columns are all real: written in place in of
         n_panels = full + (1 if n_out % p else 0)
         q1 = min(q1, n_panels)
         qf = min(q1, full)  # this range's full panels: q0..qf
         ps = k * p  # from one panel to the next in pf
+        direct = nr < X_PACK_FROM  # x read in place, not packed (see X_PACK_FROM)
+        xs = xf if direct else _read_only(xp)
+        xi = k if direct else 1
+        ksm, ks4, ks2, ks1 = (1, 1, 1, 1) if direct else (mr, 4, 2, 1)
         for k0 in range(0, k, kc):
             kn = min(kc, k - k0)
             start, last = k0 == 0, k0 + kn == k
@@ -392,9 +405,16 @@ def _make_driver(mr, p, g4, g2, g1):
                 rt = r0 + (r1 - r0) // mr * mr  # rows r0..rt in tiles of MR, the tail rt..r1 below
                 nt = (rt - r0) // mr  # MR-row tiles
                 fs = -(-p // nt) if nt else p  # each tile's prefetch step (elements a k step)
-                xa = r0 * k + k0 * (r1 - r0) if prepacked else 0  # x[r0:r1, k0:k0+kn] in xp, tile by tile
-                if not prepacked:
-                    _pack_x(xf, xp, 0, r0, r1, k, k0, kn, mr)
+                # x[r, k0 + kk] of a tile from row r: read from xs at xb + r*xr + kk*ks + (r' - r)*xi.
+                # Packed, xs is xp: x[r0:r1, k0:k0+kn] tile by tile, k-major, at xa (ks: the tile's
+                # rows, xi 1); direct, xs is x itself (ks 1, xi K).
+                if direct:
+                    xb, xr = k0, k
+                else:
+                    xa = r0 * k + k0 * (r1 - r0) if prepacked else 0
+                    if not prepacked:
+                        _pack_x(xf, xp, 0, r0, r1, k, k0, kn, mr)
+                    xb, xr = xa - r0 * kn, kn
                 for q in range(q0, q1):
                     wo = (q * k + k0) * p  # the panel's block: pf[wo : wo + kn*P], [kn, P]
                     ahead, bo = wo + ps, q * p  # the next panel's block (past the end for the last)
@@ -408,29 +428,29 @@ def _make_driver(mr, p, g4, g2, g1):
                     # rows (two threads sharing the weights 0.70-0.88x); the next-but-one panel
                     # instead was no faster.
                     if q < full and nt == 1:
-                        _tile(pf, wo, xp, xa, of, q * p + r0 * n_out, n_out, kn, bf, bo, start, addb, mr, p,
+                        _tile(pf, wo, xs, xb + r0 * xr, ksm, xi, of, q * p + r0 * n_out, n_out, kn, bf, bo, start, addb, mr, p,
                               ahead, p, 2, ps, 1)
                     elif q < full:
                         for i in range(nt):
                             r = r0 + i * mr
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf, bo, start,
+                            _tile(pf, wo, xs, xb + r * xr, ksm, xi, of, q * p + r * n_out, n_out, kn, bf, bo, start,
                                   addb, mr, p, ahead + i * kn * fs, fs, 1, ps, 1)
                     else:  # the partial panel accumulates in scratch [R, P]; bias added on copy-out
                         r = r0
                         while r + mr <= r1:
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xs, xb + r * xr, ksm, xi, scratch, r * p, p, kn, bf, bo, start, False,
                                   mr, p, ahead, 0, 0, ps, 1)
                             r += mr
                         if mr > 4 and r1 - r >= 4:
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xs, xb + r * xr, ks4, xi, scratch, r * p, p, kn, bf, bo, start, False,
                                   4, p, ahead, 0, 0, ps, 1)
                             r += 4
                         if r1 - r >= 2:
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xs, xb + r * xr, ks2, xi, scratch, r * p, p, kn, bf, bo, start, False,
                                   2, p, ahead, 0, 0, ps, 1)
                             r += 2
                         if r1 - r >= 1:
-                            _tile(pf, wo, xp, xa + (r - r0) * kn, scratch, r * p, p, kn, bf, bo, start, False,
+                            _tile(pf, wo, xs, xb + r * xr, ks1, xi, scratch, r * p, p, kn, bf, bo, start, False,
                                   1, p, ahead, 0, 0, ps, 1)
                 # The tail rows of the full panels in tiles of 4, 2 and 1 rows, each spanning several
                 # panels (the same chains, enough of them to hide the fma latency), a group of g1
@@ -443,33 +463,33 @@ def _make_driver(mr, p, g4, g2, g1):
                     if mr > 4 and r1 - r >= 4:
                         q = qg
                         while q + g4 <= qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks4, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 4, p, 0, 0, 0, ps, g4)
                             q += g4
                         while q < qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks4, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 4, p, 0, 0, 0, ps, 1)
                             q += 1
                         r += 4
                     if r1 - r >= 2:
                         q = qg
                         while q + g2 <= qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks2, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 2, p, 0, 0, 0, ps, g2)
                             q += g2
                         while q < qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks2, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 2, p, 0, 0, 0, ps, 1)
                             q += 1
                         r += 2
                     if r1 - r >= 1:
                         q = qg
                         while q + g1 <= qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks1, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 1, p, 0, 0, 0, ps, g1)
                             q += g1
                         while q < qe:
-                            _tile(pf, (q * k + k0) * p, xp, xa + (r - r0) * kn, of, q * p + r * n_out, n_out, kn, bf,
+                            _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks1, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 1, p, 0, 0, 0, ps, 1)
                             q += 1
                     qg = qe
@@ -497,6 +517,7 @@ register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype 
 
 
 _NO_BIAS = {dtype: flat_view(np.zeros(1, dtype)) for dtype in DTYPES}  # (never read: has_bias is False)
+_NO_X = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # (never read: x is read in place)
 
 
 def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
@@ -542,15 +563,19 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     b = flat_view(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
     scratch = np.empty(nr * p, dtype) if n_out % p else of  # [R, P] for a partial last panel (else unused)
     if cores == 2 and nr * k * n_out >= SPLIT_FROM and n_panels >= 2:
-        xp = np.empty(nr * k, dtype)  # all of x, packed once for both threads
-        _pack_x_whole(flat_view(x), xp, nr, k, KC, MC, _MR)
+        if nr < X_PACK_FROM:  # both threads read x in place
+            xr, xp = flat_view(x), _NO_X[dtype]
+        else:
+            xp = np.empty(nr * k, dtype)  # all of x, packed once for both threads
+            _pack_x_whole(flat_view(x), xp, nr, k, KC, MC, _MR)
+            xr = flat_view(xp)  # (read-only, as skinny's x: one specialisation)
         chunk = -(-n_panels // min(n_panels, TWO_CORE_CHUNKS))  # panels per chunk
-        n_chunks, xr = -(-n_panels // chunk), flat_view(xp)  # (read-only, as skinny's x: one specialisation)
+        n_chunks = -(-n_panels // chunk)
         if on_two_cores(PACKED, xr, packed.panels, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, KC, MC):
             return out
         _DRIVERS[dtype](xr, packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, True)
         return out
-    xp = np.empty(min(nr, MC) * min(k, KC), dtype)  # x's row block, packed tile by tile
+    xp = _NO_X[dtype] if nr < X_PACK_FROM else np.empty(min(nr, MC) * min(k, KC), dtype)  # x's row block, packed tile by tile
     _DRIVERS[dtype](flat_view(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, False)
     return out
 
