@@ -214,7 +214,7 @@ def _pointer_like(typingctx, address, like):
 
 
 @intrinsic
-def _read_only(typingctx, a):
+def read_only(typingctx, a):
     """``a`` typed as a read-only array (the same data): the arrays a job hands a kernel have the
     types the caller's own call gives it, so both compile to one specialisation."""
     if not isinstance(a, types.Array):
@@ -279,7 +279,7 @@ def _packed_chunk_impl(board, like, idx):
         b = numba.carray(_pointer_like(board[_B], like), n_out if has_bias else 1)
         out = numba.carray(_pointer_like(board[_OUT], like), nr * n_out)
         scratch = numba.carray(_pointer_like(board[_SCRATCH], like), nr * p if n_out % p else nr * n_out)
-        drive(_read_only(xp), _read_only(pf), _read_only(b), has_bias, out, scratch, xp, nr, k, n_out, board[_KC],
+        drive(read_only(xp), read_only(pf), read_only(b), has_bias, out, scratch, xp, nr, k, n_out, board[_KC],
               board[_MC], idx * chunk, idx * chunk + chunk, idx >= 0)  # prepacked: True, typed as
         # a bool (a literal True would compile the driver once more), as in packed_linear's own call
 

@@ -69,7 +69,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import PACKED, SPLIT_FROM, _read_only, flat_view, on_two_cores, register_packed_drivers, result_array
+from .gemm import PACKED, SPLIT_FROM, flat_view, on_two_cores, read_only, register_packed_drivers, result_array
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -393,7 +393,7 @@ def _make_driver(mr, p, g4, g2, g1):
         qf = min(q1, full)  # this range's full panels: q0..qf
         ps = k * p  # from one panel to the next in pf
         direct = nr < X_PACK_FROM  # x read in place, not packed (see X_PACK_FROM)
-        xs = xf if direct else _read_only(xp)
+        xs = xf if direct else read_only(xp)
         xi = k if direct else 1
         ksm, ks4, ks2, ks1 = (1, 1, 1, 1) if direct else (mr, 4, 2, 1)
         for k0 in range(0, k, kc):
