@@ -30,7 +30,8 @@ than two that wait on each other. Two ratios, transformers' time over refimpl's 
 throughput in multiples of transformers'; higher is better for refimpl), from the medians of one
 run: default threads on both sides, and the faster configuration of each. Peak memory: each side's
 pipeline loaded and run once over the texts in a fresh process, its peak resident memory
-(``VmHWM``, interpreter and libraries included).
+(``VmHWM``, interpreter and libraries included). The JSON also keeps every timed call
+(``rounds``) and the CPU seconds the hypervisor stole during it (``steal_s``, Linux).
 
 Not a test: the numbers depend on the machine; quote ratios from one run, never bare times.
 """
@@ -215,6 +216,18 @@ def blas_one_thread(fn):
     return run
 
 
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to others so far, all CPUs together (Linux ``/proc/stat``'s
+    steal column; None elsewhere): on a VM, a round with much steal was slowed by the host, and a
+    two-thread candidate waits for a held-back core more than a one-thread one."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def measure(size: str, folders: dict[str, str], n: int, batch_size: int, rounds: int) -> dict:
     cands, backend = candidates(folders, batch_size)
     results = {}
@@ -224,19 +237,22 @@ def measure(size: str, folders: dict[str, str], n: int, batch_size: int, rounds:
         runs = [("refimpl", ours), ("transformers", theirs),
                 ("refimpl-1-thread", blas_one_thread(ours)), ("transformers-1-thread", torch_one_thread(theirs))]
         times: dict[str, list] = {name: [] for name, _ in runs}
+        steal: dict[str, list] = {name: [] for name, _ in runs}
         for r in range(rounds):
             for name, fn in (runs if r % 2 == 0 else runs[::-1]):
                 fn(xs[:batch_size])  # warm-up: steady state, and the other side's spinning threads absorbed
-                t0 = time.perf_counter()
+                s0, t0 = steal_seconds(), time.perf_counter()
                 fn(xs)
                 times[name].append(time.perf_counter() - t0)
+                s1 = steal_seconds()
+                steal[name].append(None if s0 is None or s1 is None else round(s1 - s0, 2))
         med = {k: statistics.median(v) for k, v in times.items()}
         ours_best = min(med["refimpl"], med["refimpl-1-thread"])
         theirs_best = min(med["transformers"], med["transformers-1-thread"])
         peak = {impl: peak_memory(task, impl, folders, n, batch_size) for impl in ("refimpl", "transformers")}
         results[task] = dict(texts=n, batch_size=batch_size, median_s=med,
                              ratio_default_threads=med["transformers"] / med["refimpl"],
-                             ratio_best=theirs_best / ours_best, max_difference=err, rounds=times,
+                             ratio_best=theirs_best / ours_best, max_difference=err, rounds=times, steal_s=steal,
                              peak_rss_mib=peak)
         print(f"{size:5s} {task:10s} {n:4d} texts  " + "  ".join(f"{k} {v:.3f} s" for k, v in med.items())
               + f"  ratio (default threads) {med['transformers'] / med['refimpl']:.2f}x"
