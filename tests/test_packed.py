@@ -115,9 +115,10 @@ def test_each_element_independent_of_rows_blocks_and_threads(monkeypatch, dtype)
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_two_cores_give_the_same_bits(monkeypatch, dtype):
     """cores=2: the caller and gemm.py's helper thread claim chunks of panels (x packed once for
-    both, or read in place below X_PACK_FROM rows): bitwise the one-thread result, for full and partial last panels, tails of every tile size,
-    several k-blocks and row blocks, one panel per chunk or many; also when the helper is busy with
-    another caller's job (the caller runs it all) and on one core."""
+    both, or read in place below X_PACK_FROM rows): bitwise the one-thread result, for full and
+    partial last panels, tails of every tile size, several k-blocks and row blocks, one panel per
+    chunk or many; also when the helper is busy with another caller's job (the caller runs it all)
+    and on one core."""
     from refimpl.fast import gemm
 
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)  # two cores whatever the size

@@ -273,7 +273,7 @@ def _packed_chunk_impl(board, like, idx):
     def impl(board, like, idx):
         nr, k, n_out, chunk = board[_NR], board[_K], board[_NOUT], board[_CHUNK]
         n_panels = (n_out + p - 1) // p
-        xp = numba.carray(_pointer_like(board[_X], like), nr * k)  # x packed whole (_pack_x_whole)
+        xp = numba.carray(_pointer_like(board[_X], like), nr * k)  # x packed whole (_pack_x_whole), or x
         pf = numba.carray(_pointer_like(board[_W], like), n_panels * k * p)
         has_bias = board[_HAS_BIAS] != 0
         b = numba.carray(_pointer_like(board[_B], like), n_out if has_bias else 1)
@@ -460,7 +460,8 @@ def _the_helper(dtype):
 
 def on_two_cores(kind, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc=0, mc=0) -> bool:
     """Run a job of ``kind`` (SKINNY: output columns ``chunk`` at a time; PACKED: ``chunk`` panels
-    at a time, x packed whole in ``xf`` in k-blocks of ``kc`` and row blocks of ``mc``) with the helper thread: both claim chunks until none is
+    at a time, x packed whole in ``xf`` in k-blocks of ``kc`` and row blocks of ``mc``, or x itself
+    below ``packed.X_PACK_FROM`` rows) with the helper thread: both claim chunks until none is
     left. -> False, nothing run, where it cannot: one core, or the helper busy with another
     caller's job (the caller then runs the whole GEMM itself). Flat C arrays of one dtype."""
     if _CPUS < 2 or n_chunks < 2:

@@ -218,8 +218,8 @@ def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_b
     when add_bias). Several panels give a tile of few rows enough independent chains (an MR x 1
     tile of 1-2 rows has 2-4 and waits on the fma latency). With ``fetch`` (1 or 2 lines), step k
     also asks for the 64-byte lines at w[ahead + k*fstep + j*width/2], j < fetch, in L2 (a share of
-    the next panel's block: a hint, never a fault; it moves no number). ``rows``, ``width``, ``fetch`` and ``panels`` are integer literals: each combination
-    is its own straight-line IR.
+    the next panel's block: a hint, never a fault; it moves no number). ``rows``, ``width``,
+    ``fetch`` and ``panels`` are integer literals: each combination is its own straight-line IR.
     """
     arrays = (w, x, c, b)
     if not (all(_is_flat(a) for a in arrays) and w.dtype == x.dtype == c.dtype == b.dtype):
@@ -428,8 +428,8 @@ def _make_driver(mr, p, g4, g2, g1):
                     # rows (two threads sharing the weights 0.70-0.88x); the next-but-one panel
                     # instead was no faster.
                     if q < full and nt == 1:
-                        _tile(pf, wo, xs, xb + r0 * xr, ksm, xi, of, q * p + r0 * n_out, n_out, kn, bf, bo, start, addb, mr, p,
-                              ahead, p, 2, ps, 1)
+                        _tile(pf, wo, xs, xb + r0 * xr, ksm, xi, of, q * p + r0 * n_out, n_out, kn, bf, bo, start,
+                              addb, mr, p, ahead, p, 2, ps, 1)
                     elif q < full:
                         for i in range(nt):
                             r = r0 + i * mr
@@ -575,7 +575,8 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
             return out
         _DRIVERS[dtype](xr, packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, True)
         return out
-    xp = _NO_X[dtype] if nr < X_PACK_FROM else np.empty(min(nr, MC) * min(k, KC), dtype)  # x's row block, packed tile by tile
+    # x's row block, packed tile by tile (not needed when x is read in place)
+    xp = _NO_X[dtype] if nr < X_PACK_FROM else np.empty(min(nr, MC) * min(k, KC), dtype)
     _DRIVERS[dtype](flat_view(x), packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, False)
     return out
 
