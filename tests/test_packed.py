@@ -298,8 +298,30 @@ for dtype in (np.float32, np.float64):
     w = rng.standard_normal((70, 1600)).astype(dtype)
     b = rng.standard_normal(70).astype(dtype)
     outs.append(packed.packed_linear(x, packed.pack(w), b))
+packed.SPLIT_FROM = 0  # the same on two cores: the helper compiled for this ISA, not loaded for another
+for dtype, want in zip((np.float32, np.float64), outs):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((23, 1600)).astype(dtype)
+    w = rng.standard_normal((70, 1600)).astype(dtype)
+    b = rng.standard_normal(70).astype(dtype)
+    assert np.array_equal(packed.packed_linear(x, packed.pack(w), b, cores=2), want)
 np.savez(sys.argv[2], f32=outs[0], f64=outs[1])
 """
+
+
+def test_the_helper_is_cached_per_packed_driver(monkeypatch):
+    """gemm.py's job functions compile packed.py's driver into themselves; Numba's cache keys them on
+    gemm.py alone, so each holds a fingerprint of packed.py, llvm.py and the forced ISA as a
+    closure cell (part of the cache key): a helper cached with another driver is never loaded."""
+    from refimpl.fast import gemm
+
+    fingerprint = gemm._packed_fingerprint()
+    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm._post_work):
+        cells = [c.cell_contents for c in fn.py_func.__closure__ or ()]
+        assert cells == [fingerprint], fn.py_func.__name__  # (a plain int: the cache still works)
+        assert fn._cache is not None and type(fn._cache).__name__ == "FunctionCache"
+    monkeypatch.setenv("REFIMPL_PACKED_ISA", "avx2")
+    assert gemm._packed_fingerprint() != fingerprint
 
 
 @pytest.mark.slow  # two cold compiles in a fresh process (a few seconds), then cached

@@ -23,6 +23,7 @@ Shape legend: R rows, K = in, O = out.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import math
 import os
 import threading
@@ -287,68 +288,12 @@ def _packed_chunk_impl(board, like, idx):
 
 
 @numba.njit(**JIT)
-def _run_chunk(board, like, idx):
-    """Chunk ``idx`` of the job on the board, whichever thread claimed it. (Not inlined: the
-    helper's and the caller's loops call one compiled copy of both kinds' kernels.)"""
-    if board[_KIND] == SKINNY:
-        nr, k, n_out = board[_NR], board[_K], board[_NOUT]
-        xf, wf, b, out = _arrays(board[_X], board[_W], board[_B], board[_OUT], like, nr, k, n_out)
-        _skinny_chunk(xf, wf, b, board[_HAS_BIAS] != 0, out, nr, k, n_out, board[_CHUNK], idx)
-    else:
-        _packed_chunk(board, like, idx)
-
-
-@numba.njit(**JIT)
 def _run_whole(xf, wf, b, has_bias, out, nr, k, n_out):
     """The whole skinny GEMM on the caller's thread (below the split threshold, or while another
     caller holds the helper)."""
     x, w, bb, o = _arrays(xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data, out, nr, k, n_out)
     _skinny_chunk(x, w, bb, has_bias, o, nr, k, n_out, n_out, nr - nr)  # chunk 0 of one (not a literal 0:
     # a literal would compile the kernel once more, for a constant first column)
-
-
-@numba.njit(**JIT)
-def _help_with(board, seq, like):
-    """The helper's share of job ``seq``: claim chunks by compare-and-swap until none is left.
-
-    The claim checks the job number, so a helper that arrives late (the job finished, another
-    posted) claims nothing; while it holds a claimed chunk the caller waits, so the job's arrays
-    stay alive and its fields unchanged.
-    """
-    c = _atomic(board, _NEXT, 0, 0)
-    if c >> 32 != seq:
-        return
-    n = board[_NCHUNKS]
-    while c >> 32 == seq and (c & _LOW) < n:
-        found = _cas(board, _NEXT, c, c + 1)
-        if found == c:
-            _run_chunk(board, like, c & _LOW)
-            _atomic(board, _DONE, 2, 1)
-            c += 1
-        else:
-            c = found
-
-
-@numba.njit(**JIT)
-def _serve(board, seen, polls, like):
-    """The helper's loop for jobs of ``like``'s dtype: take part in every new job; return the last
-    job number seen once ``polls`` polls found nothing new, or at once when asked to exit or when
-    a job of the other dtype arrives (left unseen: the caller serves it with that dtype's loop).
-    One loop per dtype, so that a process compiles the kernels only for the dtypes it uses."""
-    idle = 0
-    while idle < polls:
-        if _atomic(board, _EXIT, 0, 0) != 0:
-            return seen
-        seq = _atomic(board, _SEQ, 0, 0)
-        if seq != seen:
-            if _atomic(board, _DTYPE, 0, 0) != like.itemsize:
-                return seen
-            seen = seq
-            idle = 0
-            _help_with(board, seq, like)
-        else:
-            idle += 1
-    return seen
 
 
 @numba.njit(**JIT)
@@ -375,25 +320,109 @@ def _post(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n
     _atomic(board, _SEQ, 1, seq)
 
 
-@numba.njit(**JIT)
-def _work(board, like):
-    """The caller's share of the posted job, then the wait for the helper's claimed chunks."""
-    base, n_chunks = board[_SEQ] << 32, board[_NCHUNKS]
-    while True:
-        idx = _atomic(board, _NEXT, 2, 1) - base
-        if idx >= n_chunks:
-            break
-        _run_chunk(board, like, idx)
-        _atomic(board, _DONE, 2, 1)
-    while _atomic(board, _DONE, 0, 0) < n_chunks:
-        pass
+def _packed_fingerprint() -> int:
+    """A hash of packed.py and llvm.py (this folder) and of ``REFIMPL_PACKED_ISA``: what the packed
+    driver compiled into the job functions depends on."""
+    h = hashlib.sha256(os.environ.get("REFIMPL_PACKED_ISA", "").encode())
+    for name in ("packed.py", "llvm.py"):
+        try:
+            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(name.encode())
+    return int.from_bytes(h.digest()[:7], "little")
 
 
-@numba.njit(**JIT)
-def _post_work(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
-    """``_post`` and ``_work`` in one call (the helper is awake)."""
-    _post(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
-    _work(board, out)
+def _job_functions(fingerprint: int):
+    """The job functions that run PACKED chunks, and so compile packed.py's driver into themselves:
+    ``_run_chunk`` and every function that calls it. Numba keys a cached function on its own file,
+    bytecode and closure cells, not on the functions it compiles in; each of these holds
+    ``fingerprint`` (:func:`_packed_fingerprint`) as a closure cell, so that a cached copy made with
+    another packed.py, llvm.py or forced ISA is never loaded (its x layout would not match the
+    caller's). They reach each other as module globals: a closure cell holding a dispatcher would
+    keep them out of the cache altogether."""
+
+    @numba.njit(**JIT)
+    def run_chunk(board, like, idx):
+        """Chunk ``idx`` of the job on the board, whichever thread claimed it. (Not inlined: the
+        helper's and the caller's loops call one compiled copy of both kinds' kernels.)"""
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        if board[_KIND] == SKINNY:
+            nr, k, n_out = board[_NR], board[_K], board[_NOUT]
+            xf, wf, b, out = _arrays(board[_X], board[_W], board[_B], board[_OUT], like, nr, k, n_out)
+            _skinny_chunk(xf, wf, b, board[_HAS_BIAS] != 0, out, nr, k, n_out, board[_CHUNK], idx)
+        else:
+            _packed_chunk(board, like, idx)
+
+    @numba.njit(**JIT)
+    def help_with(board, seq, like):
+        """The helper's share of job ``seq``: claim chunks by compare-and-swap until none is left.
+
+        The claim checks the job number, so a helper that arrives late (the job finished, another
+        posted) claims nothing; while it holds a claimed chunk the caller waits, so the job's arrays
+        stay alive and its fields unchanged.
+        """
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        c = _atomic(board, _NEXT, 0, 0)
+        if c >> 32 != seq:
+            return
+        n = board[_NCHUNKS]
+        while c >> 32 == seq and (c & _LOW) < n:
+            found = _cas(board, _NEXT, c, c + 1)
+            if found == c:
+                _run_chunk(board, like, c & _LOW)
+                _atomic(board, _DONE, 2, 1)
+                c += 1
+            else:
+                c = found
+
+    @numba.njit(**JIT)
+    def serve(board, seen, polls, like):
+        """The helper's loop for jobs of ``like``'s dtype: take part in every new job; return the last
+        job number seen once ``polls`` polls found nothing new, or at once when asked to exit or when
+        a job of the other dtype arrives (left unseen: the caller serves it with that dtype's loop).
+        One loop per dtype, so that a process compiles the kernels only for the dtypes it uses."""
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        idle = 0
+        while idle < polls:
+            if _atomic(board, _EXIT, 0, 0) != 0:
+                return seen
+            seq = _atomic(board, _SEQ, 0, 0)
+            if seq != seen:
+                if _atomic(board, _DTYPE, 0, 0) != like.itemsize:
+                    return seen
+                seen = seq
+                idle = 0
+                _help_with(board, seq, like)
+            else:
+                idle += 1
+        return seen
+
+    @numba.njit(**JIT)
+    def work(board, like):
+        """The caller's share of the posted job, then the wait for the helper's claimed chunks."""
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        base, n_chunks = board[_SEQ] << 32, board[_NCHUNKS]
+        while True:
+            idx = _atomic(board, _NEXT, 2, 1) - base
+            if idx >= n_chunks:
+                break
+            _run_chunk(board, like, idx)
+            _atomic(board, _DONE, 2, 1)
+        while _atomic(board, _DONE, 0, 0) < n_chunks:
+            pass
+
+    @numba.njit(**JIT)
+    def post_work(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
+        """``_post`` and ``_work`` in one call (the helper is awake)."""
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        _post(board, kind, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
+        _work(board, out)
+
+    return run_chunk, help_with, serve, work, post_work
+
+
+_run_chunk, _help_with, _serve, _work, _post_work = _job_functions(_packed_fingerprint())
 
 
 class _Helper:
