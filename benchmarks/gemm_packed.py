@@ -180,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--dtype", choices=["float32", "float64"], help="one dtype (default: both)")
-    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts")
+    parser.add_argument("--rows", default=None, help="comma-separated row counts (default: per mode)")
     parser.add_argument("--cold", action="store_true", help="weights from memory: cycle through ~160 MB of copies")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--jit", action="store_true", help="only measure first-call (compile) times")
@@ -191,11 +191,11 @@ def main() -> None:
         result = {"first_calls": first_call_times()}
     elif args.forward:
         dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32)]
-        rows = [int(r) for r in (args.rows if "--rows" in sys.argv else "1,4,8,16,32,48,64").split(",")]
+        rows = [int(r) for r in (args.rows or "1,4,8,16,32,48,64").split(",")]
         result = {"isa": packed.ISA, "repeats": args.repeats, "forward": forward_sequence(dtypes, rows, args.repeats)}
     else:
         dtypes = [np.dtype(args.dtype)] if args.dtype else [np.dtype(np.float32), np.dtype(np.float64)]
-        rows = [int(r) for r in args.rows.split(",")]
+        rows = [int(r) for r in args.rows.split(",")] if args.rows else list(ROWS)
         cases = run(dtypes, rows, args.repeats, args.cold)
         result = {"isa": packed.ISA, "repeats": args.repeats, "cold": args.cold, "cases": cases}
     if args.json:

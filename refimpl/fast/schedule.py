@@ -7,6 +7,7 @@ differ. ``tests/test_fast.py`` holds each to its definition.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import os
@@ -229,6 +230,34 @@ _pool = None
 _split_lock = threading.Lock()
 
 
+@contextlib.contextmanager
+def _two_threads():
+    """The helper thread (a one-worker pool) with OpenBLAS on one thread for the block, or None
+    (nothing to do) where a split cannot run: one core, no control over OpenBLAS's threads, BLAS
+    single-threaded by choice (someone chose that: keep one stream), or another split already
+    running (one at a time: OpenBLAS's thread count is process-wide). The count is restored after."""
+    global _pool
+    blas = openblas_threads()
+    if (os.cpu_count() or 1) < 2 or blas is None or not _split_lock.acquire(blocking=False):
+        yield None
+        return
+    try:
+        get, set_ = blas
+        before = get()
+        if before < 2:
+            yield None
+            return
+        if _pool is None:
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-batch")
+        set_(1)
+        try:
+            yield _pool
+        finally:
+            set_(before)
+    finally:
+        _split_lock.release()
+
+
 def split_batch(fn, n: int, piece: int | None = None) -> list:
     """``[fn(rows), ...]`` over consecutive slices of ``range(n)``, in order: on 2+ cores, on two
     threads, each with single-threaded OpenBLAS (the kernels release the GIL, and so does NumPy's
@@ -239,20 +268,14 @@ def split_batch(fn, n: int, piece: int | None = None) -> list:
 
     Measured on 2 cores: 8x128 ~12% and 4x512 ~13% faster than one stream with 2-thread BLAS,
     because the softmax/GELU/LayerNorm kernels then run on both cores too, and no BLAS worker
-    spins beside them. OpenBLAS's thread count is process-wide: it is set to 1 for the duration
-    and restored; one split runs at a time (a second caller just runs whole).
+    spins beside them. One split runs at a time (a second caller just runs whole; see
+    :func:`_two_threads`).
     """
-    global _pool
-    blas = openblas_threads()
-    if n < 2 or (os.cpu_count() or 1) < 2 or blas is None or not _split_lock.acquire(blocking=False):
+    if n < 2:
         return [fn(slice(0, n))]
-    try:
-        get, set_ = blas
-        before = get()
-        if before < 2:  # BLAS already single-threaded: someone chose that; keep one stream
+    with _two_threads() as pool:
+        if pool is None:
             return [fn(slice(0, n))]
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-batch")
         half = (n + 1) // 2
         step = half if piece is None or piece >= half else max(1, piece)
         slices = [slice(a, min(a + step, n)) for a in range(0, n, step)]
@@ -270,19 +293,13 @@ def split_batch(fn, n: int, piece: int | None = None) -> list:
                     failed.set()
                     raise
 
-        set_(1)
+        part = _on_one_thread(take_turns)
+        first = pool.submit(part)
         try:
-            part = _on_one_thread(take_turns)
-            first = _pool.submit(part)
-            try:
-                part()
-            finally:
-                first.result()  # (waits; re-raises the helper's exception, if any)
-            return results
+            part()
         finally:
-            set_(before)
-    finally:
-        _split_lock.release()
+            first.result()  # (waits; re-raises the helper's exception, if any)
+        return results
 
 
 def run_two(fn) -> list | None:
@@ -294,30 +311,16 @@ def run_two(fn) -> list | None:
     attention): ``fn`` gets its part's index and synchronises with the other part itself. If one
     part raises, the exception is re-raised here after both have ended.
     """
-    global _pool
-    blas = openblas_threads()
-    if (os.cpu_count() or 1) < 2 or blas is None or not _split_lock.acquire(blocking=False):
-        return None
-    try:
-        get, set_ = blas
-        before = get()
-        if before < 2:
+    with _two_threads() as pool:
+        if pool is None:
             return None
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="refimpl-batch")
-        set_(1)
+        part = _on_one_thread(fn)
+        first = pool.submit(part, 0)
         try:
-            part = _on_one_thread(fn)
-            first = _pool.submit(part, 0)
-            try:
-                second, error = part(1), None
-            except BaseException as e:  # noqa: BLE001 (re-raised below, after part 0 has ended)
-                second, error = None, e
-            errors = [e for e in (first.exception(), error) if e is not None]  # waits for part 0
-            if errors:  # the part that failed first, not the other one's broken barrier
-                raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
-            return [first.result(), second]
-        finally:
-            set_(before)
-    finally:
-        _split_lock.release()
+            second, error = part(1), None
+        except BaseException as e:  # noqa: BLE001 (re-raised below, after part 0 has ended)
+            second, error = None, e
+        errors = [e for e in (first.exception(), error) if e is not None]  # waits for part 0
+        if errors:  # the part that failed first, not the other one's broken barrier
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return [first.result(), second]
