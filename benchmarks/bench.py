@@ -69,8 +69,8 @@ def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 def forward_gemms(model, b: int, t: int):
     """A function that runs the GEMMs of ``model``'s forward on [b, t] inputs, and nothing else.
 
-    The same shapes and weights, through ``refimpl.fast.schedule.linear`` itself (few rows: the
-    skinny GEMM or ``(W x^T)^T``); activations are random (GEMM time does not depend on values).
+    The same shapes and weights, through ``refimpl.fast.schedule.linear`` itself (few rows: packed
+    weights on both cores); activations are random (GEMM time does not depend on values).
     """
     from refimpl.fast.schedule import linear
 

@@ -58,7 +58,7 @@ def build(threads: int, backend: str = "numba"):
 
 def step_gemvs(model, batch: int):
     """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix,
-    scheduled by ``refimpl.fast.schedule.linear`` (the skinny GEMM up to its row limit)."""
+    scheduled by ``refimpl.fast.schedule.linear`` (packed weights on both cores for few rows)."""
     from refimpl.fast.schedule import linear
 
     p = model.params

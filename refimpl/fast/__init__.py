@@ -7,9 +7,8 @@ imports this package. Here the same forward runs faster, held to the reference b
 - :mod:`.elementary`: ``exp``, ``erf`` and the exact GELU as vectorisable polynomials;
 - :mod:`.reductions`: sums in NumPy's pairwise order;
 - :mod:`.kernels`: the kernels, each beside its wrapper;
-- :mod:`.gemm`: the skinny GEMM (few rows: weights streamed once, both cores on column chunks)
-  and the helper thread's job board that both GEMMs share;
 - :mod:`.packed`: the packed-weight GEMM (weights packed once; one core, or both on panel chunks);
+- :mod:`.gemm`: the helper thread and job board through which both cores share a packed GEMM;
 - :mod:`.schedule`: GEMM orientation, attention per head, the batch on two threads;
 - :mod:`.tasks`: the fast encoder, heads and task functions that :class:`refimpl.Model` calls.
 
@@ -21,7 +20,7 @@ Definition (reference)                                 fast path
 ``h = x + (r + rb); ops.layer_norm(h, w, b, eps)``     :func:`.kernels.residual_layer_norm` ``-> (h, ln)``
 ``ops.softmax(scores * scale + mask)``                 :func:`.kernels.masked_softmax`
 ``ops.softmax(q @ k^T * scale + mask) @ v``            :func:`.kernels.attention` (per-head schedule)
-``ops.linear(x, w, b)``                                :func:`.schedule.linear` (packed weights, skinny GEMM or ``(W x^T)^T``)
+``ops.linear(x, w, b)``                                :func:`.schedule.linear` (packed weights, ``(W x^T)^T`` or ``x W^T``)
 ``attention.scaled_dot_product_attention`` (context)   :func:`.schedule.attention_context` (no probs kept)
 ``tasks.<task>``                                       :mod:`.tasks` ``.<task>`` (batch or token parts on 2 threads)
 =====================================================  ==========================================

@@ -217,19 +217,3 @@ def v_abs_ge_bits(typingctx, v, lim):
         return builder.zext(builder.bitcast(ge, ir.IntType(lanes)), ir.IntType(64))
 
     return types.int64(v, lim), codegen
-
-
-@intrinsic
-def v_fma(typingctx, x, y, z):
-    """``x * y + z`` lane by lane, each rounded once (``llvm.fma`` on vectors)."""
-    if not (isinstance(x, _Vec) and x == y == z):
-        return None
-
-    def codegen(context, builder, signature, args):
-        vty = args[0].type
-        fnty = ir.FunctionType(vty, [vty, vty, vty])
-        bits = signature.args[0].dtype.bitwidth
-        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{x.lanes}f{bits}")
-        return builder.call(fn, list(args))
-
-    return x(x, y, z), codegen

@@ -69,7 +69,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import PACKED, SPLIT_FROM, flat_view, on_two_cores, read_only, register_packed_drivers, result_array
+from .gemm import SPLIT_FROM, flat_view, on_two_cores, read_only, register_packed_drivers, result_array
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -508,7 +508,7 @@ def _make_driver(mr, p, g4, g2, g1):
 # the 16 of AVX2 (and the generic tile).
 _TAIL_PANELS = (2, 4, 8) if ISA == "avx512" else (1, 2, 4)
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), *_TAIL_PANELS) for dtype in DTYPES}
-register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # gemm's PACKED jobs
+register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # gemm's two-core jobs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,10 +568,10 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
         else:
             xp = np.empty(nr * k, dtype)  # all of x, packed once for both threads
             _pack_x_whole(flat_view(x), xp, nr, k, KC, MC, _MR)
-            xr = flat_view(xp)  # (read-only, as skinny's x: one specialisation)
+            xr = flat_view(xp)  # (read-only, as x read in place: one specialisation)
         chunk = -(-n_panels // min(n_panels, TWO_CORE_CHUNKS))  # panels per chunk
         n_chunks = -(-n_panels // chunk)
-        if on_two_cores(PACKED, xr, packed.panels, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, KC, MC):
+        if on_two_cores(xr, packed.panels, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, KC, MC):
             return out
         _DRIVERS[dtype](xr, packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, True)
         return out

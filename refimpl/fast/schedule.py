@@ -19,7 +19,6 @@ import numpy as np
 
 from ..blas import openblas_threads
 from ..ops import activation
-from .gemm import skinny_linear
 from .kernels import attention, bias_gelu, masked_softmax
 from .packed import pack, packed_linear
 
@@ -29,12 +28,13 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 # 0.34-0.51 at 4-16 rows, 0.64-0.73 at 64, 0.78-0.84 at 128, 0.86-0.95 at 256, ~1.0 at 512; float64
 # 0.88-1.00 at 128, 1.0-1.1 from 256).
 PACKED_ROWS = {np.dtype(np.float32): 256, np.dtype(np.float64): 128}
-# Outside a split, linear() multiplies TWO_CORE_FROM up to TWO_CORE_ROWS rows with packed weights on
-# both cores (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in
-# a row, weights from memory, float32): 0.83x the skinny GEMM's time at 8 rows, 0.6x at 16-32;
-# OpenBLAS on two threads is faster from ~64 rows. Below 8 rows (a decoding step of one or a few
-# sequences) the skinny GEMM is as fast or 2-4% faster.
-TWO_CORE_FROM = 8
+# Outside a split, linear() multiplies up to TWO_CORE_ROWS rows with packed weights on both cores
+# (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in a row,
+# weights from memory, float32): 0.6x the time of a skinny GEMM that streamed W in its stored order
+# (since removed) at 16-32 rows, 0.83x at 8; at 1 row (decoding one sequence) 0.76-0.89x for
+# [768|2304|3072|50265, 768] and 1.10x for [768, 3072] (AVX2 tiles 0.75-0.88x, float64 0.87-1.07x),
+# a whole decoding step 0.87x at batch 1 and 0.95x at batch 4 (A/B in one process). OpenBLAS on two
+# threads is faster from ~64 rows.
 TWO_CORE_ROWS = 48
 # A single sequence from this many tokens runs as two token halves (run_two); shorter ones run whole,
 # their GEMMs on both cores. A/B on a base-sized model, whole / halves: 0.73 at 24 tokens, 0.81 at
@@ -48,11 +48,9 @@ def linear(x, weight, bias=None):
 
     In a part of a split (one thread per core), up to ``PACKED_ROWS`` rows multiply with W packed
     once (:func:`packed_weight`, :func:`.packed.packed_linear`: no per-call packing of W as OpenBLAS
-    does, a register-blocked micro-kernel). Outside a split, ``TWO_CORE_FROM`` to ``TWO_CORE_ROWS``
-    rows (a short input, a batch's decoding step) multiply with W packed, both cores on disjoint
-    panels; below that (a decoding step of one or a few sequences) :func:`.gemm.skinny_linear`
-    streams W once in its stored order, both cores on disjoint output columns, the bias added per
-    element. Up to ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``:
+    does, a register-blocked micro-kernel). Outside a split, up to ``TWO_CORE_ROWS`` rows (a short
+    input, a decoding step) multiply with W packed, both cores on disjoint panels. Up to
+    ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``:
     BLAS then streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is
     added in place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
     """
@@ -62,8 +60,6 @@ def linear(x, weight, bias=None):
     cores = packed_cores(rows, same)
     if cores:
         return packed_linear(rows, packed_weight(weight), bias, cores=cores).reshape(*lead, weight.shape[0])
-    if same and rows.shape[0] < TWO_CORE_FROM:
-        return skinny_linear(rows, weight, bias).reshape(*lead, weight.shape[0])
     if rows.shape[0] <= THIN_ROWS:
         y = (weight @ rows.T).T  # [out, R] -> [R, out], a transposed view of a fresh array
     else:
@@ -79,14 +75,14 @@ def linear(x, weight, bias=None):
 
 def packed_cores(rows, same: bool) -> int:
     """How :func:`linear` multiplies ``rows`` [R, in] with packed weights: 1 (one core: this thread
-    runs a part of a split, R <= ``PACKED_ROWS``), 2 (both cores: ``TWO_CORE_FROM`` <= R <=
-    ``TWO_CORE_ROWS``), or 0 (not: another schedule; also when the dtypes differ, ``same`` False)."""
+    runs a part of a split, R <= ``PACKED_ROWS``), 2 (both cores: 1 <= R <= ``TWO_CORE_ROWS``), or 0
+    (not: another schedule; also for no rows, or when the dtypes differ, ``same`` False)."""
     r = rows.shape[0]
     if not same:
         return 0
     if getattr(_here, "one_thread", False):
         return 1 if r <= PACKED_ROWS.get(rows.dtype, 0) else 0
-    return 2 if TWO_CORE_FROM <= r <= TWO_CORE_ROWS else 0
+    return 2 if 1 <= r <= TWO_CORE_ROWS else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ The same equations in the same order as the reference, step by step, with these 
 schedule only (each held to the reference by ``tests/test_fast.py``):
 
 - LayerNorm, the masked softmax and bias+GELU run the Numba kernels of :mod:`.kernels`;
-- ``x W^T + b`` is :func:`.schedule.linear` (packed weights, the skinny GEMM or ``(W x^T)^T`` for
-  few rows, bias added in place); q, k and v of a self-attention are one GEMM (:func:`qkv`);
+- ``x W^T + b`` is :func:`.schedule.linear` (packed weights for few rows, ``(W x^T)^T`` or
+  ``x W^T`` for more, bias added in place); q, k and v of a self-attention are one GEMM (:func:`qkv`);
 - without ``output_attentions`` the probabilities are never kept (:func:`.schedule.attention_context`);
 - a batch of 2+ sequences without a cache or cross-attention runs on two threads, in halves or in
   pieces the threads take in turn (:func:`.schedule.split_batch`, :func:`pieces`), encoder and head
