@@ -302,9 +302,16 @@ class _Helper:
         likes = {a.itemsize: a for a in (np.zeros(1, np.float32), np.zeros(1, np.float64))}
         like = likes[self.dtype.itemsize]
         _serve(board, seen, 1, like)  # compile or load it first
-        t0 = time.perf_counter()
-        _serve(board, seen, 1 << 16, like)  # calibrate: polls a second
-        polls = max(1 << 12, int(self.POLL_S * (1 << 16) / max(time.perf_counter() - t0, 1e-6)))
+        # Calibrate: how many polls take POLL_S, on a board of its own. (On the shared board a poll
+        # can take ~100x longer while a caller spins on it, as during the first job: calibrated
+        # there, the helper fell asleep after a few microseconds, and 40% of a decoding step's
+        # GEMMs then found it asleep and waited for it to wake, where ~1% do now.)
+        own, t = np.zeros_like(board), []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            _serve(own, 0, 1 << 16, like)  # (nothing arrives: exactly 65536 polls)
+            t.append(time.perf_counter() - t0)
+        polls = max(1 << 12, int(self.POLL_S * (1 << 16) / max(min(t), 1e-6)))
         while not board[_EXIT]:
             seen = _serve(board, seen, polls, like)
             if board[_SEQ] != seen and not board[_EXIT]:  # a job of the other dtype: its loop
