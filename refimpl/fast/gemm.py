@@ -1,6 +1,6 @@
 """Two-core GEMM jobs: a helper thread that shares a GEMM's weight panels with the caller.
 
-A short input or a decoding step makes ~75 GEMMs of 0.1-1 ms each, bound by reading the weights.
+A short input or a decoding step makes ~50 GEMMs of 0.1-1 ms each, bound by reading the weights.
 :func:`.packed.packed_linear` (``cores=2``) cuts the packed weight's panels into a few chunks, and
 the caller and one helper thread claim them from an atomic counter on a job board (an int64 array),
 each running :mod:`.packed`'s driver on its chunks, so that each streams about half the weights.
@@ -34,13 +34,13 @@ SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which the two cores share
 # ---------------------------------------------------------------------------------------------
 # The panels over two threads: a helper thread that claims chunks as it comes
 #
-# A decoding step makes ~75 GEMMs of 0.1-1 ms each. A Python thread pool takes 0.1-0.3 ms to wake
+# A decoding step makes ~50 GEMMs of 0.1-1 ms each. A Python thread pool takes 0.1-0.3 ms to wake
 # a thread on a VM, and any fork-join (OpenMP's prange included) makes the caller wait for a thread
 # the OS may not have scheduled: on a loaded 2-core machine that costs a time slice per GEMM, far
 # more than the GEMM. Here the caller never waits for a helper that has not started: the panels
 # are cut into chunks that the caller and one helper thread claim from an atomic counter, and the
 # caller waits only for chunks the helper has claimed (and is computing). The helper polls for
-# work for ~a millisecond after each job (so it is awake through a forward's GEMMs), then sleeps
+# work for ~0.5 ms after each job (so it is awake through a forward's GEMMs), then sleeps
 # on an Event. Every chunk is computed by the same kernel whoever claims it: the values do not
 # depend on the split.
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ class _Helper:
         _serve(board, seen, 1, like)  # compile or load it first
         # Calibrate: how many polls take POLL_S, on a board of its own. (On the shared board a poll
         # can take ~100x longer while a caller spins on it, as during the first job: calibrated
-        # there, the helper fell asleep after a few microseconds, and 40% of a decoding step's
+        # there, the helper fell asleep after a few microseconds, and half of a decoding step's
         # GEMMs then found it asleep and waited for it to wake, where ~1% do now.)
         own, t = np.zeros_like(board), []
         for _ in range(3):
