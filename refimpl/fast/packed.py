@@ -1,9 +1,10 @@
-"""Packed-weight GEMM: ``x @ W.T + b`` for 16-512 rows on one thread, ``W`` packed once at load.
+"""Packed-weight GEMM: ``x @ W.T + b`` for 1-512 rows, ``W`` packed once (the first time it is used).
 
-OpenBLAS copies ``W`` into its own panel layout on every call; for a linear layer of a model that
-layout can be made once. :func:`pack` cuts ``W`` [O, K] into panels of ``P`` output rows, stored
-k-major (``panels[q, k, j] = W[q * P + j, k]``, zero rows pad the last panel), and
-:func:`packed_linear` multiplies with a register-blocked micro-kernel:
+OpenBLAS copies ``W`` into its own panel layout on every call (for a few rows, one more pass over
+the weights than the product needs); for a linear layer of a model that layout can be made once.
+:func:`pack` cuts ``W`` [O, K] into panels of ``P`` output rows, stored k-major
+(``panels[q, k, j] = W[q * P + j, k]``, zero rows pad the last panel), and :func:`packed_linear`
+multiplies with a register-blocked micro-kernel:
 
     for each k-block of up to KC = 768 inputs:
       for each block of up to MC = 32 * MR rows:
