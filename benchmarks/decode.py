@@ -11,7 +11,8 @@ Reported per batch size: end-to-end tokens/s (prefill included) and decode-only 
 
 Also measured, interleaved with both: the **GEMV floor**, the time of one step's matrix products
 alone (every projection of every layer, the LM head's dense layer and its [V, H] decoder, on the
-model's own weights, B rows, through ``refimpl.fast.schedule.linear`` itself). At batch 1 a step
+model's own weights, B rows, scheduled as the step schedules them: q, k and v as one GEMM on the
+stacked weights, ``refimpl.fast.schedule.linear`` for the rest). At batch 1 a step
 streams all ~500 MB of float32 weights once, so this is close to what memory bandwidth allows
 any implementation that computes the full logits in float32; ``transformers ms/step / floor
 ms/step`` is about the largest speed-up over transformers this machine permits, and refimpl's
@@ -58,22 +59,25 @@ def build(threads: int, backend: str = "numba"):
 
 def step_gemvs(model, batch: int):
     """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix,
-    scheduled by ``refimpl.fast.schedule.linear`` (packed weights on both cores for few rows)."""
-    from refimpl.fast.schedule import linear
+    scheduled as the step schedules them: ``refimpl.fast.schedule.linears`` for each attention's
+    q, k and v (one GEMM on the stacked weights where they are packed) and
+    ``refimpl.fast.schedule.linear`` for the rest (packed weights on both cores for few rows)."""
+    from refimpl.fast.schedule import linear, linears
 
     p = model.params
-    mats = [w for lp in p.layers for w in (
-        lp.attention.query.weight, lp.attention.key.weight, lp.attention.value.weight, lp.attention.output.weight,
-        lp.intermediate.weight, lp.output.weight)]  # fmt: skip
+    qkv = [(lp.attention.query, lp.attention.key, lp.attention.value) for lp in p.layers]
+    mats = [w for lp in p.layers for w in (lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)]
     mats += [p.lm_head.dense.weight, p.lm_head.decoder_weight]
     rng = np.random.default_rng(0)
     xs = {n: rng.standard_normal((batch, n)).astype(model.dtype) for n in {w.shape[1] for w in mats}}
 
     def run():
+        for q, k, v in qkv:
+            linears(xs[q.weight.shape[1]], (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias))
         for w in mats:
             linear(xs[w.shape[1]], w)
 
-    return run, sum(w.nbytes for w in mats)
+    return run, sum(w.nbytes for w in mats) + sum(m.weight.nbytes for t in qkv for m in t)
 
 
 def prompts(batch: int, length: int, rng):
