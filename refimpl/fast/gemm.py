@@ -302,10 +302,12 @@ class _Helper:
         likes = {a.itemsize: a for a in (np.zeros(1, np.float32), np.zeros(1, np.float64))}
         like = likes[self.dtype.itemsize]
         _serve(board, seen, 1, like)  # compile or load it first
-        # Calibrate: how many polls take POLL_S, on a board of its own. (On the shared board a poll
-        # can take ~100x longer while a caller spins on it, as during the first job: calibrated
-        # there, the helper fell asleep after a few microseconds, and half of a decoding step's
-        # GEMMs then found it asleep and waited for it to wake, where ~1% do now.)
+        # Calibrate: how many polls take POLL_S, on a board of its own. (Calibrated on the shared
+        # board, the count also took in the jobs that arrived meanwhile, which the helper serves,
+        # and the caller's traffic on the board's cache line: in 3 of 4 processes measured during
+        # a decoding run the helper then fell asleep after a few microseconds of polling, and half
+        # of a step's GEMMs found it asleep and waited for it to wake; 1-3% do now. The wall time
+        # still includes any wait for the GIL, so the fastest of three is kept.)
         own, t = np.zeros_like(board), []
         for _ in range(3):
             t0 = time.perf_counter()
