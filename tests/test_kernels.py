@@ -475,8 +475,8 @@ def test_bias_gelu_in_place_is_bitwise_out_of_place(dtype, h):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_ops_linear(dtype, lead, with_bias):
     """schedule.linear: packed weights up to TWO_CORE_ROWS rows (tests/test_packed.py), (W x^T)^T
-    for at most THIN_ROWS rows, x W^T above, bias added in place. Bitwise the same call written out; against ops.linear (always
-    x W^T) within the bound of another GEMM kernel's rounding."""
+    for at most THIN_ROWS rows, x W^T above, bias added in place. Bitwise the same call written
+    out; against ops.linear (always x W^T) within the bound of another GEMM kernel's rounding."""
     from refimpl.fast.packed import pack, packed_linear
     from tolerances import REORDERED, assert_close
 

@@ -6,8 +6,8 @@ the caller and one helper thread claim them from an atomic counter on a job boar
 each running :mod:`.packed`'s driver on its chunks, so that each streams about half the weights.
 Every chunk is computed by the same kernel whoever claims it: the values do not depend on the split.
 
-Also here, used by :mod:`.packed`: :func:`flat_view` and :func:`result_array` (a GEMM's arrays)
-and :func:`read_only` (an array retyped read-only inside Numba code).
+Also here, used by :mod:`.packed`'s driver too: :func:`read_only` (an array retyped read-only inside
+Numba code).
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from .llvm import INLINE, JIT
-
-SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which the two cores share a GEMM
-
 
 # ---------------------------------------------------------------------------------------------
 # The panels over two threads: a helper thread that claims chunks as it comes
@@ -192,8 +189,8 @@ def _packed_fingerprint() -> int:
 
 def _job_functions(fingerprint: int):
     """The job functions, which compile packed.py's driver into themselves: ``_run_chunk`` and every
-    function that calls it. Numba keys a cached function on its own file,
-    bytecode and closure cells, not on the functions it compiles in; each of these holds
+    function that calls it. Numba keys a cached function on its own file, bytecode and closure
+    cells, not on the functions it compiles in; each of these holds
     ``fingerprint`` (:func:`_packed_fingerprint`) as a closure cell, so that a cached copy made with
     another packed.py, llvm.py or forced ISA is never loaded (its x layout would not match the
     caller's). They reach each other as module globals: a closure cell holding a dispatcher would
@@ -304,9 +301,9 @@ class _Helper:
         _serve(board, seen, 1, like)  # compile or load it first
         # Calibrate: how many polls take POLL_S, on a board of its own. (Calibrated on the shared
         # board, the count also took in the jobs that arrived meanwhile, which the helper serves,
-        # and the caller's traffic on the board's cache line: in 3 of 4 processes measured during
-        # a decoding run the helper then fell asleep after a few microseconds of polling, and half
-        # of a step's GEMMs found it asleep and waited for it to wake; 1-3% do now. The wall time
+        # and the caller's traffic on the board's cache line: 3 of 4 fresh helpers measured during
+        # a decoding run then slept after a few microseconds of polling, and half of a step's
+        # GEMMs found the helper asleep and waited for it to wake; 1-3% do now. The wall time
         # still includes any wait for the GIL, so the fastest of three is kept.)
         own, t = np.zeros_like(board), []
         for _ in range(3):
@@ -351,8 +348,9 @@ def _the_helper(dtype):
 def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc) -> bool:
     """Run a packed GEMM as a job with the helper thread (``chunk`` panels at a time; x packed whole
     in ``xf`` in k-blocks of ``kc`` and row blocks of ``mc``, or x itself below ``packed.X_PACK_FROM``
-    rows): both claim chunks until none is left. -> False, nothing run, where it cannot: one core, or the helper busy with another
-    caller's job (the caller then runs the whole GEMM itself). Flat C arrays of one dtype."""
+    rows): both claim chunks until none is left. -> False, nothing run, where it cannot: one core,
+    or the helper busy with another caller's job (the caller then runs the whole GEMM itself).
+    Flat C arrays of one dtype."""
     if _CPUS < 2 or n_chunks < 2:
         return False
     helper = _the_helper(of.dtype)
@@ -363,26 +361,3 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     finally:
         helper.lock.release()
     return True
-
-
-def flat_view(a) -> np.ndarray:
-    """A C-contiguous, read-only 1-D view of ``a`` (a copy only when ``a`` is not C-contiguous).
-
-    Always read-only, so the kernels compile one specialisation that serves loaded checkpoints
-    (read-only memory maps) and in-memory arrays alike, and the weights are never copied."""
-    if not a.flags.c_contiguous:
-        a = np.array(a, order="C")
-    v = a.reshape(-1).view()
-    v.flags.writeable = False
-    return v
-
-
-def result_array(out, shape: tuple, dtype) -> np.ndarray:
-    """``out`` checked as a GEMM's destination (C-contiguous, writeable, ``shape``, ``dtype``), or a
-    new array when it is None."""
-    if out is None:
-        return np.empty(shape, dtype)
-    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
-            and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
-    return out

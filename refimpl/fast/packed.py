@@ -70,7 +70,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import SPLIT_FROM, flat_view, on_two_cores, read_only, register_packed_drivers, result_array
+from .gemm import on_two_cores, read_only, register_packed_drivers
 from .llvm import DTYPES, JIT
 
 __all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -110,6 +110,7 @@ _MR = _TILES[ISA][0]
 # weights better: a base-sized forward's 72 GEMMs at 16 rows took 23.3 ms in 4 chunks each, 25.3 in
 # 8, 26.4 in 16 (the first panel of every chunk waits on memory); 2 leave no room for a late helper.
 TWO_CORE_CHUNKS = 4
+SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GEMM with the helper thread
 # From this many rows x is copied tile by tile, k-major, before the micro-kernel reads it; fewer rows
 # read x in place (the MR broadcasts of a step from MR rows K apart). The copy costs ~1.5 ns an
 # element, which few rows do not earn back: a base-sized forward at 1x16 and 1x32 (two-core GEMM)
@@ -517,6 +518,29 @@ register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype 
 # ---------------------------------------------------------------------------------------------
 
 
+def flat_view(a) -> np.ndarray:
+    """A C-contiguous, read-only 1-D view of ``a`` (a copy only when ``a`` is not C-contiguous).
+
+    Always read-only, so the kernels compile one specialisation that serves loaded checkpoints
+    (read-only memory maps) and in-memory arrays alike, and the weights are never copied."""
+    if not a.flags.c_contiguous:
+        a = np.array(a, order="C")
+    v = a.reshape(-1).view()
+    v.flags.writeable = False
+    return v
+
+
+def result_array(out, shape: tuple, dtype) -> np.ndarray:
+    """``out`` checked as a GEMM's destination (C-contiguous, writeable, ``shape``, ``dtype``), or a
+    new array when it is None."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if not (isinstance(out, np.ndarray) and out.shape == shape and out.dtype == dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"out must be a C-contiguous, writeable {dtype} array of shape {shape}")
+    return out
+
+
 _NO_BIAS = {dtype: flat_view(np.zeros(1, dtype)) for dtype in DTYPES}  # (never read: has_bias is False)
 _NO_X = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # (never read: x is read in place)
 
@@ -526,7 +550,7 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     weight [O, K]; bias: [O] or None -> [..., O], C-contiguous, in x's dtype (no casting).
 
     ``out``: a C-contiguous, writeable array of the result's shape and dtype to write into.
-    ``cores=2``: from ``gemm.SPLIT_FROM`` multiply-adds, the caller and :mod:`.gemm`'s helper thread
+    ``cores=2``: from ``SPLIT_FROM`` multiply-adds, the caller and :mod:`.gemm`'s helper thread
     share the panels (chunks of them claimed as they come; x packed once for both); on one core, or
     while the helper serves another caller, the caller runs all of it.
     Each element is one fused multiply-add chain in k order, then the bias (module docstring):
