@@ -272,6 +272,36 @@ def first_token_states(model: Model, enc: dict):
     return tasks.first_token_states(model.params, model.config, x)  # [B, H]
 
 
+def token_states(model: Model, enc: dict, keep: np.ndarray):
+    """The final hidden states at the positions ``keep`` [B, T] (bool) marks: the base model's
+    ``model(**enc).last_hidden_state[keep]``, [M, H] in row-major order (mean pooling and a
+    token classifier read the real tokens only).
+
+    The ``numba`` backend runs :func:`refimpl.fast.tasks.token_states`: the tokens no kept state
+    depends on (a batch's padding) are left out of every block. The others run the reference
+    encoder and index its output.
+    """
+    from .inputs import validate
+
+    x = validate(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    if model.backend == "numba":
+        from .fast.tasks import token_states as fast_token_states
+
+        return fast_token_states(model.params, model.config, x, keep)
+    from . import tasks
+
+    seq = tasks.encoder_forward(model.params, model.config, x).last_hidden_state  # [B, T, H]
+    rows, cols = (model.xp.asarray(a) for a in np.nonzero(keep))  # [M] each
+    return seq[rows, cols]  # [M, H]
+
+
+def _scatter(rows: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[M, C] rows at the positions ``keep`` [B, T] marks (row-major) -> [B, T, C], zeros elsewhere."""
+    out = np.zeros(keep.shape + rows.shape[1:], rows.dtype)
+    out[keep] = rows
+    return out
+
+
 class Pipeline:
     """Holds a model and its tokenizer; subclasses implement ``__call__`` for one task."""
 
@@ -627,7 +657,10 @@ class TokenClassification(Pipeline):
 
         def run_batch(batch: list[str], first: int) -> list:
             enc = self._encode(batch, first=first, return_offsets_mapping=True, return_special_tokens_mask=True)
-            logits = to_numpy(self._forward(enc).logits)  # [B, T, K]
+            real = np.asarray(enc["attention_mask"]) != 0  # [B, T]: the head reads these tokens only
+            states = token_states(self.model, enc, real)  # [M, H]
+            logits = _scatter(to_numpy(heads.token_classification_head(states, self.model.params.token_classifier)),
+                              real)  # [M, K] -> [B, T, K], zeros at padding (never read)
             scores = _softmax(logits)
             out = []
             for i, sentence in enumerate(batch):
@@ -976,7 +1009,8 @@ class Embedding(Pipeline):
             if pooling == "cls":
                 v = to_numpy(first_token_states(self.model, enc))  # [B, H]: <s> only
             else:
-                h = to_numpy(self._forward(enc).last_hidden_state)  # [B, T, H]
+                real = np.asarray(enc["attention_mask"]) != 0  # [B, T]
+                h = _scatter(to_numpy(token_states(self.model, enc, real)), real)  # [B, T, H], zeros at padding
                 m = enc["attention_mask"][..., None].astype(h.dtype)  # [B, T, 1]
                 v = (h * m).sum(axis=1) / m.sum(axis=1)  # [B, H]
             if normalize:

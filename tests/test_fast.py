@@ -221,6 +221,87 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
     assert_close(fast.first_token_states(model.params, model.config, x), want, dtype, "fast first_token_states", FAST)
 
 
+def padded_batch(model, rng, lengths, t: int, left=()):
+    """Random ids [B, T] with the given real lengths, padded on the right (rows in ``left`` on the
+    left), pads set to pad_token_id; -> (ids, mask)."""
+    ids = rng.integers(3, 99, size=(len(lengths), t))
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        cols = slice(t - n, t) if i in left else slice(0, n)
+        mask[i, cols] = 1
+    ids[mask == 0] = model.config.pad_token_id
+    return ids, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [False, True])
+def test_states_at_match_the_full_encoders_states(monkeypatch, dtype, split):
+    """fast.token_states (padding left out of every block, the last block on the kept positions
+    only) against the reference encoder's ``last_hidden_state[keep]``: right- and left-padded rows,
+    a key masked inside a row, a row with every key masked, a row with nothing kept, kept positions
+    on padding (computed as the full encoder computes them), one and several kept per row; whole and
+    split over two threads."""
+    model = random_model("base", seed=13).astype(dtype)
+    rng = np.random.default_rng(8)
+    ids, mask = padded_batch(model, rng, [12, 7, 3, 12, 5, 9, 1], 12, left={2})
+    mask[3, 4] = 0  # a key masked inside the row
+    mask[5] = 0  # every key masked
+    x = validate(model, input_ids=ids, attention_mask=mask, token_type_ids=rng.integers(0, 2, size=ids.shape))
+    full = tasks.encoder_forward(model.params, model.config, x).last_hidden_state  # [B, T, H]
+    keep = np.zeros(ids.shape, bool)
+    keep[:, 0] = True  # <s> of the right-padded rows; padding of the left-padded row 2
+    keep[0, [3, 5, 11]] = keep[1, 6] = keep[2, 11] = keep[3, 4] = keep[5, 2] = keep[6, 7] = True
+    keep[4] = False  # a row nothing is read from
+    if split:
+        monkeypatch.setattr(fast, "worth_splitting", lambda *a, **k: True)
+    rows, real_ffn = [], fast.feed_forward_block
+    monkeypatch.setattr(fast, "feed_forward_block", lambda h, *a, **k: rows.append(h.shape[0]) or real_ffn(h, *a, **k))
+    got = fast.token_states(model.params, model.config, x, keep)
+    assert got.shape == (int(keep.sum()), model.config.hidden_size) and got.dtype == full.dtype
+    # The FFNs ran on the needed tokens only: the real ones of the rows read and the padding kept
+    # (12 + 7 + 3 + 1 [a pad kept] + 12 + 12 [every key masked] + 0 + 1 + 1 [a pad kept]); the last
+    # one on the kept positions (each half its share, when split).
+    assert model.config.num_hidden_layers == 2 and sum(rows) == 49 + int(keep.sum()), rows
+    assert_close(got, full[keep], dtype, "states at keep", FAST)
+    every = mask != 0
+    assert_close(fast.token_states(model.params, model.config, x, every), full[every], dtype, "real tokens", FAST)
+
+
+def test_needed_tokens_leave_out_what_no_kept_state_depends_on():
+    """Padding (a key every head masks) is needed only where kept; a row that masks every key, any
+    bias that is not a padding mask, or no bias, needs every position of a row something is kept in."""
+    low = np.finfo(np.float32).min
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
+    bias = np.where(mask != 0, 0, low).astype(np.float32)[:, None, None, :]  # [B, 1, 1, S]
+    keep = np.array([[1, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool)
+    want = np.array([[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(fast.needed_tokens(bias, keep), want)
+    rows = np.array([[1] * 4, [1] * 4, [1] * 4, [0] * 4], bool)
+    np.testing.assert_array_equal(fast.needed_tokens(None, keep), rows)
+    causal = np.broadcast_to(bias, (4, 1, 4, 4))  # a bias per query: nothing left out
+    np.testing.assert_array_equal(fast.needed_tokens(causal, keep), rows)
+    other = np.where(mask != 0, 0, -1e4).astype(np.float32)[:, None, None, :]  # an additive float mask
+    np.testing.assert_array_equal(fast.needed_tokens(other, keep), rows)
+    heads = np.concatenate([bias, np.zeros_like(bias)], axis=1)  # [B, 2, 1, S]: one head sees every key
+    np.testing.assert_array_equal(fast.needed_tokens(heads, keep), rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_states_at_with_a_bias_per_query(dtype):
+    """A 4-D mask (a bias row per query): nothing is left out, and each kept query attends with its
+    own row of the bias."""
+    model = random_model("base", seed=17).astype(dtype)
+    rng = np.random.default_rng(9)
+    ids = rng.integers(3, 99, size=(3, 8))
+    allowed = rng.random((3, 1, 8, 8)) < 0.6
+    allowed[..., 0] = True  # every query sees at least one key
+    x = validate(model, input_ids=ids, attention_mask=allowed)
+    full = tasks.encoder_forward(model.params, model.config, x).last_hidden_state  # [B, T, H]
+    keep = np.zeros(ids.shape, bool)
+    keep[0, [1, 6]] = keep[1, 0] = keep[2, [2, 3, 7]] = True
+    assert_close(fast.token_states(model.params, model.config, x, keep), full[keep], dtype, "states at keep", FAST)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_parts_multiply_with_packed_weights_and_match_the_reference(monkeypatch, dtype):
     """In a part of a split (one thread per core) the GEMMs of up to PACKED_ROWS rows use the weights

@@ -222,47 +222,139 @@ def pieces(params: Params, x: Inputs) -> int | None:
     return rows // t if 0 < t <= rows else None
 
 
-def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
-    """``encode(...).last_hidden_state[:, 0]``, [B, H]: the final state of the first token only.
+# ---------------------------------------------------------------------------------------------
+# Some positions read (the pipelines): the tokens nobody needs left out, the last block on the rest
+# ---------------------------------------------------------------------------------------------
 
-    The last block's keys and values need every position; its query, attention output, FFN and the
-    final LayerNorm only the one read, so they run on position 0 alone (a sequence classifier and
-    an ``<s>`` embedding read nothing else). The blocks before it run as in :func:`encode`, the
-    batch in two halves when :func:`worth_splitting`. Held to the reference
-    ``refimpl.tasks.encoder_forward(...).last_hidden_state[:, 0]`` by ``tests/test_pipelines.py``.
+
+def needed_tokens(bias, keep) -> np.ndarray:
+    """Which positions of a batch the final states at ``keep`` [b, T] (bool) depend on -> [b, T] bool.
+
+    A row where nothing is kept needs nothing. In a row where something is kept: every position
+    kept, and every key some query attends to. With a padding bias (``bias`` [b|1, 1|N, 1, S],
+    each entry 0 or finfo.min: a 2-D ``attention_mask``), a key whose bias is finfo.min for every
+    head adds exactly 0 to every softmax sum (exp underflows), so it is needed only where kept; a
+    row that masks every key (its softmax is uniform over them) needs them all, as does any other
+    bias (a causal or 4-D mask, or None: nothing masked)."""
+    b, t = keep.shape
+    rows = keep.any(axis=1)[:, None]  # [b, 1]
+    if bias is None or bias.shape[-2] != 1 or bias.shape[-1] != t:
+        return np.broadcast_to(rows, (b, t)).copy()
+    low = np.finfo(bias.dtype).min
+    flat = bias[:, :, 0, :]  # [b|1, 1|N, S]
+    if not np.all((flat == 0) | (flat == low)):
+        return np.broadcast_to(rows, (b, t)).copy()
+    attended = np.broadcast_to((flat == 0).any(axis=1), (b, t))  # [b, S]: some head attends to the key
+    attended = attended | ~attended.any(axis=1, keepdims=True)  # a row masking every key: all of them
+    return (attended | keep) & rows  # [b, T]
+
+
+def padded(y, at, b: int, t: int):
+    """The rows ``y`` [n, C] of the positions ``at`` [n] (flat, into b * T) in a [b, T, C] batch,
+    zeros at the other positions (finite: queries nobody reads, keys nobody attends to)."""
+    if len(at) == b * t:
+        return y.reshape(b, t, y.shape[-1])  # every position: a view
+    out = np.zeros((b * t, y.shape[-1]), y.dtype)
+    out[at] = y
+    return out.reshape(b, t, y.shape[-1])
+
+
+def attention_block_at(x, p: Attention, bias, at, shape: tuple, *, num_heads: int, eps: float, queries=None):
+    """``attention_block`` (self-attention, no cache) on the tokens at the flat positions ``at`` [n]
+    of a [b, T] batch (``shape``), every other position left out (:func:`needed_tokens`).
+
+    x: [n, H], the states at ``at``. queries: the indices into x [m] (row-major) whose outputs are
+    wanted, None: all. Keys and values come from all n; the attention itself runs in the batch's
+    layout (:func:`padded`, ``bias`` [b|1, 1|N, T|1, S] unchanged), the queries of a row side by
+    side when only some are wanted. -> [m, H] (or [n, H]): the same numbers as ``attention_block``
+    at those positions, to the rounding of GEMMs with fewer rows.
+    """
+    b, t = shape
+    h = layer_norm(x, p.layer_norm.weight, p.layer_norm.bias, eps)  # [n, H]
+    if queries is None:
+        q, k, v = qkv(h, p)  # [n, H] each
+        q_at, q_shape, q_bias, res = at, (b, t), bias, x
+    else:
+        k, v = linears(h, (p.key.weight, p.value.weight), (p.key.bias, p.value.bias))  # [n, H] each
+        q, res = linear(h[queries], p.query.weight, p.query.bias), x[queries]  # [m, H] each
+        row, col = np.divmod(at[queries], t)  # [m] each: the batch row and position of each query
+        first = np.searchsorted(row, row)  # [m]: the row's first query (row-major: rows ascending)
+        slot = np.arange(len(row)) - first  # [m]: its place among the row's queries
+        width = int(slot.max()) + 1 if len(slot) else 1  # Q, the most queries in a row
+        q_at, q_shape, q_bias = row * width + slot, (b, width), bias
+        if bias is not None and bias.shape[-2] > 1:  # a per-query bias: each query's own row of it
+            q_bias = np.zeros((b, bias.shape[1], width, bias.shape[-1]), bias.dtype)  # [b, 1|N, Q, S]
+            q_bias[row, :, slot, :] = bias[row if bias.shape[0] > 1 else 0, :, col, :]  # [m, 1|N, S]
+    q = split_heads(padded(q, q_at, *q_shape), num_heads)  # [b, N, T|Q, D]
+    k, v = (split_heads(padded(a, at, b, t), num_heads) for a in (k, v))  # [b, N, T, D] each
+    context = attention_context(q, k, v, q_bias, q.shape[-1] ** -0.5)  # [b, N, T|Q, D]
+    context = merge_heads(context).reshape(-1, x.shape[-1])  # [b*(T|Q), H]
+    if len(q_at) < context.shape[0]:
+        context = context[q_at]  # [m|n, H]
+    return res + linear(context, p.output.weight, p.output.bias)  # [m|n, H]
+
+
+def states_at(params: Params, config: Config, x: Inputs, keep, rows: slice | None = None) -> np.ndarray:
+    """``encode(params, config, x, rows).last_hidden_state[keep]``: the final states at the
+    positions ``keep`` [b, T] (bool, the rows' part) marks, [M, H] in row-major order.
+
+    Every block runs on the tokens those states depend on only (:func:`needed_tokens`: the padding
+    of a batch is left out of the projections and FFNs), the last block's query, attention output,
+    FFN and the final LayerNorm on the kept positions only (a classifier reads ``<s>``, fill-mask
+    the masks). Each kept state is the full encoder's up to the rounding of GEMMs with other row
+    counts. With a cache, cross-attention, ``inputs_embeds`` or no layers: the full encoder's.
     """
     if x.cache is not None or x.encoder_hidden_states is not None or x.inputs_embeds is not None or not params.layers:
-        return encode(params, config, x).last_hidden_state[:, 0]
+        return encode(params, config, x, rows).last_hidden_state[keep]
     c, eps, heads = config, config.layer_norm_eps, config.num_attention_heads
+    if not keep.any():
+        return np.zeros((0, c.hidden_size), params.embeddings.word.dtype)  # [0, H]
+    rows = slice(None) if rows is None else rows
+    bias = x.attention_bias
+    if bias is not None and bias.shape[0] > 1:
+        bias = bias[rows]  # [b|1, 1|N, T|1, S]
+    b, t = keep.shape
+    at = np.flatnonzero(needed_tokens(bias, keep))  # [n] flat positions of the tokens computed
+    e = params.embeddings
+    ids, types, positions = (a[rows].reshape(-1)[at] for a in (x.input_ids, x.token_type_ids, x.position_ids))
+    h = layer_norm((e.word[ids] + e.token_type[types]) + e.position[positions],
+                   e.layer_norm.weight, e.layer_norm.bias, eps)  # [n, H]
+    for layer in params.layers[:-1]:
+        h = attention_block_at(h, layer.attention, bias, at, (b, t), num_heads=heads, eps=eps)  # [n, H]
+        h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)  # [n, H]
+    last = params.layers[-1]
+    queries = np.searchsorted(at, np.flatnonzero(keep))  # [M]: the kept positions among the computed
+    h = attention_block_at(h, last.attention, bias, at, (b, t), num_heads=heads, eps=eps, queries=queries)  # [M, H]
+    h = feed_forward_block(h, last, act=c.hidden_act, eps=eps)  # [M, H]
+    fl = params.final_layer_norm
+    return layer_norm(h, fl.weight, fl.bias, eps)  # [M, H]
 
-    def run(rows: slice):
-        bias = x.attention_bias
-        if bias is not None and bias.shape[0] > 1:
-            bias = bias[rows]  # [b|1, 1|N, T|1, S]
-        e = params.embeddings
-        ids = x.input_ids[rows]  # [b, T]
-        h = layer_norm((e.word[ids] + e.token_type[x.token_type_ids[rows]]) + e.position[x.position_ids[rows]],
-                       e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
-        for layer in params.layers[:-1]:
-            h, _ = attention_block(h, layer.attention, bias, num_heads=heads, eps=eps)
-            h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)  # [b, T, H]
-        last = params.layers[-1]
-        p = last.attention
-        a = layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps)  # [b, T, H]
-        q = split_heads(linear(a[:, :1], p.query.weight, p.query.bias), heads)  # [b, N, 1, D]
-        k = split_heads(linear(a, p.key.weight, p.key.bias), heads)  # [b, N, T, D]
-        v = split_heads(linear(a, p.value.weight, p.value.bias), heads)  # [b, N, T, D]
-        if bias is not None and bias.shape[-2] > 1:
-            bias = bias[:, :, :1]  # [b|1, 1|N, 1, S]: the first query's row
-        context = attention_context(q, k, v, bias, q.shape[-1] ** -0.5)  # [b, N, 1, D]
-        h0 = h[:, :1] + linear(merge_heads(context), p.output.weight, p.output.bias)  # [b, 1, H]
-        h0 = feed_forward_block(h0, last, act=c.hidden_act, eps=eps)  # [b, 1, H]
-        fl = params.final_layer_norm
-        return layer_norm(h0, fl.weight, fl.bias, eps)[:, 0]  # [b, H]
 
+def over_batch(params: Params, config: Config, x: Inputs, run, head_work: int = 0) -> np.ndarray:
+    """``run(rows)`` ([b', ...] arrays) over the batch, joined along the first axis: in two halves
+    or pieces on two threads when :func:`worth_splitting` (never with a cache or cross-attention),
+    else in one call."""
     b = x.position_ids.shape[0]
-    parts = split_batch(run, b, pieces(params, x)) if b > 1 and worth_splitting(config, x) else [run(slice(0, b))]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [B, H]
+    whole = x.cache is not None or x.encoder_hidden_states is not None
+    parts = split_batch(run, b, pieces(params, x)) if b > 1 and not whole and worth_splitting(config, x, head_work) \
+        else [run(slice(0, b))]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
+    """``encode(...).last_hidden_state[:, 0]``, [B, H]: the final state of the first token only
+    (:func:`states_at`: a sequence classifier and an ``<s>`` embedding read nothing else). Held to
+    the reference ``refimpl.tasks.encoder_forward(...).last_hidden_state[:, 0]`` by
+    ``tests/test_fast.py``."""
+    keep = np.zeros(x.position_ids.shape[:2], bool)  # [B, T]
+    keep[:, 0] = True
+    return over_batch(params, config, x, lambda rows: states_at(params, config, x, keep[rows], rows))  # [B, H]
+
+
+def token_states(params: Params, config: Config, x: Inputs, keep) -> np.ndarray:
+    """``encode(...).last_hidden_state[keep]``, [M, H] in row-major order of ``keep`` [B, T]
+    (:func:`states_at`, over the batch on two threads when worth it)."""
+    return over_batch(params, config, x, lambda rows: states_at(params, config, x, keep[rows], rows))
 
 
 def over_rows(params: Params, config: Config, x: Inputs, head, head_work: int = 0):
@@ -346,20 +438,15 @@ def masked_lm_at(params: Params, config: Config, x: Inputs, where: np.ndarray) -
     """The masked-LM logits at the positions ``where`` marks only: ``masked_lm(...).logits[where]``.
 
     where: [B, T] bool -> [M, V], M = ``where.sum()``, in row-major order of ``where``. The encoder
-    runs as in :func:`masked_lm` (two halves on two threads); the LM head runs on the M marked rows
-    instead of all B*T (a fill-mask pipeline reads nothing else). Held to the reference
+    computes the states at those positions (:func:`states_at`: padding left out, the last block on
+    the marked rows), the LM head runs on the M rows instead of all B*T (a fill-mask pipeline
+    reads nothing else), each half of the batch on its thread. Held to the reference
     ``refimpl.tasks.masked_lm(...).logits[where]`` by ``tests/test_pipelines.py``.
     """
     eps = config.layer_norm_eps
-
-    def run(rows: slice):
-        seq = encode(params, config, x, rows).last_hidden_state  # [b, T, H]
-        return lm_head(seq[where[rows]], params.lm_head, eps)  # [m, H] -> [m, V]
-
-    b = x.position_ids.shape[0]
-    parts = split_batch(run, b, pieces(params, x)) if worth_splitting(config, x, lm_head_work(params, config, int(where.sum()))) \
-        else [run(slice(0, b))]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)  # [M, V]
+    work = lm_head_work(params, config, int(where.sum()))
+    return over_batch(params, config, x, lambda rows: lm_head(states_at(params, config, x, where[rows], rows),
+                                                              params.lm_head, eps), work)  # [M, V]
 
 
 def causal_lm(params: Params, config: Config, x: Inputs):
