@@ -14,6 +14,9 @@ For each shape it prints the median time of every implementation, the ratio refi
   candidate. ``%GEMM`` is its time over refimpl's (numba): the share of the forward that would
   remain if everything but the GEMMs cost nothing.
 * ``FFN GEMM``: one [B*T, H] x [H, I] matmul, the most BLAS-friendly shape of the forward.
+* ``steal s``: CPU seconds the hypervisor gave to other guests during the shape's timed calls, all
+  candidates together (Linux ``/proc/stat``; per candidate in the JSON's ``steal_s``, next to every
+  timed call in ``times_s``): on a VM, a shape with much steal was measured on a held-back machine.
 
 Candidates take turns in rounds (the order rotating each round, against drifting machine load);
 in a round each runs ``--block`` calls back to back (default 3) and the first is not timed. That
@@ -39,6 +42,8 @@ import time
 import warnings
 
 import numpy as np
+
+from pipelines import steal_seconds  # (this folder: the scripts run as ``python benchmarks/...``)
 
 CONFIGS = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}"
     print(f"# {args.config} config, {args.dtype}; {machine}; onnxruntime: {ort_status}")
     header = (f"{'shape':>7} {'numba ms':>9} {'numpy ms':>9} {'eager ms':>9} {'sdpa ms':>8} {'ort ms':>7} {'GEMM ms':>8} "
-              f"{'nb/eager':>8} {'nb/sdpa':>7} {'nb/ort':>7} {'GFLOP/s':>8} {'GEMM':>6} {'%GEMM':>6} {'FFN GEMM':>8}")
+              f"{'nb/eager':>8} {'nb/sdpa':>7} {'nb/ort':>7} {'GFLOP/s':>8} {'GEMM':>6} {'%GEMM':>6} {'FFN GEMM':>8} {'steal s':>7}")
     print(header)
     results = []
     for b, t in shapes:
@@ -200,15 +205,18 @@ def main(argv=None) -> int:
         for f in fns.values():  # warm-up (JIT, allocator, caches)
             f()
         times = {k: [] for k in fns}
+        steal = {k: 0.0 for k in fns}  # CPU seconds the hypervisor took during each candidate's timed calls
         order = list(fns)
         for r in range(args.repeats):  # rounds, rotating who runs first
             for k in order[r % len(order):] + order[: r % len(order)]:
                 f = fns[k]
                 f()  # absorbs what the previous candidate left behind (spinning threads, cold caches)
                 for _ in range(args.block - 1):
-                    t0 = time.perf_counter()
+                    s0, t0 = steal_seconds(), time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - t0)
+                    s1 = steal_seconds()
+                    steal[k] = None if s0 is None or s1 is None or steal[k] is None else steal[k] + s1 - s0
         med = {k: statistics.median(v) for k, v in times.items()}
         med.update({k: float("nan") for k in ("numpy", "eager", "sdpa") if k not in med})
         flops = forward_flops(cfg, b, t)
@@ -216,13 +224,15 @@ def main(argv=None) -> int:
         gemm = flops / med["gemm"] / 1e9  # the same matrix shapes, GEMMs only
         ffn_gemm = gemm_gflops(b * t, cfg["hidden_size"], cfg["intermediate_size"], np.dtype(args.dtype))
         row = {"shape": [b, t], "median_s": {k: v for k, v in med.items() if k in times}, "gflops": gflops, "gemm_gflops": gemm,
-               "share_of_gemm": med["gemm"] / med["numba"], "ffn_gemm_gflops": ffn_gemm}
+               "share_of_gemm": med["gemm"] / med["numba"], "ffn_gemm_gflops": ffn_gemm,
+               "times_s": times, "steal_s": {k: None if v is None else round(v, 2) for k, v in steal.items()}}
         results.append(row)
         ort = med.get("ort")
         print(
             f"{b:>3}x{t:<4}{med['numba'] * 1e3:9.1f} {med['numpy'] * 1e3:9.1f} {med['eager'] * 1e3:9.1f} {med['sdpa'] * 1e3:8.1f} "
             f"{(ort or float('nan')) * 1e3:7.1f} {med['gemm'] * 1e3:8.1f} {med['numba'] / med['eager']:8.2f} {med['numba'] / med['sdpa']:7.2f} "
             f"{(med['numba'] / ort) if ort else float('nan'):7.2f} {gflops:8.1f} {gemm:6.1f} {100 * row['share_of_gemm']:5.1f}% {ffn_gemm:8.1f}"
+            f"  {sum(v or 0.0 for v in steal.values()):5.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:

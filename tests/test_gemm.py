@@ -40,6 +40,34 @@ def test_linear_uses_the_packed_gemm_for_few_rows(dtype, lead):
     assert_close(got, ops.linear(x, w, b), dtype.name, "linear", REORDERED)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_linear_keeps_to_one_core_where_blas_runs_on_one_thread(monkeypatch, dtype):
+    """OpenBLAS on one thread (threadpoolctl, OPENBLAS_NUM_THREADS=1, a corpus worker): linear()
+    multiplies 1 to PACKED_ROWS rows with packed weights on this core alone (no helper thread), BLAS
+    beyond; bitwise the packed GEMM's result."""
+    from refimpl.blas import blas_threads, openblas_threads
+
+    if openblas_threads() is None:
+        pytest.skip("no OpenBLAS thread control here")
+    calls = []
+    real = schedule.packed_linear
+    monkeypatch.setattr(schedule, "packed_linear",
+                        lambda x, p, b=None, cores=1: calls.append((x.shape[0], cores)) or real(x, p, b, cores=cores))
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((40, 24)).astype(dtype), rng.standard_normal(40).astype(dtype)
+    most = schedule.PACKED_ROWS[dtype]
+    with blas_threads(1):
+        for r in (1, 48, 49, most, most + 1):
+            x = rng.standard_normal((r, 24)).astype(dtype)
+            got = schedule.linear(x, w, b)
+            if r <= most:
+                assert calls[-1] == (r, 1)
+                np.testing.assert_array_equal(got, real(x, packed.pack(w), b))
+            else:
+                assert calls[-1][0] != r
+            assert_close(got, ops.linear(x, w, b), dtype.name, "linear", REORDERED)
+
+
 def test_a_float32_process_compiles_the_jobs_for_float32_only():
     """Compile only what a call needs: float32 GEMMs split over both cores (the helper thread
     included) compile the job functions and the driver for float32, and no float64 code."""

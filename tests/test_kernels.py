@@ -474,7 +474,8 @@ def test_bias_gelu_in_place_is_bitwise_out_of_place(dtype, h):
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), (64,), (65,), (2, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_matches_ops_linear(dtype, lead, with_bias):
-    """schedule.linear: packed weights up to TWO_CORE_ROWS rows (tests/test_packed.py), (W x^T)^T
+    """schedule.linear: packed weights up to TWO_CORE_ROWS rows (tests/test_packed.py; up to
+    PACKED_ROWS on one core where OpenBLAS runs on one thread), (W x^T)^T
     for at most THIN_ROWS rows, x W^T above, bias added in place. Bitwise the same call written
     out; against ops.linear (always x W^T) within the bound of another GEMM kernel's rounding."""
     from refimpl.fast.packed import pack, packed_linear
@@ -488,7 +489,7 @@ def test_linear_matches_ops_linear(dtype, lead, with_bias):
     rows = x.reshape(-1, 24)
     same_calls = (w @ rows.T).T if rows.shape[0] <= schedule.THIN_ROWS else rows @ w.T
     same_calls = same_calls.reshape(*lead, 40) + (0 if b is None else b)
-    if rows.shape[0] <= schedule.TWO_CORE_ROWS:
+    if schedule.packed_cores(rows, True):  # (1-48 rows; up to PACKED_ROWS where BLAS has one thread)
         same_calls = packed_linear(x, pack(w), b)
     want = ops.linear(x, w, b)
     assert got.shape == want.shape == lead + (40,) and got.dtype == want.dtype == dtype

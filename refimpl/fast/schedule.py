@@ -74,15 +74,26 @@ def linear(x, weight, bias=None):
 
 
 def packed_cores(rows, same: bool) -> int:
-    """How :func:`linear` multiplies ``rows`` [R, in] with packed weights: 1 (one core: this thread
-    runs a part of a split, R <= ``PACKED_ROWS``), 2 (both cores: 1 <= R <= ``TWO_CORE_ROWS``), or 0
-    (not: another schedule; also for no rows, or when the dtypes differ, ``same`` False)."""
+    """How :func:`linear` multiplies ``rows`` [R, in] with packed weights: 1 (this core only: this
+    thread runs a part of a split, or NumPy's OpenBLAS runs on one thread, 1 <= R <=
+    ``PACKED_ROWS``), 2 (both cores: 1 <= R <= ``TWO_CORE_ROWS``), or 0 (not: another schedule;
+    also for no rows, or when the dtypes differ, ``same`` False)."""
     r = rows.shape[0]
-    if not same:
+    if not same or r < 1:
         return 0
-    if getattr(_here, "one_thread", False):
+    if getattr(_here, "one_thread", False) or _blas_on_one_thread():
         return 1 if r <= PACKED_ROWS.get(rows.dtype, 0) else 0
-    return 2 if 1 <= r <= TWO_CORE_ROWS else 0
+    return 2 if r <= TWO_CORE_ROWS else 0
+
+
+def _blas_on_one_thread() -> bool:
+    """Whether NumPy's OpenBLAS runs on one thread outside a split: someone chose one thread
+    (``OPENBLAS_NUM_THREADS=1``, threadpoolctl, a corpus worker's ``threads=1``, another thread's
+    split holding the other core), so refimpl's GEMMs keep to this core too, with packed weights
+    where they beat single-threaded OpenBLAS (up to ``PACKED_ROWS`` rows). Unknown (no OpenBLAS
+    found): False."""
+    blas = openblas_threads()
+    return blas is not None and blas[0]() < 2
 
 
 # ---------------------------------------------------------------------------------------------
