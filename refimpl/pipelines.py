@@ -254,7 +254,8 @@ def mask_logits(model: Model, enc: dict, where: np.ndarray):
 
 def first_token_states(model: Model, enc: dict):
     """The final hidden state of each row's first token (``<s>``): ``model(**enc).last_hidden_state[:, 0]``
-    of the base model, [B, H], for a classifier or an ``<s>`` embedding, which read nothing else.
+    of the base model, [B, H], for a classifier, an ``<s>`` embedding or a multiple-choice pooler,
+    which read nothing else (a multiple-choice model's [B, C, T] inputs give [B*C, H]).
 
     The ``numba`` backend runs :func:`refimpl.fast.tasks.first_token_states`, the others
     :func:`refimpl.tasks.first_token_states`: the last block's query, FFN and final LayerNorm on
@@ -967,10 +968,15 @@ class MultipleChoice(Pipeline):
 
         def run_batch(batch: list[tuple[str, list[str]]], first: int) -> list:
             out = []
-            for j, (prompt, ends) in enumerate(batch):  # one [1, C, T] forward per prompt: C may differ
+            for j, (prompt, ends) in enumerate(batch):  # one forward of the C choices per prompt: C may differ
                 enc = self._encode([prompt] * len(ends), ends, first=first + j)
                 inputs = {k: enc[k][None] for k in ("input_ids", "attention_mask")}  # [1, C, T]
-                scores = _softmax(to_numpy(self._forward(inputs).logits))[0]  # [C]
+                states = first_token_states(self.model, inputs)  # [C, H] (choices as rows): the pooler reads <s> only
+                p = self.model.params
+                with blas_threads(1):  # microseconds of GEMM (see TextClassification)
+                    pooled = heads.pooler(states[:, None, :], p.pooler)  # [C, H]
+                    logits = heads.multiple_choice_head(pooled, p.choice_classifier, len(ends))  # [1, C]
+                scores = _softmax(to_numpy(logits))[0]  # [C]
                 out.append([{"index": c, "ending": e, "score": float(s)} for c, (e, s) in enumerate(zip(ends, scores))])
             return out
 

@@ -253,13 +253,16 @@ def test_qa_errors(ck):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_choose_matches_transformers_softmax(ck):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_choose_matches_transformers_softmax(ck, backend):
+    """The choices as rows of one batch, the pooler and head on their <s> states (padding left out
+    on the numba backend), against transformers' [1, C, T] forward."""
     model, folder = ck["mc"]
     tok = ck["tokenizer"]
     prompts = ["The chef opened the oven", "She picked up the phone"]
     endings = [["and took out the bread.", "and flew to the moon on a bicycle.", "and sang."],
                ["and called her mother.", "and ate it."]]
-    ours = P.MultipleChoice(folder)(prompts, endings)
+    ours = P.MultipleChoice(folder, backend=backend)(prompts, endings)
     for p, ends, got in zip(prompts, endings, ours):
         enc = tok([p] * len(ends), ends, padding=True, return_tensors="pt")
         with torch.no_grad():
