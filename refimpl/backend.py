@@ -28,7 +28,13 @@ except ImportError:  # pragma: no cover - a declared dependency
     _compat = None
 
 
-_NUMPY_NS = None  # array-api-compat's NumPy namespace, made on first use (its import costs ~0.1 s)
+_NUMPY_NS = None  # the namespace of NumPy arrays, made on first use
+# NumPy 2.1 and later implement the Array API standard in their main namespace, with every function
+# refimpl calls (``cumulative_sum`` came in 2.1), the same functions array-api-compat's NumPy
+# namespace wraps for older versions; refimpl then uses ``numpy`` itself. Building the wrapper
+# namespace reads every attribute of ``numpy``, which imports numpy.testing, numpy.f2py, numpy.ma
+# and more: 0.1-0.25 s at the first call of every process, most of a small model's answer.
+NUMPY_IS_ARRAY_API = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
 
 
 def namespace(*arrays: Any):
@@ -38,9 +44,9 @@ def namespace(*arrays: Any):
         type(a) is np.ndarray or a is None for a in arrays
     ):
         # The common case, answered without array-api-compat's general dispatch (~2.5 us a call,
-        # a few hundred calls per decoding step): plain NumPy arrays (and Nones) -> its NumPy namespace.
+        # a few hundred calls per decoding step): plain NumPy arrays (and Nones) -> NumPy's namespace.
         if _NUMPY_NS is None:
-            _NUMPY_NS = _compat.array_namespace(np.empty(0))
+            _NUMPY_NS = np if NUMPY_IS_ARRAY_API else _compat.array_namespace(np.empty(0))
         return _NUMPY_NS
     arrays = [a for a in arrays if a is not None and not isinstance(a, (int, float, bool))]
     if _compat is None:

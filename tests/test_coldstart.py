@@ -130,6 +130,18 @@ def test_fill_mask_on_tiny_loads_no_numba():
     assert json.loads(lines[-1]) == [] and json.loads(lines[0])["result"]
 
 
+@pytest.mark.skipif(not backend.NUMPY_IS_ARRAY_API, reason="NumPy < 2.1 takes array-api-compat's namespace")
+def test_numpy_arrays_take_numpy_itself_as_their_namespace():
+    """NumPy 2.1+ implements the Array API standard in its main namespace (the functions
+    array-api-compat's NumPy namespace wraps): refimpl takes ``numpy`` itself, so a tiny answer
+    never builds the wrapper, whose construction imports numpy.testing, numpy.f2py and more."""
+    assert backend.namespace(np.ones(2), None) is np
+    wrapper = ("array_api_compat.numpy", "numpy.testing", "numpy.f2py")
+    out = _python("import sys, json\nfrom refimpl import cli\ncli.main(['fill-mask', '--model', 'tiny', '--json', 'Hi <mask>'])\n"
+                  f"print(json.dumps([m for m in {wrapper!r} if m in sys.modules]))")
+    assert json.loads(out.splitlines()[-1]) == []
+
+
 def test_light_parser_has_every_command_but_the_heavy_ones():
     from refimpl import cli
 
