@@ -221,6 +221,28 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
     assert_close(fast.first_token_states(model.params, model.config, x), want, dtype, "fast first_token_states", FAST)
 
 
+def test_pieces_fit_the_packed_rows_and_balance_the_two_threads():
+    """A split batch's pieces: at most PACKED_ROWS tokens each, as many as make an even count
+    where the batch divides (32 sequences of 20 tokens: 4 pieces of 8, not 12, 12 and 8, which
+    left one thread the last piece alone); halves when a half fits; None beyond PACKED_ROWS."""
+    from types import SimpleNamespace
+
+    from refimpl.fast.schedule import PACKED_ROWS
+
+    model = random_model("base", seed=1).astype("float32")
+    rows = PACKED_ROWS[np.dtype(np.float32)]
+
+    def pieces(b, t):
+        return fast.pieces(model.params, SimpleNamespace(position_ids=np.zeros((b, t), np.int64)))
+
+    assert [pieces(32, 20), pieces(8, 15), pieces(8, 128), pieces(32, 128), pieces(5, 100)] == [8, 4, 2, 2, 2]
+    assert pieces(3, rows + 1) is None
+    for b in range(2, 41):
+        for t in range(1, rows + 1, 7):
+            p = pieces(b, t)
+            assert 1 <= p and p * t <= rows, (b, t, p)
+
+
 def padded_batch(model, rng, lengths, t: int, left=()):
     """Random ids [B, T] with the given real lengths, padded on the right (rows in ``left`` on the
     left), pads set to pad_token_id; -> (ids, mask)."""
