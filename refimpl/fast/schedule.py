@@ -48,11 +48,12 @@ def linear(x, weight, bias=None):
 
     In a part of a split (one thread per core), up to ``PACKED_ROWS`` rows multiply with W packed
     once (:func:`packed_weight`, :func:`.packed.packed_linear`: no per-call packing of W as OpenBLAS
-    does, a register-blocked micro-kernel). Outside a split, up to ``TWO_CORE_ROWS`` rows (a short
-    input, a decoding step) multiply with W packed, both cores on disjoint panels. Up to
-    ``THIN_ROWS`` rows the same products and sums are scheduled as ``(W x^T)^T``:
-    BLAS then streams W in its stored order, ~1.7x faster than ``x W^T`` on OpenBLAS. The bias is
-    added in place to the fresh GEMM output (one [R, out] array fewer to allocate and fault in).
+    does, a register-blocked micro-kernel); so do they where NumPy's OpenBLAS runs on one thread.
+    Otherwise, up to ``TWO_CORE_ROWS`` rows (a short input, a decoding step) multiply with W packed,
+    both cores on disjoint panels. Beyond, up to ``THIN_ROWS`` rows the same products and sums are
+    scheduled as ``(W x^T)^T``: BLAS then streams W in its stored order, ~1.7x faster than
+    ``x W^T`` on OpenBLAS. The bias is added in place to the fresh GEMM output (one [R, out] array
+    fewer to allocate and fault in).
     """
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in)  # [R, in]
