@@ -25,6 +25,7 @@ import threading
 import numpy as np
 
 from .. import losses
+from ..backend import finfo_min
 from ..cache import append, has_cross, set_cross
 from ..config import Config
 from ..encoder import EncoderOutput
@@ -244,12 +245,13 @@ def needed_tokens(bias, keep) -> np.ndarray:
     bias (a causal or 4-D mask, or None: nothing masked)."""
     b, t = keep.shape
     rows = keep.any(axis=1)[:, None]  # [b, 1]
+    every = np.broadcast_to(rows, (b, t)).copy()  # [b, T]: all positions of the rows read
     if bias is None or bias.shape[-2] != 1 or bias.shape[-1] != t:
-        return np.broadcast_to(rows, (b, t)).copy()
-    low = np.finfo(bias.dtype).min
+        return every
+    low = finfo_min(np, bias.dtype)  # the additive mask of a masked key (refimpl.attention.keep_to_bias)
     flat = bias[:, :, 0, :]  # [b|1, 1|N, S]
     if not np.all((flat == 0) | (flat == low)):
-        return np.broadcast_to(rows, (b, t)).copy()
+        return every
     attended = np.broadcast_to((flat == 0).any(axis=1), (b, t))  # [b, S]: some head attends to the key
     attended = attended | ~attended.any(axis=1, keepdims=True)  # a row masking every key: all of them
     return (attended | keep) & rows  # [b, T]
@@ -354,7 +356,7 @@ def first_token_states(params: Params, config: Config, x: Inputs) -> np.ndarray:
     ``tests/test_fast.py``."""
     keep = np.zeros(x.position_ids.shape[:2], bool)  # [B, T]
     keep[:, 0] = True
-    return over_batch(params, config, x, lambda rows: states_at(params, config, x, keep[rows], rows))  # [B, H]
+    return token_states(params, config, x, keep)  # [B, H]: one kept position a row
 
 
 def token_states(params: Params, config: Config, x: Inputs, keep) -> np.ndarray:
