@@ -221,21 +221,28 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
     assert_close(fast.first_token_states(model.params, model.config, x), want, dtype, "fast first_token_states", FAST)
 
 
-def test_pieces_fit_the_packed_rows_and_balance_the_two_threads():
-    """A split batch's pieces: at most PACKED_ROWS tokens each, as many as make an even count
-    where the batch divides (32 sequences of 20 tokens: 4 pieces of 8, not 12, 12 and 8, which
-    left one thread the last piece alone); halves when a half fits; None beyond PACKED_ROWS."""
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_pieces_fit_the_packed_rows_and_balance_the_two_threads(monkeypatch, isa):
+    """A split batch's pieces: at most PACKED_ROWS tokens each (the packed kernel's ISA sets it), as
+    many as make an even count where the batch divides (32 sequences of 20 tokens: 4 pieces of 8,
+    not 12, 12 and 8, which left one thread the last piece alone); halves when a half fits; None
+    beyond PACKED_ROWS."""
     from types import SimpleNamespace
 
-    from refimpl.fast.schedule import PACKED_ROWS
+    from refimpl.fast import schedule
 
+    rows_by_dtype = schedule._PACKED_ROWS_BY_ISA[isa]
+    monkeypatch.setattr(fast, "PACKED_ROWS", rows_by_dtype)
     model = random_model("base", seed=1).astype("float32")
-    rows = PACKED_ROWS[np.dtype(np.float32)]
+    rows = rows_by_dtype[np.dtype(np.float32)]
 
     def pieces(b, t):
         return fast.pieces(model.params, SimpleNamespace(position_ids=np.zeros((b, t), np.int64)))
 
-    assert [pieces(32, 20), pieces(8, 15), pieces(8, 128), pieces(32, 128), pieces(5, 100)] == [8, 4, 2, 2, 2]
+    if isa == "avx512":  # 256 rows
+        assert [pieces(32, 20), pieces(8, 15), pieces(8, 128), pieces(32, 128), pieces(5, 100)] == [8, 4, 2, 2, 2]
+    if isa == "avx2":  # 96 rows: 8x128 as halves (OpenBLAS), short texts in pieces
+        assert [pieces(32, 20), pieces(8, 15), pieces(8, 128), pieces(16, 48)] == [4, 4, None, 2]
     assert pieces(3, rows + 1) is None
     for b in range(2, 41):
         for t in range(1, rows + 1, 7):

@@ -73,7 +73,7 @@ from numba.extending import intrinsic
 from .gemm import on_two_cores, read_only, register_packed_drivers
 from .llvm import DTYPES, JIT
 
-__all__ = ["Packed", "pack", "packed_linear", "panel_width", "warmup"]
+__all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
 
 KC = 768  # inputs per k-block: a panel's block is KC * P * itemsize = 96 KB (L2)
 # Tried on the development VM (AVX-512, 48 KB L1, 2 MB L2), none faster within the noise: KC = 128,

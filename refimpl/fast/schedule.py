@@ -20,14 +20,27 @@ import numpy as np
 from ..blas import openblas_threads
 from ..ops import activation
 from .kernels import attention, bias_gelu, masked_softmax
-from .packed import pack, packed_linear
+from .packed import ISA, pack, packed_linear
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
-# On one thread (a part of a split), linear() multiplies up to this many rows with packed weights
-# (benchmarks/gemm_packed.py, one thread, base-sized weights from memory: packed/OpenBLAS float32
-# 0.34-0.51 at 4-16 rows, 0.64-0.73 at 64, 0.78-0.84 at 128, 0.86-0.95 at 256, ~1.0 at 512; float64
-# 0.88-1.00 at 128, 1.0-1.1 from 256).
-PACKED_ROWS = {np.dtype(np.float32): 256, np.dtype(np.float64): 128}
+# On one thread (a part of a split), linear() multiplies up to this many rows with packed weights;
+# where packed weights win depends on the kernel's ISA (refimpl.fast.packed.ISA), chosen from the
+# host CPU. A base-sized forward of one sequence of T tokens on one thread (OpenBLAS on one thread),
+# packed / OpenBLAS (A/B in one process, Sapphire Rapids):
+#   AVX-512 tiles, OpenBLAS SkylakeX: float32 0.71 at T = 64 and 128, 0.85 at 256, 0.98 at 384, 1.00
+#     at 512; float64 0.69 at 64, 0.84 at 128, 0.95 at 192, 0.97 at 256, 1.16 at 384.
+#   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU):
+#     float32 0.83 at 32, 0.85 at 64, 0.98 at 96, 1.07 at 128, 1.13 at 256; float64 0.75 at 64,
+#     0.99 at 96, 1.13 at 128. (benchmarks/gemm_packed.py --cold, the single GEMMs: 1.06-1.18 at
+#     128-256 rows.) Up to 256 rows there made an 8x128 forward 1.08x the time of OpenBLAS.
+#   generic tiles (Sandy Bridge emulated, OpenBLAS Sandybridge), the single GEMMs: float32 0.33-0.39
+#     at 4 rows, 0.56-0.72 at 16, 1.02-1.10 at 64; float64 0.53-0.68 at 32.
+_PACKED_ROWS_BY_ISA = {
+    "avx512": {np.dtype(np.float32): 256, np.dtype(np.float64): 128},
+    "avx2": {np.dtype(np.float32): 96, np.dtype(np.float64): 96},
+    "generic": {np.dtype(np.float32): 16, np.dtype(np.float64): 32},
+}
+PACKED_ROWS = _PACKED_ROWS_BY_ISA[ISA]
 # Outside a split, linear() multiplies up to TWO_CORE_ROWS rows with packed weights on both cores
 # (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in a row,
 # weights from memory, float32): 0.6x the time of a skinny GEMM that streamed W in its stored order
