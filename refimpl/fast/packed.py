@@ -19,7 +19,8 @@ multiplies with a register-blocked micro-kernel:
             into L2)
 
 The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the same micro-kernel,
-fewer accumulators). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
+fewer accumulators), spanning several panels each, right after the MR-row tiles of the same group
+of panels (their blocks still in L2: the weight is streamed from memory once, whatever R). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
 copied into ``out`` at the end; every other tile reads and writes ``out`` directly.
 
 ========  ===================  =========================  ============
@@ -417,51 +418,53 @@ def _make_driver(mr, p, g4, g2, g1):
                     if not prepacked:
                         _pack_x(xf, xp, 0, r0, r1, k, k0, kn, mr)
                     xb, xr = xa - r0 * kn, kn
-                for q in range(q0, q1):
-                    wo = (q * k + k0) * p  # the panel's block: pf[wo : wo + kn*P], [kn, P]
-                    ahead, bo = wo + ps, q * p  # the next panel's block (past the end for the last)
-                    # The MR-row tiles. Together they ask for the next panel's block, so that it comes
-                    # into L2 while this panel computes: each tile a 1/nt share of it, one line per
-                    # k step (a single tile: all of it, two lines a step). The hardware prefetcher
-                    # alone leaves each panel's first pass waiting on memory; asking for the whole
-                    # block during the first of several tiles floods the line-fill buffers while the
-                    # later tiles leave memory idle. A base-sized forward's 72 GEMMs, one thread,
-                    # weights from memory: spread 0.72-0.89x the time of first-tile-only at 32-256
-                    # rows (two threads sharing the weights 0.70-0.88x); the next-but-one panel
-                    # instead was no faster.
-                    if q < full and nt == 1:
-                        _tile(pf, wo, xs, xb + r0 * xr, ksm, xi, of, q * p + r0 * n_out, n_out, kn, bf, bo, start,
-                              addb, mr, p, ahead, p, 2, ps, 1)
-                    elif q < full:
-                        for i in range(nt):
-                            r = r0 + i * mr
-                            _tile(pf, wo, xs, xb + r * xr, ksm, xi, of, q * p + r * n_out, n_out, kn, bf, bo, start,
-                                  addb, mr, p, ahead + i * kn * fs, fs, 1, ps, 1)
-                    else:  # the partial panel accumulates in scratch [R, P]; bias added on copy-out
-                        r = r0
-                        while r + mr <= r1:
-                            _tile(pf, wo, xs, xb + r * xr, ksm, xi, scratch, r * p, p, kn, bf, bo, start, False,
-                                  mr, p, ahead, 0, 0, ps, 1)
-                            r += mr
-                        if mr > 4 and r1 - r >= 4:
-                            _tile(pf, wo, xs, xb + r * xr, ks4, xi, scratch, r * p, p, kn, bf, bo, start, False,
-                                  4, p, ahead, 0, 0, ps, 1)
-                            r += 4
-                        if r1 - r >= 2:
-                            _tile(pf, wo, xs, xb + r * xr, ks2, xi, scratch, r * p, p, kn, bf, bo, start, False,
-                                  2, p, ahead, 0, 0, ps, 1)
-                            r += 2
-                        if r1 - r >= 1:
-                            _tile(pf, wo, xs, xb + r * xr, ks1, xi, scratch, r * p, p, kn, bf, bo, start, False,
-                                  1, p, ahead, 0, 0, ps, 1)
-                # The tail rows of the full panels in tiles of 4, 2 and 1 rows, each spanning several
-                # panels (the same chains, enough of them to hide the fma latency), a group of g1
-                # panels at a time: the tiles of 4, 2 and 1 rows find the group's blocks in L2 (for
-                # 3, 5, 6 or 7 rows a base-sized weight is not streamed from memory two or three
-                # times). Asking for the next group's blocks here was no faster (tried).
-                qg = q0
-                while rt < r1 and qg < qf:
-                    qe, r = min(qg + g1, qf), rt
+                # The panels in groups of g1: each group's MR-row tiles, then its tail rows in tiles of
+                # 4, 2 and 1 rows, each tile spanning several panels (the same chains, enough of them
+                # to hide the fma latency). The tail tiles find the group's blocks in L2: a weight is
+                # streamed from memory once whatever the rows (3, 5, 6 or 7 rows: not two or three
+                # times; MR + 1 ... 2*MR - 1 rows, e.g. a decoding batch of 8 with AVX2's 6-row tiles:
+                # not twice). Asking for the next group's blocks in the tail was no faster (tried).
+                for qg in range(q0, q1, g1):
+                    for q in range(qg, min(qg + g1, q1)):
+                        wo = (q * k + k0) * p  # the panel's block: pf[wo : wo + kn*P], [kn, P]
+                        ahead, bo = wo + ps, q * p  # the next panel's block (past the end for the last)
+                        # The MR-row tiles. Together they ask for the next panel's block, so that it comes
+                        # into L2 while this panel computes: each tile a 1/nt share of it, one line per
+                        # k step (a single tile: all of it, two lines a step). The hardware prefetcher
+                        # alone leaves each panel's first pass waiting on memory; asking for the whole
+                        # block during the first of several tiles floods the line-fill buffers while the
+                        # later tiles leave memory idle. A base-sized forward's 72 GEMMs, one thread,
+                        # weights from memory: spread 0.72-0.89x the time of first-tile-only at 32-256
+                        # rows (two threads sharing the weights 0.70-0.88x); the next-but-one panel
+                        # instead was no faster.
+                        if q < full and nt == 1:
+                            _tile(pf, wo, xs, xb + r0 * xr, ksm, xi, of, q * p + r0 * n_out, n_out, kn, bf, bo, start,
+                                  addb, mr, p, ahead, p, 2, ps, 1)
+                        elif q < full:
+                            for i in range(nt):
+                                r = r0 + i * mr
+                                _tile(pf, wo, xs, xb + r * xr, ksm, xi, of, q * p + r * n_out, n_out, kn, bf, bo, start,
+                                      addb, mr, p, ahead + i * kn * fs, fs, 1, ps, 1)
+                        else:  # the partial panel accumulates in scratch [R, P]; bias added on copy-out
+                            r = r0
+                            while r + mr <= r1:
+                                _tile(pf, wo, xs, xb + r * xr, ksm, xi, scratch, r * p, p, kn, bf, bo, start, False,
+                                      mr, p, ahead, 0, 0, ps, 1)
+                                r += mr
+                            if mr > 4 and r1 - r >= 4:
+                                _tile(pf, wo, xs, xb + r * xr, ks4, xi, scratch, r * p, p, kn, bf, bo, start, False,
+                                      4, p, ahead, 0, 0, ps, 1)
+                                r += 4
+                            if r1 - r >= 2:
+                                _tile(pf, wo, xs, xb + r * xr, ks2, xi, scratch, r * p, p, kn, bf, bo, start, False,
+                                      2, p, ahead, 0, 0, ps, 1)
+                                r += 2
+                            if r1 - r >= 1:
+                                _tile(pf, wo, xs, xb + r * xr, ks1, xi, scratch, r * p, p, kn, bf, bo, start, False,
+                                      1, p, ahead, 0, 0, ps, 1)
+                    qe, r = min(qg + g1, qf), rt  # (the group's full panels)
+                    if r >= r1 or qg >= qe:
+                        continue
                     if mr > 4 and r1 - r >= 4:
                         q = qg
                         while q + g4 <= qe:
@@ -494,7 +497,6 @@ def _make_driver(mr, p, g4, g2, g1):
                             _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks1, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 1, p, 0, 0, 0, ps, 1)
                             q += 1
-                    qg = qe
         if full < q1:  # the partial panel (in this range): its real columns, plus the bias
             o0 = full * p
             for r in range(nr):
