@@ -29,10 +29,11 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 # packed / OpenBLAS (A/B in one process, Sapphire Rapids):
 #   AVX-512 tiles, OpenBLAS SkylakeX: float32 0.71 at T = 64 and 128, 0.85 at 256, 0.98 at 384, 1.00
 #     at 512; float64 0.69 at 64, 0.84 at 128, 0.95 at 192, 0.97 at 256, 1.16 at 384.
-#   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU):
-#     float32 0.83 at 32, 0.85 at 64, 0.98 at 96, 1.07 at 128, 1.13 at 256; float64 0.75 at 64,
-#     0.99 at 96, 1.13 at 128. (benchmarks/gemm_packed.py --cold, the single GEMMs: 1.06-1.18 at
-#     128-256 rows.) Up to 256 rows there made an 8x128 forward 1.08x the time of OpenBLAS.
+#   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU): on
+#     one thread float32 0.72-0.76 at 96, 0.82-0.93 at 128, 0.88-0.92 at 192, 0.92-0.95 at 256 in a
+#     quiet hour, but 1.07-1.13 at 128-256 in a busy one; float64 0.92 at 96, 1.07-1.08 from 128. On
+#     two threads, an 8x128 forward in pieces of 256 packed rows took 1.13x the time of halves
+#     through OpenBLAS: beyond ~96 rows OpenBLAS's Haswell kernels are the safer choice.
 #   generic tiles (Sandy Bridge emulated, OpenBLAS Sandybridge), the single GEMMs: float32 0.33-0.39
 #     at 4 rows, 0.56-0.72 at 16, 1.02-1.10 at 64; float64 0.53-0.68 at 32.
 _PACKED_ROWS_BY_ISA = {
