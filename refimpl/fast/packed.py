@@ -20,8 +20,9 @@ multiplies with a register-blocked micro-kernel:
 
 The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the same micro-kernel,
 fewer accumulators), spanning several panels each, right after the MR-row tiles of the same group
-of panels (their blocks still in L2: the weight is streamed from memory once, whatever R). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
-copied into ``out`` at the end; every other tile reads and writes ``out`` directly.
+of panels (their blocks still in L2: the weight is streamed from memory once, whatever R). A
+partial last panel (O % P real columns) accumulates in a scratch [R, P], copied into ``out`` at
+the end; every other tile reads and writes ``out`` directly.
 
 ========  ===================  =========================  ============
 ISA       float32 MR x P       float64 MR x P             accumulators
