@@ -379,7 +379,8 @@ def _pack_x_whole(xf, xp, nr, k, kc, mc, mr):
 
 def _make_driver(mr, p, g4, g2, g1):
     """The driver for tiles of ``mr`` rows and panels of ``p`` outputs; the tail tiles of 4, 2 and 1
-    rows span ``g4``, ``g2`` and ``g1`` panels. A closure, so that the tile shapes are compile-time
+    rows span ``g4``, ``g2`` and ``g1`` panels, and the panels are worked through in groups of
+    ``g1`` (each group's full tiles, then its tail tiles). A closure, so that the tile shapes are compile-time
     constants (the literals the micro-kernel needs) that Numba's cache keys on: an ISA forced by
     REFIMPL_PACKED_ISA never loads another ISA's cached code."""
 
@@ -510,7 +511,8 @@ def _make_driver(mr, p, g4, g2, g1):
 
 # One driver per dtype (its panel width), each compiled on its first call only.
 # Panels per tail tile of 4, 2, 1 rows: 16 accumulators with AVX-512's 32 vector registers, 8 with
-# the 16 of AVX2 (and the generic tile).
+# the 16 of AVX2 (and the generic tile). The last, g1, is also the panel group the driver works
+# through at a time (AVX-512 float32: 8 panels of a 768-input block, 768 KB, in L2).
 _TAIL_PANELS = (2, 4, 8) if ISA == "avx512" else (1, 2, 4)
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), *_TAIL_PANELS) for dtype in DTYPES}
 register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # gemm's two-core jobs

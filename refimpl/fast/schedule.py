@@ -28,7 +28,9 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 # host CPU. A base-sized forward of one sequence of T tokens on one thread (OpenBLAS on one thread),
 # packed / OpenBLAS (A/B in one process, Sapphire Rapids):
 #   AVX-512 tiles, OpenBLAS SkylakeX: float32 0.71 at T = 64 and 128, 0.85 at 256, 0.98 at 384, 1.00
-#     at 512; float64 0.69 at 64, 0.84 at 128, 0.95 at 192, 0.97 at 256, 1.16 at 384.
+#     at 512; float64 0.69 at 64, 0.84 at 128, 0.95 at 192, 0.97 at 256, 1.16 at 384. On two
+#     threads an 8x128 forward in pieces of 256 rows took 0.95x the time of halves through
+#     OpenBLAS in float32, but 1.09x the time of pieces of 128 rows in float64: hence 256 and 128.
 #   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU): on
 #     one thread float32 0.72-0.76 at 96, 0.82-0.93 at 128, 0.88-0.92 at 192, 0.92-0.95 at 256 in a
 #     quiet hour, but 1.07-1.13 at 128-256 in a busy one; float64 0.92 at 96, 1.07-1.08 from 128. On
