@@ -6,12 +6,12 @@ the weights than the product needs); for a linear layer of a model that layout c
 (``panels[q, k, j] = W[q * P + j, k]``, zero rows pad the last panel), and :func:`packed_linear`
 multiplies with a register-blocked micro-kernel:
 
-    for each k-block of up to KC = 768 inputs:
-      for each block of up to MC = 32 * MR rows:
+    for each k-block of up to KC inputs (AVX-512: 768):
+      for each block of up to MC rows (AVX-512: 32 * MR):
         copy x's block (MC x KC, stays in L2) into a buffer, tile by tile, k-major (from
         X_PACK_FROM rows; fewer rows are read in place)
-        for each panel q of P outputs (its k-block, KC x P, 96 KB, comes into L2 once):
-          for each tile of MR rows in the row block (x's tile, KC x MR, 24 KB float32):
+        for each panel q of P outputs (its k-block, KC x P, AVX-512: 96 KB, comes into L2 once):
+          for each tile of MR rows in the row block (x's tile, KC x MR, AVX-512: 24 KB float32):
             the micro-kernel: MR x P accumulators in vector registers; for each k of the block
             load the two P/2-lane weight vectors panels[q, k, :], broadcast x[r, k] for each of
             the MR rows (MR neighbours in the buffer) and fuse-multiply-add it into that row's
@@ -77,13 +77,6 @@ from .llvm import DTYPES, JIT
 
 __all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
 
-KC = 768  # inputs per k-block: a panel's block is KC * P * itemsize = 96 KB (L2)
-# Tried on the development VM (AVX-512, 48 KB L1, 2 MB L2), none faster within the noise: KC = 128,
-# 192, 256, 384 or the whole K (float32 and float64); MC = 64 ... 256 rows or none for R <= 512;
-# MR = 12 (24 accumulators). Copying x's block k-major (one contiguous stream for the broadcasts
-# instead of MR rows K apart) is 5-25% faster from 256 rows (float64 most), the same below, and
-# costs ~0.4 s more compile time.
-
 # ISA -> (MR rows per tile, P outputs per panel for float32, for float64). Two vectors per tile row.
 _TILES = {
     "avx512": (8, 32, 16),  # 2 x 512-bit vectors per row: 16 accumulators + 2 weights + 1 broadcast
@@ -108,6 +101,25 @@ def _host_isa() -> str:
 
 ISA = _host_isa()
 _MR = _TILES[ISA][0]
+# ISA -> (KC inputs per k-block, MC rows per row block, a multiple of MR).
+_BLOCKS = {
+    # A panel's block KC * P = 96 KB (L2); x's block 768 KB float32, 1.5 MB float64. Tried on the
+    # development VM (AVX-512, 48 KB L1, 2 MB L2), none faster within the noise: KC = 128, 192,
+    # 256, 384 or the whole K (float32 and float64); MC = 64 ... 256 rows or none for R <= 512;
+    # MR = 12 (24 accumulators).
+    "avx512": (768, 256),
+    # BLIS's blocking of its 6 x 16 AVX2 kernel for AMD Zen (32 KB L1, 512 KB L2): a panel's block
+    # KC * P = 16 KB float32 stays in L1 across the row block's tiles, x's block (144 KB) in L2.
+    # With AVX2 code on the AVX-512 VM (48 KB L1, 2 MB L2) KC / MC = 768 / 192, 256 / 144 and
+    # 384 / 96 were within 3% (base-sized forwards at 1x128 to 8x128, A/B in one process).
+    "avx2": (256, 144),
+    "generic": (768, 128),
+}
+KC, MC = _BLOCKS[ISA]
+# Copying x's block k-major (one contiguous stream for the broadcasts instead of MR rows K apart)
+# is 5-25% faster from 256 rows (float64 most), the same below (AVX-512), and costs ~0.4 s more
+# compile time.
+
 # With cores=2, the panels are cut into this many chunks (at most). Fewer, longer chunks stream the
 # weights better: a base-sized forward's 72 GEMMs at 16 rows took 23.3 ms in 4 chunks each, 25.3 in
 # 8, 26.4 in 16 (the first panel of every chunk waits on memory); 2 leave no room for a late helper.
@@ -118,7 +130,6 @@ SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GE
 # element, which few rows do not earn back: a base-sized forward at 1x16 and 1x32 (two-core GEMM)
 # took 0.84-0.93x the time in place (3 runs each); at 48 rows in place was not faster.
 X_PACK_FROM = 33
-MC = 32 * _MR  # rows per row block, a multiple of MR (AVX-512: x's block is 768 KB float32, 1.5 MB float64)
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
 
@@ -259,7 +270,14 @@ def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_b
         wp, pp = builder.gep(data(0, wa), [wo]), builder.gep(data(0, wa), [ahead])  # (pp: maybe past the end)
         xp, cdata = builder.gep(data(2, xa), [xo]), data(6, ca)
         crows = [builder.gep(cdata, [builder.add(co, builder.mul(ldc, const(i)))]) for i in range(mr)]
-        xrow = [builder.mul(xis, const(i)) for i in range(mr)]  # row i of the tile at xp + i*xis
+        # Row i of the tile at xp + i*xis, each pointer made opaque to LLVM (an empty asm that returns
+        # its operand): seeing rows i and i+1 xis apart, LLVM's loop strength reduction would chain
+        # them (row i+1's address = row i's + xis, MR dependent adds per k step: a serial chain
+        # longer than the step's MR fmas, with AVX2 code). Opaque, each row keeps its own pointer.
+        ptr_ty = xp.type
+        opaque = ir.FunctionType(ptr_ty, [ptr_ty])
+        xrow = [builder.asm(opaque, "", "=r,0", [builder.gep(xp, [builder.mul(xis, const(i))])], False)
+                for i in range(mr)]
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{lanes}f{aty.dtype.bitwidth}")
         zero_index = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
@@ -309,7 +327,7 @@ def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_b
         new = []
         xk = builder.mul(k, xks)  # the tile's x at k: xp[k*xks + i*xis], i < MR
         for i in range(mr):
-            s = builder.load(builder.gep(xp, [builder.add(xk, xrow[i])]), align=itemsize)
+            s = builder.load(builder.gep(xrow[i], [xk]), align=itemsize)
             v = builder.insert_element(ir.Constant(vty, ir.Undefined), s, ir.Constant(i32, 0))
             v = builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zero_index)  # s in every lane
             new.append([builder.call(fma, [v, wv[j], acc[i][j]]) for j in range(nv)])

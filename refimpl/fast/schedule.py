@@ -31,16 +31,16 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 #     at 512; float64 0.69 at 64, 0.84 at 128, 0.95 at 192, 0.97 at 256, 1.16 at 384. On two
 #     threads an 8x128 forward in pieces of 256 rows took 0.95x the time of halves through
 #     OpenBLAS in float32, but 1.09x the time of pieces of 128 rows in float64: hence 256 and 128.
-#   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU): on
-#     one thread float32 0.72-0.76 at 96, 0.82-0.93 at 128, 0.88-0.92 at 192, 0.92-0.95 at 256 in a
-#     quiet hour, but 1.07-1.13 at 128-256 in a busy one; float64 0.92 at 96, 1.07-1.08 from 128. On
-#     two threads, an 8x128 forward in pieces of 256 packed rows took 1.13x the time of halves
-#     through OpenBLAS: beyond ~96 rows OpenBLAS's Haswell kernels are the safer choice.
+#   AVX2 tiles, OpenBLAS Haswell, Numba for haswell (the AVX2 machine emulated on the same CPU), since
+#     the micro-kernel's x addresses no longer form a serial chain (packed.py), two-thread forwards
+#     with 256 packed rows / with 96 (one-thread OpenBLAS beyond): float32 0.69-0.90 at 1x256 (token
+#     halves), 0.85-0.96 at 4x128, 0.91 at 8x64, 0.92-0.96 at 16x20 and 32x20, 0.99-1.00 at 8x128;
+#     float64 1.04-1.12 with 128 or 256 rows at 1x256 to 8x128.
 #   generic tiles (Sandy Bridge emulated, OpenBLAS Sandybridge), the single GEMMs: float32 0.33-0.39
 #     at 4 rows, 0.56-0.72 at 16, 1.02-1.10 at 64; float64 0.53-0.68 at 32.
 _PACKED_ROWS_BY_ISA = {
     "avx512": {np.dtype(np.float32): 256, np.dtype(np.float64): 128},
-    "avx2": {np.dtype(np.float32): 96, np.dtype(np.float64): 96},
+    "avx2": {np.dtype(np.float32): 256, np.dtype(np.float64): 96},
     "generic": {np.dtype(np.float32): 16, np.dtype(np.float64): 32},
 }
 PACKED_ROWS = _PACKED_ROWS_BY_ISA[ISA]
