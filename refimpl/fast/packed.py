@@ -108,11 +108,13 @@ _BLOCKS = {
     # 256, 384 or the whole K (float32 and float64); MC = 64 ... 256 rows or none for R <= 512;
     # MR = 12 (24 accumulators).
     "avx512": (768, 256),
-    # BLIS's blocking of its 6 x 16 AVX2 kernel for AMD Zen (32 KB L1, 512 KB L2): a panel's block
-    # KC * P = 16 KB float32 stays in L1 across the row block's tiles, x's block (144 KB) in L2.
-    # With AVX2 code on the AVX-512 VM (48 KB L1, 2 MB L2) KC / MC = 768 / 192, 256 / 144 and
-    # 384 / 96 were within 3% (base-sized forwards at 1x128 to 8x128, A/B in one process).
-    "avx2": (256, 144),
+    # x's block 288 KB float32, within the 512 KB L2 of AMD's Zen 2 and 3 (192 rows would be 576 KB).
+    # With AVX2 code on the AVX-512 VM (48 KB L1, 2 MB L2), A/B in one process: MC = 96 and 192 the
+    # same (0.999-1.012, base-sized forwards at 1x256 to 8x128). KC = 256 with MC = 144 (BLIS's
+    # blocking of its 6 x 16 kernel for Zen: the panel's block in L1) was as fast from 128 rows, but
+    # at 1 to 40 rows, where each panel is best streamed once, whole, forwards took 1.05-1.10x the
+    # time of the previous build, against 0.90-0.98x with KC = 768 (alternating processes).
+    "avx2": (768, 96),
     "generic": (768, 128),
 }
 KC, MC = _BLOCKS[ISA]
