@@ -20,7 +20,8 @@ multiplies with a register-blocked micro-kernel:
 
 The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the same micro-kernel,
 fewer accumulators), spanning several panels each, right after the MR-row tiles of the same group
-of panels (their blocks still in L2: the weight is streamed from memory once, whatever R). A
+of panels (their blocks still in L2: the weight is streamed from memory once, whatever R; with AVX2
+tiles, where no more than one MR-row tile runs, the tail tiles also ask for the next group's blocks). A
 partial last panel (O % P real columns) accumulates in a scratch [R, P], copied into ``out`` at
 the end; every other tile reads and writes ``out`` directly.
 
@@ -113,7 +114,8 @@ _BLOCKS = {
     # same (0.999-1.012, base-sized forwards at 1x256 to 8x128). KC = 256 with MC = 144 (BLIS's
     # blocking of its 6 x 16 kernel for Zen: the panel's block in L1) was as fast from 128 rows, but
     # at 1 to 40 rows, where each panel is best streamed once, whole, forwards took 1.05-1.10x the
-    # time of the previous build, against 0.90-0.98x with KC = 768 (alternating processes).
+    # time of the previous build, against 0.90-0.98x with KC = 768 (alternating processes, runs
+    # minutes apart: KC = 256 1.12-1.17x the time of 768).
     "avx2": (768, 96),
     "generic": (768, 128),
 }
