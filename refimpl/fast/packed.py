@@ -20,9 +20,9 @@ multiplies with a register-blocked micro-kernel:
 
 The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the same micro-kernel,
 fewer accumulators), spanning several panels each, right after the MR-row tiles of the same group
-of panels (their blocks still in L2: the weight is streamed from memory once, whatever R; with AVX2
-tiles, where no more than one MR-row tile runs, the tail tiles also ask for the next group's blocks). A
-partial last panel (O % P real columns) accumulates in a scratch [R, P], copied into ``out`` at
+of panels (their blocks still in L2: the weight is streamed from memory once, whatever R; with
+AVX2 tiles, where at most one MR-row tile runs, the tail tiles also ask for the next group's
+blocks). A partial last panel (O % P real columns) accumulates in a scratch [R, P], copied into ``out`` at
 the end; every other tile reads and writes ``out`` directly.
 
 ========  ===================  =========================  ============
