@@ -26,7 +26,7 @@ from tolerances import KERNEL_ULPS
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = (1, 2, 5, 7, 8, 9, 13, 16, 17, 33, 100)
+ROWS = (1, 2, 4, 5, 7, 8, 9, 12, 13, 16, 17, 29, 33, 100)  # (5-7, 13, 29: padded to full tiles)
 OUTS = (1, 3, 31, 32, 33, 100, 130, 600)  # 600: several groups of panels, tails in each
 INS = (1, 7, 16, 767, 768, 769, 1600)
 
@@ -232,6 +232,9 @@ def test_layouts_out_leading_axes_and_read_only_inputs(tmp_path):
     out = np.empty((2, 3, 24), np.float32)
     assert packed.packed_linear(x.reshape(2, 3, 40), pw, b, out=out) is out
     np.testing.assert_array_equal(out.reshape(6, 24), want)
+    out = np.empty((7, 24), np.float32)  # (7 rows: a full tile and a zero row with 8-row tiles)
+    assert packed.packed_linear(np.vstack([x, x[:1]]), pw, b, out=out) is out
+    np.testing.assert_array_equal(out, np.vstack([want, want[:1]]))
 
 
 def test_empty_sizes():

@@ -134,6 +134,14 @@ SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GE
 # element, which few rows do not earn back: a base-sized forward at 1x16 and 1x32 (two-core GEMM)
 # took 0.84-0.93x the time in place (3 runs each); at 48 rows in place was not faster.
 X_PACK_FROM = 33
+# PAD_TILE: below X_PACK_FROM rows (memory-bound: the weight streamed once dominates), R rows with
+# more than MR / 2 left over after the full tiles (AVX-512: 5-7 of 8) run as R rounded up to a
+# multiple of MR, the extra rows zeros and their outputs dropped: the left-over rows would otherwise
+# run as 4-, 2- and 1-row tiles, which stream the weights worse than a full tile with its prefetch
+# (each output keeps its chain: the same bits). A decoding step's GEMMs (base-sized masked LM, two
+# cores, runs minutes apart), AVX-512 tiles: batch 5-7 took 1.23-1.37x the time of batch 8, 13-15
+# 1.21-1.27x that of 16; padded 1.02-1.03x, and 21-31 0.91-0.97x the unpadded time. AVX2 tiles
+# (whose 4- and 2-row tails prefetch): batch 5 0.80x, 4 and 11 0.94-0.95x, 10 and 16 1.00-1.03x.
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
 
@@ -636,13 +644,25 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
                          f"uses {_WIDTHS[dtype]}: pack it again")
     if bias is not None and bias.shape != (n_out,):
         raise ValueError(f"bias must have shape ({n_out},), got {bias.shape}")
-    out = result_array(out, x.shape[:-1] + (n_out,), dtype)
+    shape = x.shape[:-1] + (n_out,)
+    if out is not None:
+        result_array(out, shape, dtype)  # (checked before any work)
+    nr = x.size // k if k else 0  # R
+    if nr < X_PACK_FROM and nr % _MR > _MR // 2:  # (few rows: see PAD_TILE)
+        rows = np.zeros((nr - nr % _MR + _MR, k), dtype)  # [R', K], R' = R rounded up to a multiple of MR
+        rows[:nr] = x.reshape(nr, k)
+        y = packed_linear(rows, packed, bias, cores=cores)[:nr].reshape(shape)  # [..., O]
+        if out is None:
+            return y  # (C-contiguous: the first R rows of [R', O])
+        out[...] = y
+        return out
+    out = result_array(out, shape, dtype)
     if out.size == 0:
         return out
     if k == 0:
         out[...] = 0 if bias is None else bias
         return out
-    nr, p, of = x.size // k, packed.width, out.ravel()  # R; of: [R*O], a view of out
+    p, of = packed.width, out.ravel()  # of: [R*O], a view of out
     n_panels = -(-n_out // p)
     has_bias = bias is not None
     b = flat_view(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
