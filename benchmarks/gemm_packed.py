@@ -110,7 +110,8 @@ def forward_sequence(dtypes, rows, repeats: int) -> list[dict]:
     float32 weights, so each GEMM reads its weight from memory, as in a forward), at R rows, with
     packed weights with ``cores=2`` (what a forward outside a split runs up to
     ``schedule.TWO_CORE_ROWS`` rows) against OpenBLAS's ``(W x^T)^T`` on 2 threads, and packed
-    weights on one thread for reference. Medians of interleaved repeats of the whole sequence."""
+    weights on one thread for reference. Medians of interleaved repeats of the whole sequence, each
+    candidate's in blocks of 3 with the first untimed, after a 0.2 s pause."""
     records = []
     rng = np.random.default_rng(0)
     for dtype in dtypes:
@@ -131,7 +132,7 @@ def forward_sequence(dtypes, rows, repeats: int) -> list[dict]:
                 "packed2": seq(lambda x, w, b, pw: packed.packed_linear(x, pw, b, cores=2)),
                 "openblas2": seq(lambda x, w, b, pw: np.add((w @ x.T).T, b)),
                 "packed1": seq(lambda x, w, b, pw: packed.packed_linear(x, pw, b)),
-            }, repeats)
+            }, repeats, block=3, pause=0.2)  # (OpenBLAS's workers spin ~0.1 s after a call)
             base = res["packed2"]
             records.append(dict(dtype=np.dtype(dtype).name, rows=r, seconds=res))
             print(f"{r:>4} {base * 1e3:>15.2f} " + " ".join(

@@ -35,16 +35,25 @@ from refimpl import ops  # noqa: E402
 from refimpl.fast import kernels  # noqa: E402
 
 
-def interleaved(candidates: dict, repeats: int) -> dict:
-    """Median seconds per call of each candidate, run round-robin after one warm-up call each."""
+def interleaved(candidates: dict, repeats: int, block: int = 1, pause: float = 0.0) -> dict:
+    """Median seconds per call of each candidate, run round-robin after one warm-up call each.
+
+    With ``block`` > 1 a candidate runs ``block`` calls back to back in each round and the first is
+    not timed; ``pause`` seconds pass before each candidate's turn. Both keep a candidate from
+    paying for what the previous one left behind: OpenBLAS's workers spin for ~0.1 s after a
+    two-thread call and take a core from whoever runs next (refimpl's two-core GEMM at one row took
+    2x its time right after OpenBLAS)."""
     for fn in candidates.values():
         fn()
     times = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            time.sleep(pause)
+            for i in range(block):
+                t0 = time.perf_counter()
+                fn()
+                if i or block == 1:
+                    times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
