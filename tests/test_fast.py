@@ -223,32 +223,37 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_pieces_fit_the_packed_rows_and_balance_the_two_threads(monkeypatch, isa):
-    """A split batch's pieces: at most PACKED_ROWS tokens each (the packed kernel's ISA sets it), as
+    """A split batch's pieces: at most PIECE_ROWS tokens each (the packed kernel's ISA sets it), as
     many as make an even count where the batch divides (32 sequences of 20 tokens: 4 pieces of 8,
-    not 12, 12 and 8, which left one thread the last piece alone); halves when a half fits; None
-    beyond PACKED_ROWS."""
+    not 12, 12 and 8, which left one thread the last piece alone); halves when a half fits; one
+    sequence a piece for longer sequences up to PACKED_ROWS; None beyond."""
     from types import SimpleNamespace
 
     from refimpl.fast import schedule
 
     rows_by_dtype = schedule._PACKED_ROWS_BY_ISA[isa]
     monkeypatch.setattr(fast, "PACKED_ROWS", rows_by_dtype)
+    monkeypatch.setattr(fast, "PIECE_ROWS", schedule._piece_rows(rows_by_dtype))
     model = random_model("base", seed=1).astype("float32")
     rows = rows_by_dtype[np.dtype(np.float32)]
+    piece_rows = fast.PIECE_ROWS[np.dtype(np.float32)]
 
     def pieces(b, t):
         return fast.pieces(model.params, SimpleNamespace(position_ids=np.zeros((b, t), np.int64)))
 
-    if isa in ("avx512", "avx2"):  # 256 rows (float32)
+    if isa in ("avx512", "avx2"):  # pieces of up to 256 tokens (float32)
         assert [pieces(32, 20), pieces(8, 15), pieces(8, 128), pieces(32, 128), pieces(5, 100)] == [8, 4, 2, 2, 2]
+    if isa == "avx512":  # single sequences up to 512 tokens a piece
+        assert [pieces(4, 257), pieces(4, 512), pieces(2, 384)] == [1, 1, 1]
+    if isa == "avx2":
         assert pieces(8, 257) is None  # (halves through OpenBLAS)
     if isa == "generic":  # 16 rows: pieces of one sequence up to 16 tokens, halves beyond
         assert [pieces(8, 8), pieces(8, 16), pieces(8, 17)] == [2, 1, None]
-    assert pieces(3, rows + 1) is None
+    assert pieces(3, rows + 1) is None and pieces(3, 0) is None
     for b in range(2, 41):
         for t in range(1, rows + 1, 7):
             p = pieces(b, t)
-            assert 1 <= p and p * t <= rows, (b, t, p)
+            assert 1 <= p and (p * t <= piece_rows or p == 1 and t <= rows), (b, t, p)
 
 
 def padded_batch(model, rng, lengths, t: int, left=()):

@@ -38,12 +38,25 @@ THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
 #     float64 1.04-1.12 with 128 or 256 rows at 1x256 to 8x128.
 #   generic tiles (Sandy Bridge emulated, OpenBLAS Sandybridge), the single GEMMs: float32 0.33-0.39
 #     at 4 rows, 0.56-0.72 at 16, 1.02-1.10 at 64; float64 0.53-0.68 at 32.
+#   A split batch of single sequences of 384-512 tokens on two threads (AVX-512, float32), each a
+#     piece with packed weights / halves through OpenBLAS (A/B in one process, three runs): 0.93-0.97
+#     at 2x512, 0.94-0.98 at 3x384, 0.95-1.04 at 4x512 (where each half's OpenBLAS GEMMs have 1024
+#     rows; pieces also let a thread the host holds back do less); with AVX2 tiles 1.03-1.05:
+#     hence 512 for AVX-512's float32 only.
 _PACKED_ROWS_BY_ISA = {
-    "avx512": {np.dtype(np.float32): 256, np.dtype(np.float64): 128},
+    "avx512": {np.dtype(np.float32): 512, np.dtype(np.float64): 128},
     "avx2": {np.dtype(np.float32): 256, np.dtype(np.float64): 96},
     "generic": {np.dtype(np.float32): 16, np.dtype(np.float64): 32},
 }
 PACKED_ROWS = _PACKED_ROWS_BY_ISA[ISA]
+# A piece of several sequences in a split batch holds at most this many tokens (a longer single
+# sequence, up to PACKED_ROWS, is a piece of its own): pieces of 4 x 128 tokens took 1.03x the time
+# of pieces of 2 x 128 at 8x128 (AVX-512, float32, A/B in one process).
+def _piece_rows(packed_rows: dict) -> dict:
+    return {dtype: min(rows, 256) for dtype, rows in packed_rows.items()}
+
+
+PIECE_ROWS = _piece_rows(PACKED_ROWS)
 # Outside a split, linear() multiplies up to TWO_CORE_ROWS rows with packed weights on both cores
 # (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in a row,
 # weights from memory, float32): 0.6x the time of a skinny GEMM that streamed W in its stored order

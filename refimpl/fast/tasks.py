@@ -42,8 +42,8 @@ from ..outputs import (
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
 from .kernels import attention, bias_gelu, layer_norm, masked_softmax
-from .schedule import (PACKED_ROWS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act, linears, run_two,
-                       split_batch)
+from .schedule import (PACKED_ROWS, PIECE_ROWS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act,
+                       linears, run_two, split_batch)
 
 # ---------------------------------------------------------------------------------------------
 # The encoder (refimpl.attention.attention_block, refimpl.encoder.feed_forward_block / encode)
@@ -215,15 +215,19 @@ def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
 
 
 def pieces(params: Params, x: Inputs) -> int | None:
-    """Sequences a thread takes at a time in a split batch: at most as many as make ``PACKED_ROWS``
+    """Sequences a thread takes at a time in a split batch: at most as many as make ``PIECE_ROWS``
     tokens (each piece's GEMMs then multiply with packed weights, which cost nothing to reuse, where
     OpenBLAS would pack every weight again for each piece), in an even number of pieces of nearly
-    equal size; or None (halves) beyond. An odd count leaves one thread the last piece alone: a
-    base-sized classifier over batches of 32 texts (~20 tokens: pieces of 12, 12 and 8) took 1.09x
-    the time of pieces of 8 (A/B in one process)."""
+    equal size; one, for sequences longer than that up to ``PACKED_ROWS`` tokens; or None (halves)
+    beyond. An odd count leaves one thread the last piece alone: a base-sized classifier over
+    batches of 32 texts (~20 tokens: pieces of 12, 12 and 8) took 1.09x the time of pieces of 8
+    (A/B in one process)."""
     b, t = x.position_ids.shape[:2]
-    rows = PACKED_ROWS.get(params.embeddings.word.dtype, 0)
-    if not 0 < t <= rows:
+    dtype = params.embeddings.word.dtype
+    rows = PIECE_ROWS.get(dtype, 0)
+    if t > rows:
+        return 1 if 0 < t <= PACKED_ROWS.get(dtype, 0) else None
+    if t < 1:
         return None
     n = -(-b // (rows // t))  # pieces of at most rows // t sequences
     return -(-b // (n + n % 2))  # sequences a piece, for an even number of pieces
