@@ -49,13 +49,16 @@ _PACKED_ROWS_BY_ISA = {
     "generic": {np.dtype(np.float32): 16, np.dtype(np.float64): 32},
 }
 PACKED_ROWS = _PACKED_ROWS_BY_ISA[ISA]
-# A piece of several sequences in a split batch holds at most this many tokens (a longer single
-# sequence, up to PACKED_ROWS, is a piece of its own): pieces of 4 x 128 tokens took 1.03x the time
-# of pieces of 2 x 128 at 8x128 (AVX-512, float32, A/B in one process).
+
+
 def _piece_rows(packed_rows: dict) -> dict:
+    """PIECE_ROWS for these PACKED_ROWS: at most 256 tokens a piece."""
     return {dtype: min(rows, 256) for dtype, rows in packed_rows.items()}
 
 
+# A piece of several sequences in a split batch holds at most this many tokens (a longer single
+# sequence, up to PACKED_ROWS, is a piece of its own): pieces of 4 x 128 tokens took 1.03x the time
+# of pieces of 2 x 128 at 8x128 (AVX-512, float32, A/B in one process).
 PIECE_ROWS = _piece_rows(PACKED_ROWS)
 # Outside a split, linear() multiplies up to TWO_CORE_ROWS rows with packed weights on both cores
 # (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in a row,
