@@ -139,7 +139,7 @@ def test_two_cores_give_the_same_bits(monkeypatch, dtype):
 
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)  # two cores whatever the size
     x, w, b = _data(dtype, 37, 300, 1600, seed=5)
-    for rows in (1, 3, 7, 8, 13, 37):
+    for rows in (1, 3, 7, 8, 12, 13, 37):  # (7, 13: padded to full tiles with 8-row tiles; 12: a 4-row tail)
         for n_out in (2 * packed.panel_width(dtype), 100, 300):  # 2 panels; partial last panels
             pw = packed.pack(w[:n_out])
             for bias in (b[:n_out], None):
