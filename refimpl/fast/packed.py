@@ -130,9 +130,10 @@ KC, MC = _BLOCKS[ISA]
 TWO_CORE_CHUNKS = 4
 SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GEMM with the helper thread
 # From this many rows x is copied tile by tile, k-major, before the micro-kernel reads it; fewer rows
-# read x in place (the MR broadcasts of a step from MR rows K apart). The copy costs ~1.5 ns an
-# element, which few rows do not earn back: a base-sized forward at 1x16 and 1x32 (two-core GEMM)
-# took 0.84-0.93x the time in place (3 runs each); at 48 rows in place was not faster.
+# read x in place (the MR broadcasts of a step from MR rows K apart). The copy costs ~0.5-0.7 ns an
+# element (x in cache; 0.09-0.27 for a plain copy), which few rows do not earn back: a base-sized
+# forward at 1x16 and 1x32 (two-core GEMM) took 0.84-0.93x the time in place (3 runs each); at 48
+# rows in place was not faster.
 X_PACK_FROM = 33
 # PAD_TILE: below X_PACK_FROM rows (memory-bound: the weight streamed once dominates), R rows with
 # more than MR / 2 left over after the full tiles (AVX-512: 5-7 of 8) run as R rounded up to a
