@@ -22,8 +22,9 @@ The last R % MR rows of a row block go through tiles of 4, 2 and 1 rows (the sam
 fewer accumulators), spanning several panels each, right after the MR-row tiles of the same group
 of panels (their blocks still in L2: the weight is streamed from memory once, whatever R; with
 AVX2 tiles, where at most one MR-row tile runs, the tail tiles also ask for the next group's
-blocks). A partial last panel (O % P real columns) accumulates in a scratch [R, P], copied into ``out`` at
-the end; every other tile reads and writes ``out`` directly.
+blocks). Below X_PACK_FROM rows, a tail of more than MR / 2 rows becomes a full tile instead
+(:func:`_whole_tiles`). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
+copied into ``out`` at the end; every other tile reads and writes ``out`` directly.
 
 ========  ===================  =========================  ============
 ISA       float32 MR x P       float64 MR x P             accumulators
@@ -113,9 +114,8 @@ _BLOCKS = {
     # With AVX2 code on the AVX-512 VM (48 KB L1, 2 MB L2), A/B in one process: MC = 96 and 192 the
     # same (0.999-1.012, base-sized forwards at 1x256 to 8x128). KC = 256 with MC = 144 (BLIS's
     # blocking of its 6 x 16 kernel for Zen: the panel's block in L1) was as fast from 128 rows, but
-    # at 1 to 40 rows, where each panel is best streamed once, whole, forwards took 1.05-1.10x the
-    # time of the previous build, against 0.90-0.98x with KC = 768 (alternating processes, runs
-    # minutes apart: KC = 256 1.12-1.17x the time of 768).
+    # at 1 to 40 rows, where each panel is best streamed once, whole, forwards took 1.12-1.17x the
+    # time of KC = 768 (alternating processes, runs minutes apart).
     "avx2": (768, 96),
     "generic": (768, 128),
 }
@@ -135,15 +135,22 @@ SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GE
 # forward at 1x16 and 1x32 (two-core GEMM) took 0.84-0.93x the time in place (3 runs each); at 48
 # rows in place was not faster.
 X_PACK_FROM = 33
-# PAD_TILE: below X_PACK_FROM rows (memory-bound: the weight streamed once dominates), R rows with
-# more than MR / 2 left over after the full tiles (AVX-512: 5-7 of 8) run as R rounded up to a
-# multiple of MR, the extra rows zeros and their outputs dropped: the left-over rows would otherwise
-# run as 4-, 2- and 1-row tiles, which stream the weights worse than a full tile with its prefetch
-# (each output keeps its chain: the same bits). A decoding step's GEMMs (base-sized masked LM, two
-# cores, runs minutes apart), AVX-512 tiles: batch 5-7 took 1.23-1.37x the time of batch 8, 13-15
-# 1.21-1.27x that of 16; padded 1.02-1.03x, and 21-31 0.91-0.97x the unpadded time. AVX2 tiles
-# (whose 4- and 2-row tails prefetch): batch 5 0.80x, 4 and 11 0.94-0.95x, 10 and 16 1.00-1.03x.
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
+
+
+def _whole_tiles(nr: int) -> int:
+    """The rows R' that R = ``nr`` rows of x multiply as: R itself, or, below X_PACK_FROM rows
+    (memory-bound: streaming the weight once dominates) with more than MR / 2 rows left over after
+    the full tiles (AVX-512: 5-7 of 8), R rounded up to a multiple of MR, the extra rows zeros and
+    their outputs dropped. The left-over rows would otherwise run as 4-, 2- and 1-row tiles, which
+    stream the weights worse than a full tile with its prefetch; each output keeps its chain (the
+    same bits). A decoding step's GEMMs (base-sized masked LM, two cores, runs minutes apart),
+    AVX-512 tiles: batch 5-7 took 1.23-1.37x the time of batch 8, 13-15 1.21-1.27x that of 16;
+    rounded up 1.02-1.03x, and 21-31 0.91-0.97x the time not rounded. AVX2 tiles (whose 4- and
+    2-row tails prefetch): batch 5 0.80x, 4 and 11 0.94-0.95x, 10 and 16 1.00-1.03x."""
+    if nr < X_PACK_FROM and nr % _MR > _MR // 2:
+        return nr - nr % _MR + _MR
+    return nr
 
 
 def panel_width(dtype) -> int:
@@ -245,10 +252,8 @@ def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_b
     rows in place); c: out [R*O] or a scratch; b: the bias (read only
     when add_bias). Several panels give a tile of few rows enough independent chains (an MR x 1
     tile of 1-2 rows has 2-4 and waits on the fma latency). With ``fetch`` lines, step k also asks
-    for 64-byte lines in L2 (a share of the next panels' blocks: a hint, never a fault; it moves no
-    number): line j at w[ahead + k*fstep + (j // L)*pstride + (j % L)*E], j < fetch, where E
-    elements make 64 bytes and L lines one panel row (P elements; at least 1): ``fetch`` = L asks
-    for one panel's row, G*L for the rows of G panels ``pstride`` apart. ``rows``, ``width``,
+    for the 64-byte lines at w[ahead + k*fstep + j*E], j < fetch, E elements making 64 bytes, in
+    L2 (a share of a coming panel's block: a hint, never a fault; it moves no number). ``rows``, ``width``,
     ``fetch`` and ``panels`` are integer literals: each combination is its own straight-line IR.
     """
     arrays = (w, x, c, b)
@@ -336,12 +341,8 @@ def _tile(typingctx, w, wo, x, xo, xks, xis, c, co, ldc, kn, b, bo, start, add_b
             gp = builder.gep(wp, [builder.mul(pst, const(g))]) if g else wp
             wv += [vload(gp, koff), vload(gp, builder.add(koff, const(lanes)))]
         foff = builder.mul(k, fst)
-        per_line, row_lines = 64 // itemsize, max(1, p * itemsize // 64)  # E, L
-        for j in range(lines):
-            off = builder.add(foff, const(j % row_lines * per_line))
-            if j >= row_lines:  # (another panel's row)
-                off = builder.add(off, builder.mul(pst, const(j // row_lines)))
-            line = builder.bitcast(builder.gep(pp, [off]), i8p)
+        for j in range(lines):  # (64 // itemsize elements = 64 bytes = one cache line)
+            line = builder.bitcast(builder.gep(pp, [builder.add(foff, const(j * 64 // itemsize))]), i8p)
             builder.call(llvm_prefetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         new = []
         xk = builder.mul(k, xks)  # the tile's x at k: xp[k*xks + i*xis], i < MR
@@ -405,11 +406,12 @@ def _pack_x(xf, xp, at, r0, r1, k, k0, kn, mr):
 
 
 @numba.njit(**INLINE)
-def _tail_ahead(q, tg, q1, ps, k0, p, ts):
-    """A tail tile's prefetch address and step: panel q + tg's block at k0, ``ts`` a step, where that
-    panel is in the range (q1: its end), else panel q's own block, step 0 (in cache)."""
-    if q + tg < q1:
-        return (q + tg) * ps + k0 * p, ts
+def _tail_ahead(q, tg, q1, ps, k0, p):
+    """A tail tile's prefetch address and step (elements a k step): the block at k0 of panel q + tg
+    (tg: the group size, or 0), one row a step, where tg > 0 and that panel is in the range (q1:
+    its end); else panel q's own block, step 0 (in cache: no traffic)."""
+    if 0 < tg and q + tg < q1:
+        return (q + tg) * ps + k0 * p, p
     return q * ps + k0 * p, 0
 
 
@@ -521,16 +523,16 @@ def _make_driver(mr, p, lines, g4, g2, g1, tail_fetch):
                     # on from the tile's first), which would otherwise come when that group's tiles
                     # first read them; with more MR-row tiles, compute hides the wait. Otherwise (and
                     # past the range) they ask for their own block (in cache: no traffic).
-                    tg, ts = (g1, p) if tail_fetch and nt <= 1 else (0, 0)
+                    tg = g1 if tail_fetch and nt <= 1 else 0
                     if mr > 4 and r1 - r >= 4:
                         q = qg
                         while q + g4 <= qe:
-                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p, ts)
+                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p)
                             _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks4, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 4, p, ta, tstep, tf, ps, g4)
                             q += g4
                         while q < qe:
-                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p, ts)
+                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p)
                             _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks4, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 4, p, ta, tstep, tf, ps, 1)
                             q += 1
@@ -538,12 +540,12 @@ def _make_driver(mr, p, lines, g4, g2, g1, tail_fetch):
                     if r1 - r >= 2:
                         q = qg
                         while q + g2 <= qe:
-                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p, ts)
+                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p)
                             _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks2, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 2, p, ta, tstep, tf, ps, g2)
                             q += g2
                         while q < qe:
-                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p, ts)
+                            ta, tstep = _tail_ahead(q, tg, q1, ps, k0, p)
                             _tile(pf, (q * k + k0) * p, xs, xb + r * xr, ks2, xi, of, q * p + r * n_out, n_out, kn, bf,
                                   q * p, start, addb, 2, p, ta, tstep, tf, ps, 1)
                             q += 1
@@ -574,8 +576,9 @@ def _make_driver(mr, p, lines, g4, g2, g1, tail_fetch):
 # through at a time (AVX-512 float32: 8 panels of a 768-input block, 768 KB, in L2).
 _TAIL_PANELS = (2, 4, 8) if ISA == "avx512" else (1, 2, 4)
 # Prefetching in the tail tiles (see the driver), AVX2 only. A decoding step's GEMMs (a base-sized
-# masked LM, two cores; runs minutes apart), with / without: AVX2 tiles at batch 4 0.80x the time, 6 0.88-0.93x, 7 0.93-0.97x,
-# 8 0.94-0.98x; AVX-512 tiles 1.04x at 4, 1.12-1.19x at 6 and 7 (0.88x at 12).
+# masked LM, two cores; runs minutes apart), with / without: AVX2 tiles at batch 4 0.80x the time,
+# 6 0.88-0.93x, 7 0.93-0.97x, 8 0.94-0.98x; AVX-512 tiles 1.04x at 4, 1.12-1.19x at 6 and 7 (0.88x
+# at 12).
 _TAIL_FETCH = ISA == "avx2"
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), max(1, panel_width(dtype) * dtype.itemsize // 64),
                                 *_TAIL_PANELS, _TAIL_FETCH) for dtype in DTYPES}
@@ -649,8 +652,9 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     if out is not None:
         result_array(out, shape, dtype)  # (checked before any work)
     nr = x.size // k if k else 0  # R
-    if nr < X_PACK_FROM and nr % _MR > _MR // 2:  # (few rows: see PAD_TILE)
-        rows = np.zeros((nr - nr % _MR + _MR, k), dtype)  # [R', K], R' = R rounded up to a multiple of MR
+    whole = _whole_tiles(nr)  # R'
+    if whole != nr:
+        rows = np.zeros((whole, k), dtype)  # [R', K]: x's rows, then zeros
         rows[:nr] = x.reshape(nr, k)
         y = packed_linear(rows, packed, bias, cores=cores)[:nr].reshape(shape)  # [..., O]
         if out is None:

@@ -224,11 +224,11 @@ def pieces(params: Params, x: Inputs) -> int | None:
     (A/B in one process)."""
     b, t = x.position_ids.shape[:2]
     dtype = params.embeddings.word.dtype
-    rows = PIECE_ROWS.get(dtype, 0)
-    if t > rows:
-        return 1 if 0 < t <= PACKED_ROWS.get(dtype, 0) else None
-    if t < 1:
+    if not 0 < t <= PACKED_ROWS.get(dtype, 0):
         return None
+    rows = PIECE_ROWS[dtype]
+    if t > rows:
+        return 1  # (a longer single sequence: a piece of its own)
     n = -(-b // (rows // t))  # pieces of at most rows // t sequences
     return -(-b // (n + n % 2))  # sequences a piece, for an even number of pieces
 
