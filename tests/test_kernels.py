@@ -370,6 +370,102 @@ def test_attention_bad_shapes():
 
 
 # ---------------------------------------------------------------------------------------------
+# attention_few (a decoding step: one kernel over the (batch, head) pairs, cached keys in place)
+# ---------------------------------------------------------------------------------------------
+
+
+def _few_inputs(dtype, b, n, t, s_len, d, mask_kind, cached, rng):
+    """q, k, v as the model makes them: [B, N, T, D] views of [B, T, H] projections; k and v
+    either so, or (``cached``) [B, N, S, D] views of a cache's longer buffers."""
+    q = rng.standard_normal((b, t, n * d)).astype(dtype).reshape(b, t, n, d).transpose(0, 2, 1, 3)
+    if cached:
+        k = (3 * rng.standard_normal((b, n, s_len + 5, d))).astype(dtype)[:, :, :s_len]
+        v = rng.standard_normal((b, n, s_len + 5, d)).astype(dtype)[:, :, :s_len]
+    else:
+        k = (3 * rng.standard_normal((b, s_len, n * d))).astype(dtype).reshape(b, s_len, n, d).transpose(0, 2, 1, 3)
+        v = rng.standard_normal((b, s_len, n * d)).astype(dtype).reshape(b, s_len, n, d).transpose(0, 2, 1, 3)
+    return q, k, v, _make_mask(mask_kind, b, t, s_len, dtype, rng)
+
+
+def _few_bound(q, k, v, probs, scale, dtype):
+    """How far attention_few may be from ``probs @ v`` (BLAS scores, ops.softmax): the softmax's
+    ulps and the context's S-term sum, as for attention(), plus the scores' own summation order:
+    each within 2 D eps (|q| . |k_j|) of BLAS's, which moves p_j by at most p_j (|δ_j| + sum_i p_i |δ_i|)
+    (δ: that difference scaled)."""
+    eps, d, s_len = np.finfo(dtype).eps, q.shape[-1], k.shape[2]
+    delta = scale * 2 * d * eps * (np.abs(q) @ np.abs(k).swapaxes(-1, -2))  # [B, N, T, S]
+    spread = probs * (delta + np.sum(probs * delta, axis=-1, keepdims=True))
+    return (ULPS["softmax"][dtype] + s_len) * eps * (probs @ np.abs(v)) + spread @ np.abs(v)
+
+
+@SETTINGS
+@given(dtype=DTYPES, b=st.sampled_from([1, 3]), n=st.sampled_from([1, 4]), t=st.sampled_from([1, 2]),
+       s_len=st.sampled_from([1, 7, 40, 130]), d=st.sampled_from([1, 12, 64]),
+       mask_kind=st.sampled_from(["none", "keys", "rows", "full", "causal"]), cached=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_attention_few_matches_inline_reference(dtype, b, n, t, s_len, d, mask_kind, cached, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, mask = _few_inputs(dtype, b, n, t, s_len, d, mask_kind, cached, rng)
+    scale = 1 / math.sqrt(d)
+    scores = (q @ k.swapaxes(-1, -2)) * dtype.type(scale)
+    probs = ops.softmax(scores + mask if mask is not None else scores)
+    want = probs @ v
+    out = np.empty((b, t, n, d), dtype).transpose(0, 2, 1, 3)  # the heads merged, as the model's buffer
+    got = kernels.attention_few(q, k, v, mask, scale, out=out)
+    assert got is out and got.shape == want.shape and got.dtype == dtype
+    assert np.all(np.abs(got - want) <= _few_bound(q, k, v, probs, scale, dtype))
+    # each pair's values whatever else the batch holds, and from contiguous copies
+    m1 = mask[-1:] if mask is not None and mask.shape[0] > 1 else mask
+    np.testing.assert_array_equal(kernels.attention_few(q[-1:], k[-1:], v[-1:], m1, scale), got[-1:])
+    np.testing.assert_array_equal(kernels.attention_few(*(np.ascontiguousarray(a) for a in (q, k, v)), mask, scale), got)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("b,n,t,s_len,d", [(1, 2, 1, 5, 8), (3, 4, 1, 40, 64), (8, 12, 1, 33, 64), (2, 3, 2, 130, 12)])
+def test_attention_few_two_cores_gives_the_same_bits(monkeypatch, dtype, b, n, t, s_len, d):
+    """cores=2: the helper thread claims chunks of pairs through gemm's job board; every pair is
+    computed by the same kernel whoever claims it (the split threshold lowered to 0, so that
+    every case here runs as a job)."""
+    from refimpl.fast import gemm
+
+    monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
+    rng = np.random.default_rng(b * s_len)
+    q, k, v, mask = _few_inputs(dtype, b, n, t, s_len, d, "keys", True, rng)
+    one = kernels.attention_few(q, k, v, mask, d**-0.5)
+    jobs = gemm._the_helper(dtype).board[gemm._SEQ]
+    for _ in range(3):  # (the helper may be asleep at the first, and claim nothing)
+        np.testing.assert_array_equal(kernels.attention_few(q, k, v, mask, d**-0.5, cores=2), one)
+    assert gemm._the_helper(dtype).board[gemm._SEQ] == jobs + 3 or gemm._CPUS < 2  # posted as jobs
+
+
+def test_attention_few_bad_inputs():
+    q = np.ones((1, 2, 1, 4))
+    with pytest.raises(ValueError, match=r"\[B, N, S, D\]"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 3)), np.ones((1, 2, 5, 3)))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), np.zeros((1, 1, 2, 5)))
+    with pytest.raises(TypeError, match="dtype float32 but the input is float64"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 4), np.float32), np.ones((1, 2, 5, 4)))
+    with pytest.raises(ValueError, match="cores must be 1 or 2"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), cores=3)
+    ro = np.empty((1, 2, 1, 4))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), out=ro)
+    with pytest.raises(ValueError, match="last axis contiguous"):
+        kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), out=np.empty((1, 2, 1, 8))[..., ::2])
+    assert np.all(kernels.attention_few(q, np.ones((1, 2, 0, 4)), np.ones((1, 2, 0, 4))) == 0)
+    # read-only and reversed inputs are read (a copy where the last axis is not contiguous)
+    k = np.random.default_rng(0).standard_normal((1, 2, 5, 4))
+    want = kernels.attention_few(q, k, k)
+    k_ro = k.copy()
+    k_ro.flags.writeable = False
+    np.testing.assert_array_equal(kernels.attention_few(q, k_ro, k_ro), want)
+    k_rev = np.ascontiguousarray(k[..., ::-1])[..., ::-1]
+    np.testing.assert_array_equal(kernels.attention_few(q, k_rev, k_rev), want)
+
+
+# ---------------------------------------------------------------------------------------------
 # Errors, warm-up, lazy compilation
 # ---------------------------------------------------------------------------------------------
 
@@ -519,7 +615,7 @@ def test_linears_is_each_linear(monkeypatch, dtype, lead, one_thread):
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "rows", "full"])
-@pytest.mark.parametrize("b,n,t,s_len", [(1, 1, 1, 1), (2, 3, 5, 5), (2, 3, 4, 9), (1, 2, 33, 40)])
+@pytest.mark.parametrize("b,n,t,s_len", [(1, 1, 1, 1), (3, 4, 1, 20), (2, 3, 5, 5), (2, 3, 4, 9), (1, 2, 33, 40)])
 def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, b, n, t, s_len):
     monkeypatch.setattr(schedule, "PER_HEAD_FROM", 1 if per_head else 10**9)
     rng = np.random.default_rng(t * s_len)
@@ -535,9 +631,14 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
     assert got.shape == want.shape == (b, n, t, d) and got.dtype == dtype
     probs = ops.softmax(q @ k.swapaxes(-1, -2) * scale + (0 if mask is None else mask))
     bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
+    if t <= schedule.FEW_QUERIES:  # (its scores in another summation order than BLAS's)
+        bound = _few_bound(q, k, v, probs, scale, dtype)
     assert np.all(np.abs(got - want) <= bound)
     # the heads merge without a copy: [B, N, T, D] -> [B, T, N, D] is C-contiguous
     assert got.transpose(0, 2, 1, 3).flags.c_contiguous
+    if t <= schedule.FEW_QUERIES:  # a decoding step's attention: its own kernel (both cores)
+        np.testing.assert_array_equal(got, kernels.attention_few(q, k, v, mask, scale))
+        return
     # and bitwise the schedule that keeps the probabilities (softmax kernel, then @ v)
     np.testing.assert_array_equal(got, kernels.masked_softmax(q @ k.swapaxes(-1, -2), mask, scale) @ v)
 

@@ -8,7 +8,8 @@ imports this package. Here the same forward runs faster, held to the reference b
 - :mod:`.reductions`: sums in NumPy's pairwise order;
 - :mod:`.kernels`: the kernels, each beside its wrapper;
 - :mod:`.packed`: the packed-weight GEMM (weights packed once; one core, or both on panel chunks);
-- :mod:`.gemm`: the helper thread and job board through which both cores share a packed GEMM;
+- :mod:`.gemm`: the helper thread and job board through which both cores share a packed GEMM (or
+  a decoding step's attention);
 - :mod:`.schedule`: GEMM orientation, attention per head, the batch on two threads;
 - :mod:`.tasks`: the fast encoder, heads and task functions that :class:`refimpl.Model` calls.
 
@@ -20,6 +21,7 @@ Definition (reference)                                 fast path
 ``h = x + (r + rb); ops.layer_norm(h, w, b, eps)``     :func:`.kernels.residual_layer_norm` ``-> (h, ln)``
 ``ops.softmax(scores * scale + mask)``                 :func:`.kernels.masked_softmax`
 ``ops.softmax(q @ k^T * scale + mask) @ v``            :func:`.kernels.attention` (per-head schedule)
+the same for one query row (a decoding step)         :func:`.kernels.attention_few` (both cores)
 ``ops.linear(x, w, b)``                                :func:`.schedule.linear` (packed weights, ``(W x^T)^T`` or ``x W^T``)
 ``attention.scaled_dot_product_attention`` (context)   :func:`.schedule.attention_context` (no probs kept)
 ``tasks.<task>``                                       :mod:`.tasks` ``.<task>`` (batch or token parts on 2 threads)
@@ -89,3 +91,4 @@ from .. import jitcache
 jitcache.ensure()  # before the first cache=True declaration: Numba picks the cache folder there
 
 from . import packed  # noqa: E402,F401 (registers its kernels for gemm's two-core jobs)
+from . import kernels  # noqa: E402,F401 (registers attention_few's kernel for gemm's two-core jobs)

@@ -5,6 +5,9 @@ A short input or a decoding step makes ~50 GEMMs of 0.1-1 ms each, bound by read
 the caller and one helper thread claim them from an atomic counter on a job board (an int64 array),
 each running :mod:`.packed`'s driver on its chunks, so that each streams about half the weights.
 Every chunk is computed by the same kernel whoever claims it: the values do not depend on the split.
+A decoding step's attention is the other kind of job (:func:`attention_on_two_cores`): chunks of
+(batch, head) pairs through :func:`.kernels.attention_few_kernel`, each pair's cached keys and
+values read from memory by whichever core claims it.
 
 Also here, used by :mod:`.packed`'s driver too: :func:`read_only` (an array retyped read-only inside
 Numba code).
@@ -26,7 +29,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-from .llvm import INLINE, JIT
+from .llvm import INLINE, JIT, pointer_like
 
 # ---------------------------------------------------------------------------------------------
 # The panels over two threads: a helper thread that claims chunks as it comes
@@ -83,19 +86,6 @@ def _cas(typingctx, a, i, expected, new):
 
 
 @intrinsic
-def _pointer_like(typingctx, address, like):
-    """The address (a 64-bit integer) as a pointer to ``like``'s element type."""
-    if not (address in (types.int64, types.uint64) and isinstance(like, types.Array)):
-        return None
-    ptr = types.CPointer(like.dtype)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-    return ptr(address, like), codegen
-
-
-@intrinsic
 def read_only(typingctx, a):
     """``a`` typed as a read-only array (the same data): the arrays a job hands a kernel have the
     types the caller's own call gives it, so both compile to one specialisation."""
@@ -112,16 +102,45 @@ def read_only(typingctx, a):
 # The job board: one int64 array, its fields at these indices.
 _SEQ, _NEXT, _DONE, _SLEEPING, _EXIT = 0, 1, 2, 3, 4  # job number; next chunk (seq << 32 | index)
 _DTYPE = 5  # the job's itemsize (4: float32, 8: float64)
-_X, _W, _B, _OUT, _SCRATCH, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _KC, _MC = range(6, 19)  # the job
+_X, _W, _B, _OUT, _SCRATCH, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _KC, _MC = range(6, 19)  # a GEMM
+_KIND = 19  # 0: a packed GEMM (the fields above), 1: attention_few (these, with _CHUNK and _NCHUNKS):
+_ALAY, _ALAYN, _AHAS_MASK, _APAIRS = range(20, 24)  # its layout vector (address, length), ...
+_BOARD = 24  # fields
 _LOW = (1 << 32) - 1
 
 _PACKED_DRIVERS: dict = {}  # dtype -> (the driver, its panel width P): packed.py's, registered on its import
+
+
+_ATTENTION_KERNEL: list = []  # kernels.py's attention_few_kernel, registered on its import
+
+
+def register_attention_kernel(kernel) -> None:
+    """Give the attention jobs their kernel (:mod:`.kernels` calls this on import)."""
+    _ATTENTION_KERNEL[:] = [kernel]
 
 
 def register_packed_drivers(drivers: dict) -> None:
     """Give the jobs their kernels (:mod:`.packed` calls this on import, and ``refimpl.fast``
     imports it with the package: every process that runs a job has them before its first compile)."""
     _PACKED_DRIVERS.update(drivers)
+
+
+def _attention_chunk(board, like, idx):
+    """Chunk ``idx`` of the attention job on the board: (batch, head) pairs idx*chunk ..
+    (idx+1)*chunk through :func:`.kernels.attention_few_kernel`."""
+    raise NotImplementedError  # (Numba-only: see the overload below)
+
+
+@overload(_attention_chunk, jit_options=INLINE)
+def _attention_chunk_impl(board, like, idx):
+    attention_few_kernel = _ATTENTION_KERNEL[0]  # (an IndexError here: refimpl.fast.kernels not imported)
+
+    def impl(board, like, idx):
+        lay = numba.carray(pointer_like(board[_ALAY], board), board[_ALAYN])
+        p0 = idx * board[_CHUNK]
+        attention_few_kernel(lay, board[_AHAS_MASK] != 0, like, p0, min(p0 + board[_CHUNK], board[_APAIRS]))
+
+    return impl
 
 
 def _packed_chunk(board, like, idx):
@@ -138,12 +157,12 @@ def _packed_chunk_impl(board, like, idx):
     def impl(board, like, idx):
         nr, k, n_out, chunk = board[_NR], board[_K], board[_NOUT], board[_CHUNK]
         n_panels = (n_out + p - 1) // p
-        xp = numba.carray(_pointer_like(board[_X], like), nr * k)  # x packed whole (_pack_x_whole), or x
-        pf = numba.carray(_pointer_like(board[_W], like), n_panels * k * p)
+        xp = numba.carray(pointer_like(board[_X], like), nr * k)  # x packed whole (_pack_x_whole), or x
+        pf = numba.carray(pointer_like(board[_W], like), n_panels * k * p)
         has_bias = board[_HAS_BIAS] != 0
-        b = numba.carray(_pointer_like(board[_B], like), n_out if has_bias else 1)
-        out = numba.carray(_pointer_like(board[_OUT], like), nr * n_out)
-        scratch = numba.carray(_pointer_like(board[_SCRATCH], like), nr * p if n_out % p else nr * n_out)
+        b = numba.carray(pointer_like(board[_B], like), n_out if has_bias else 1)
+        out = numba.carray(pointer_like(board[_OUT], like), nr * n_out)
+        scratch = numba.carray(pointer_like(board[_SCRATCH], like), nr * p if n_out % p else nr * n_out)
         drive(read_only(xp), read_only(pf), read_only(b), has_bias, out, scratch, xp, nr, k, n_out, board[_KC],
               board[_MC], idx * chunk, idx * chunk + chunk, idx >= 0)  # prepacked: True, typed as
         # a bool (a literal True would compile the driver once more), as in packed_linear's own call
@@ -168,17 +187,33 @@ def _post(board, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunk
     board[_X], board[_W], board[_B], board[_OUT] = xf.ctypes.data, wf.ctypes.data, b.ctypes.data, out.ctypes.data
     board[_SCRATCH], board[_HAS_BIAS], board[_NR], board[_K], board[_NOUT] = scratch.ctypes.data, has_bias, nr, k, n_out
     board[_CHUNK], board[_NCHUNKS], board[_KC], board[_MC] = chunk, n_chunks, kc, mc
-    _atomic(board, _DTYPE, 1, xf.itemsize)
+    board[_KIND] = 0
+    _publish(board, seq, xf.itemsize)
+
+
+@numba.njit(**INLINE)
+def _publish(board, seq, itemsize):
+    """The job's dtype, then the chunk counter, then the job number (the helper reads them in reverse)."""
+    _atomic(board, _DTYPE, 1, itemsize)
     _atomic(board, _DONE, 1, 0)
     _atomic(board, _NEXT, 1, seq << 32)
     _atomic(board, _SEQ, 1, seq)
+
+
+@numba.njit(**JIT)
+def _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
+    """Publish an attention_few job (:func:`.kernels.attention_few_kernel`'s arguments)."""
+    seq = board[_SEQ] + 1
+    board[_ALAY], board[_ALAYN], board[_AHAS_MASK], board[_APAIRS] = lay.ctypes.data, lay.size, has_mask, n_pairs
+    board[_CHUNK], board[_NCHUNKS], board[_KIND] = chunk, n_chunks, 1
+    _publish(board, seq, like.itemsize)
 
 
 def _packed_fingerprint() -> int:
     """A hash of packed.py and llvm.py (this folder) and of ``REFIMPL_PACKED_ISA``: what the packed
     driver compiled into the job functions depends on."""
     h = hashlib.sha256(os.environ.get("REFIMPL_PACKED_ISA", "").encode())
-    for name in ("packed.py", "llvm.py"):
+    for name in ("packed.py", "llvm.py", "kernels.py", "elementary.py", "reductions.py"):
         try:
             with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
                 h.update(f.read())
@@ -201,7 +236,10 @@ def _job_functions(fingerprint: int):
         """Chunk ``idx`` of the job on the board, whichever thread claimed it. (Not inlined: the
         helper's and the caller's loops call one compiled copy of the driver.)"""
         fingerprint  # noqa: B018 (in the cache key: see _job_functions)
-        _packed_chunk(board, like, idx)
+        if board[_KIND] == 0:
+            _packed_chunk(board, like, idx)
+        else:
+            _attention_chunk(board, like, idx)
 
     @numba.njit(**JIT)
     def help_with(board, seq, like):
@@ -268,10 +306,17 @@ def _job_functions(fingerprint: int):
         _post(board, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
         _work(board, out)
 
-    return run_chunk, help_with, serve, work, post_work
+    @numba.njit(**JIT)
+    def post_attention_work(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
+        """``_post_attention`` and ``_work`` in one call (the helper is awake)."""
+        fingerprint  # noqa: B018 (in the cache key: see _job_functions)
+        _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs)
+        _work(board, like)
+
+    return run_chunk, help_with, serve, work, post_work, post_attention_work
 
 
-_run_chunk, _help_with, _serve, _work, _post_work = _job_functions(_packed_fingerprint())
+_run_chunk, _help_with, _serve, _work, _post_work, _post_attention_work = _job_functions(_packed_fingerprint())
 
 
 class _Helper:
@@ -282,7 +327,7 @@ class _Helper:
     def __init__(self, dtype=np.float32):
         self.dtype = np.dtype(dtype)  # the dtype of the first job: its loop compiles first
         self.pid = os.getpid()
-        self.board = np.zeros(24, np.int64)
+        self.board = np.zeros(_BOARD, np.int64)
         self.wake = threading.Event()
         self.lock = threading.Lock()  # one split at a time; a second caller runs whole
         self.thread = threading.Thread(target=self._loop, name="refimpl-gemm", daemon=True)
@@ -321,14 +366,14 @@ class _Helper:
                 self.wake.clear()
                 board[_SLEEPING] = 0
 
-    def run(self, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
-        args = (self.board, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
+    def run(self, post, post_work, args, like):
+        """Post the job (``post(board, *args)``) and work on it; ``like``: an array of its dtype."""
         if self.board[_SLEEPING]:  # (if it falls asleep just after this, it misses one job: no harm)
-            _post(*args)
+            post(self.board, *args)
             self.wake.set()
-            _work(self.board, of)
+            _work(self.board, like)
         else:
-            _post_work(*args)
+            post_work(self.board, *args)
 
 
 _CPUS = os.cpu_count() or 1
@@ -357,7 +402,30 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     if not helper.lock.acquire(blocking=False):
         return False
     try:
-        helper.run(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
+        helper.run(_post, _post_work, (xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc), of)
+    finally:
+        helper.lock.release()
+    return True
+
+
+ATTENTION_CHUNKS = 8  # chunks of (batch, head) pairs an attention_few job is cut into (at most)
+ATTENTION_SPLIT_FROM = 1 << 15  # key elements (B * N * S * D) from which attention_few takes both cores
+
+
+def attention_on_two_cores(lay, has_mask, like, n_pairs: int, work: int) -> bool:
+    """Run :func:`.kernels.attention_few_kernel` over ``n_pairs`` (batch, head) pairs as a job with the
+    helper thread, both claiming chunks of pairs (``like``: an array of the dtype; ``work``: the key
+    elements, B * N * S * D). -> False, nothing run, where it cannot or need not: one core, too
+    little work (below ``ATTENTION_SPLIT_FROM``), or the helper busy with another caller's job."""
+    if _CPUS < 2 or n_pairs < 2 or work < ATTENTION_SPLIT_FROM:
+        return False
+    helper = _the_helper(like.dtype)
+    if not helper.lock.acquire(blocking=False):
+        return False
+    try:
+        chunk = -(-n_pairs // min(n_pairs, ATTENTION_CHUNKS))
+        args = (lay, has_mask, like, chunk, -(-n_pairs // chunk), n_pairs)
+        helper.run(_post_attention, _post_attention_work, args, like)
     finally:
         helper.lock.release()
     return True

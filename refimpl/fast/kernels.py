@@ -1,4 +1,5 @@
-"""The Numba kernels, each beside its Python wrapper: bias+GELU, LayerNorm, masked softmax, attention.
+"""The Numba kernels, each beside its Python wrapper: bias+GELU, LayerNorm, masked softmax, attention
+(per head, and for a few query rows in one kernel).
 
 Each wrapper checks dtypes and shapes, fixes layouts and calls its kernel; each is held to its
 NumPy definition (:mod:`refimpl.ops`, :mod:`refimpl.attention`) by ``tests/test_kernels.py``.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .llvm import DTYPES, INLINE, JIT, prefetch, v64b_load, v8_load, v8_splat, v8_store, v_abs_ge_bits, v_add, v_max, v_mul
+from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store, v_abs_ge_bits, v_add, v_fma, v_max,
+                   v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
-from .reductions import lane_max, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
+from .gemm import attention_on_two_cores, register_attention_kernel
+from .reductions import lane_max, lane_sum, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
 
 
 @numba.njit(**INLINE)
@@ -454,6 +457,221 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
             mb = m4[bi if m4.shape[0] > 1 else 0, hi if m4.shape[1] > 1 else 0][None, None]
             _masked_softmax_kernel(scores, mb, has_mask, scale_t, scores)
             np.matmul(block, v[bi, hi], out=out[bi, hi])  # [T, S] @ [S, D] -> [T, D]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention for a few queries (a decoding step): one kernel over (batch, head) pairs
+# ---------------------------------------------------------------------------------------------
+
+# The layout vector of attention_few_kernel: the sizes; the element strides (batch, head, row) of q,
+# k, v, the mask and the output (each array's last axis is contiguous); the scale (float64 bits);
+# each array's address and its extent (elements from its first to its last).
+_NH, _NT, _NS, _ND, _Q, _K, _V, _M, _O, _SCALE, _ADDR, _EXT, _LAY = 0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 20, 25, 30
+
+
+@numba.njit(**INLINE)
+def _scores(qf, qo, kf, ko, ks, ns, nd, sc, nxt):
+    """``sc[j] = q . k_j`` for j < S (k_j at ``ko + j*ks``): eight interleaved chains of fused
+    multiply-adds per key (lane l takes d = l, l + 8, ...) combined as
+    ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), then the last D % 8 terms in order. Four keys at a time
+    (four independent chains); a key's value is the same wherever it falls."""
+    m = nd - nd % 8
+    zero = sc.dtype.type(0.0)
+    j = 0
+    while j < ns:
+        g = min(4, ns - j)  # keys this step; past the row's end the last key is repeated, unused
+        k0 = ko + j * ks
+        k1, k2, k3 = k0 + min(1, g - 1) * ks, k0 + min(2, g - 1) * ks, k0 + min(3, g - 1) * ks
+        s0 = s1 = s2 = s3 = zero
+        if nxt >= 0:
+            for i in range(g):
+                for e in range(0, nd, 64 // sc.itemsize):
+                    prefetch(kf, nxt + (j + i) * ks + e)
+        if m:
+            qv = v8_load(qf, qo)
+            r0, r1 = v_mul(qv, v8_load(kf, k0)), v_mul(qv, v8_load(kf, k1))
+            r2, r3 = v_mul(qv, v8_load(kf, k2)), v_mul(qv, v8_load(kf, k3))
+            for d in range(8, m, 8):
+                qv = v8_load(qf, qo + d)
+                r0, r1 = v_fma(qv, v8_load(kf, k0 + d), r0), v_fma(qv, v8_load(kf, k1 + d), r1)
+                r2, r3 = v_fma(qv, v8_load(kf, k2 + d), r2), v_fma(qv, v8_load(kf, k3 + d), r3)
+            s0, s1, s2, s3 = lane_sum(r0), lane_sum(r1), lane_sum(r2), lane_sum(r3)
+        for d in range(m, nd):
+            qd = qf[np.uintp(qo + d)]
+            s0, s1 = fma(qd, kf[np.uintp(k0 + d)], s0), fma(qd, kf[np.uintp(k1 + d)], s1)
+            s2, s3 = fma(qd, kf[np.uintp(k2 + d)], s2), fma(qd, kf[np.uintp(k3 + d)], s3)
+        sc[np.uintp(j)] = s0
+        if g > 1:
+            sc[np.uintp(j + 1)] = s1
+        if g > 2:
+            sc[np.uintp(j + 2)] = s2
+        if g > 3:
+            sc[np.uintp(j + 3)] = s3
+        j += g
+
+
+@numba.njit(**INLINE)
+def _context(sc, vf, vo, vs, ns, nd, of, oo, nxt):
+    """``out[d] = sum_j p_j v_j[d]`` (v_j at ``vo + j*vs``): for each d one chain of fused
+    multiply-adds from 0 in j order. Eight lanes x eight vectors at a time, kept in registers
+    (eight independent chains), then eight lanes, then the last D % 8 one by one."""
+    zero = sc.dtype.type(0.0)
+    z = v8_splat(zero)
+    d = 0
+    while d + 64 <= nd:
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+        for j in range(ns):
+            if nxt >= 0:
+                for e in range(0, 64, 64 // sc.itemsize):
+                    prefetch(vf, nxt + j * vs + d + e)
+            p, w = v8_splat(sc[j]), vo + j * vs + d
+            a0, a1 = v_fma(p, v8_load(vf, w), a0), v_fma(p, v8_load(vf, w + 8), a1)
+            a2, a3 = v_fma(p, v8_load(vf, w + 16), a2), v_fma(p, v8_load(vf, w + 24), a3)
+            a4, a5 = v_fma(p, v8_load(vf, w + 32), a4), v_fma(p, v8_load(vf, w + 40), a5)
+            a6, a7 = v_fma(p, v8_load(vf, w + 48), a6), v_fma(p, v8_load(vf, w + 56), a7)
+        v8_store(of, oo + d, a0)
+        v8_store(of, oo + d + 8, a1)
+        v8_store(of, oo + d + 16, a2)
+        v8_store(of, oo + d + 24, a3)
+        v8_store(of, oo + d + 32, a4)
+        v8_store(of, oo + d + 40, a5)
+        v8_store(of, oo + d + 48, a6)
+        v8_store(of, oo + d + 56, a7)
+        d += 64
+    while d + 8 <= nd:
+        a0 = z
+        for j in range(ns):
+            a0 = v_fma(v8_splat(sc[j]), v8_load(vf, vo + j * vs + d), a0)
+        v8_store(of, oo + d, a0)
+        d += 8
+    while d < nd:
+        a = zero
+        for j in range(ns):
+            a = fma(sc[j], vf[np.uintp(vo + j * vs + d)], a)
+        of[np.uintp(oo + d)] = a
+        d += 1
+
+
+@numba.njit(**JIT)
+def attention_few_kernel(lay, has_mask, like, p0, p1):
+    """The attention context of (batch, head) pairs p0..p1 (pair = batch * N + head), one query row
+    at a time: the scores q . k_j (:func:`_scores`), the softmax of ``s * scale + mask`` as
+    :func:`masked_softmax` computes it (scale, mask and maximum; exp; NumPy's pairwise sum; a true
+    division), then ``sum_j p_j v_j`` (:func:`_context`). The arrays, their sizes, strides and the
+    scale are read from the layout vector ``lay`` (:func:`_layout`); ``like``: an array of their
+    dtype. Whatever pairs a call gets, each row's values are the same."""
+    qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
+    nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
+    scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
+    one = like.dtype.type(1.0)
+    sc = np.empty(ns, like.dtype)  # [S], one row of scores, then probabilities
+    # (offsets as int64 variables: with the literals 0 and -1 the recursive pairwise_sum_div_at got
+    # a specialisation whose copy loaded from Numba's cache called a null address)
+    lo = np.int64(0)
+    for pair in range(p0, p1):
+        bi, hi = pair // nh, pair % nh
+        qo = bi * lay[_Q] + hi * lay[_Q + 1]
+        ko = bi * lay[_K] + hi * lay[_K + 1]
+        vo = bi * lay[_V] + hi * lay[_V + 1]
+        mo = bi * lay[_M] + hi * lay[_M + 1]
+        oo = bi * lay[_O] + hi * lay[_O + 1]
+        nb_, nh_ = (pair + 1) // nh, (pair + 1) % nh
+        kn = nb_ * lay[_K] + nh_ * lay[_K + 1] if pair + 1 < p1 else -1
+        vn = nb_ * lay[_V] + nh_ * lay[_V + 1] if pair + 1 < p1 else -1
+        for ti in range(nt):
+            _scores(qf, qo + ti * lay[_Q + 2], kf, ko, lay[_K + 2], ns, nd, sc, kn if ti == 0 else -1)
+            m = _scale_mask_max(sc, lo, mf, mo + ti * lay[_M + 2], has_mask, scale, sc, lo, ns)
+            for j in range(ns):  # v - max(v) <= 0 (or NaN)
+                sc[j] = exp_nonpos(sc[j] - m)
+            total = pairwise_leaf(sc, lo, ns) if ns <= 128 else pairwise_sum_div_at(sc, lo, ns, lo - 1, one)
+            for j in range(ns):
+                sc[j] = sc[j] / total
+            _context(sc, vf, vo, lay[_V + 2], ns, nd, of, oo + ti * lay[_O + 2], vn if ti == 0 else -1)
+
+
+register_attention_kernel(attention_few_kernel)  # (gemm's two-core jobs)
+
+
+@numba.njit(**INLINE)
+def _place(lay, a, at, s):
+    """Array ``a``'s element strides (batch, head, row: 0 where that axis of size 1 broadcasts),
+    address and extent into the layout vector, as array number ``at`` with strides at ``s``."""
+    ext = 1
+    for ax in range(4):
+        st = a.strides[ax] // a.itemsize
+        if ax < 3:
+            lay[s + ax] = st if a.shape[ax] > 1 else 0
+        ext += (a.shape[ax] - 1) * st
+    lay[_ADDR + at] = a.ctypes.data
+    lay[_EXT + at] = ext
+
+
+@numba.njit(**JIT)
+def _layout(q, k, v, m4, out, scale, lay):
+    """Fill the layout vector of :func:`attention_few_kernel` for these 4-D arrays (non-empty, the
+    last axis of each contiguous, no stride negative: the caller checks; any other strides)."""
+    lay[_NH], lay[_NT], lay[_NS], lay[_ND] = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    _place(lay, q, 0, _Q)
+    _place(lay, k, 1, _K)
+    _place(lay, v, 2, _V)
+    _place(lay, m4, 3, _M)
+    _place(lay, out, 4, _O)
+    lay.view(np.float64)[_SCALE] = np.float64(scale)
+
+
+_LIKE = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # the dtype, for attention_few_kernel
+
+
+def _readable(a):
+    """``a`` itself where its last axis is contiguous and no stride is negative, else a C copy."""
+    it = a.itemsize
+    return a if a.strides[-1] == it and min(a.strides) >= 0 else np.ascontiguousarray(a)
+
+
+def attention_few(q, k, v, mask=None, scale: float = 1.0, *, out=None, cores: int = 1):
+    """Attention context ``softmax(q @ k^T * scale + mask) @ v`` for a few query positions (a
+    decoding step: T = 1) in one kernel over the (batch, head) pairs (:func:`attention_few_kernel`).
+
+    q: [B, N, T, D]; k, v: [B, N, S, D], any strides (views of a cache's buffers are read in place);
+    mask as in :func:`masked_softmax` -> [B, N, T, D] (``out``: any writeable array of that shape
+    whose last axis is contiguous). Where BLAS would run B * N matrix-vector products and the
+    softmax a pass of its own, each pair's keys and values are read once and its scores stay in
+    cache. ``cores=2`` shares the pairs with :mod:`.gemm`'s helper thread (chunks of pairs claimed
+    as they come): the same values whichever thread computes a pair. The softmax is
+    :func:`masked_softmax`'s; the two products are other summation orders than BLAS's, held to
+    the reference within the dot-product bound.
+    """
+    dtype = _float_dtype("q", q)
+    _same_dtype(dtype, k=k, v=v, mask=mask)
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != (
+        k.shape[:2] + k.shape[3:]
+    ):
+        raise ValueError(
+            f"q must be [B, N, T, D] and k, v [B, N, S, D], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if cores not in (1, 2):
+        raise ValueError(f"cores must be 1 or 2, got {cores!r}")
+    nb, nh, nt, nd = q.shape
+    ns = k.shape[2]
+    if out is None:
+        out = np.empty(q.shape, dtype)
+    elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
+        raise ValueError(f"out must be a {dtype} array of shape {q.shape}")
+    elif not out.flags.writeable or (out.size and (out.strides[-1] != dtype.itemsize or min(out.strides) < 0)):
+        raise ValueError("out must be writeable, its last axis contiguous, no stride negative")
+    if ns == 0 or q.size == 0:
+        out[...] = 0
+        return out
+    m4 = _mask4(mask, (nb, nh, nt, ns), (nb, nh, nt, ns), dtype)
+    q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
+    lay = np.empty(_LAY, np.int64)
+    _layout(q, k, v, m4, out, dtype.type(scale), lay)
+    like = _LIKE[dtype]
+    if cores == 2:
+        if attention_on_two_cores(lay, mask is not None, like, nb * nh, nb * nh * ns * nd):
+            return out
+    attention_few_kernel(lay, mask is not None, like, 0, nb * nh)
     return out
 
 

@@ -52,6 +52,19 @@ def f64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
+@intrinsic
+def pointer_like(typingctx, address, like):
+    """The address (a 64-bit integer) as a pointer to ``like``'s element type (for ``numba.carray``)."""
+    if not (address in (types.int64, types.uint64) and isinstance(like, types.Array)):
+        return None
+    ptr = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen
+
+
 # ---------------------------------------------------------------------------------------------
 # Lanes in one LLVM vector, for the reductions. NumPy's pairwise sum keeps eight interleaved
 # accumulators, and a row maximum can be taken as eight interleaved maxima: lane k of an 8-lane
@@ -164,6 +177,22 @@ v_mul = _vec_binary(lambda builder, x, y: builder.fmul(x, y))
 v_div = _vec_binary(lambda builder, x, y: builder.fdiv(x, y))
 # max(x, y) lane by lane, as Numba's builtin computes it: y if y > x else x.
 v_max = _vec_binary(lambda builder, x, y: builder.select(builder.fcmp_ordered(">", y, x), y, x))
+
+
+@intrinsic
+def v_fma(typingctx, x, y, z):
+    """``x * y + z`` lane by lane, each rounded once (``llvm.fma`` on the vector)."""
+    if not (isinstance(x, _Vec) and x == y == z):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vty = args[0].type
+        fnty = ir.FunctionType(vty, [vty, vty, vty])
+        bits = signature.args[0].dtype.bitwidth
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.fma.v{x.lanes}f{bits}")
+        return builder.call(fn, list(args))
+
+    return x(x, y, z), codegen
 
 
 @intrinsic

@@ -18,7 +18,7 @@ from .llvm import INLINE, JIT, v8_lanes, v8_load, v8_splat, v8_store, v_add, v_d
 
 
 @numba.njit(**JIT)
-def _lane_sum(r):
+def lane_sum(r):
     """NumPy's combination of its eight accumulators: ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))."""
     r0, r1, r2, r3, r4, r5, r6, r7 = v8_lanes(r)
     return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
@@ -42,7 +42,7 @@ def pairwise_leaf(a, lo, n):
     r = v8_load(a, lo)  # lane k: accumulator k, seeded with a[lo + k]
     for i in range(8, m, 8):
         r = v_add(r, v8_load(a, lo + i))
-    res = _lane_sum(r)
+    res = lane_sum(r)
     for i in range(m, n):
         res += a[np.uintp(lo + i)]
     return res
@@ -69,7 +69,7 @@ def pairwise_leaf_div(a, lo, n, prev, total):
     for i in range(8, m, 8):
         r = v_add(r, v8_load(a, lo + i))
         v8_store(a, prev + i, v_div(v8_load(a, prev + i), tv))
-    res = _lane_sum(r)
+    res = lane_sum(r)
     for i in range(m, n):
         res += a[np.uintp(lo + i)]
         w = np.uintp(prev + i)
@@ -121,7 +121,7 @@ def pairwise_sum_centred_sq(a, mean):
         for i in range(8, m, 8):
             d = v_sub(v8_load(a, i), mv)
             r = v_add(r, v_mul(d, d))
-        res = _lane_sum(r)
+        res = lane_sum(r)
         for i in range(m, n):
             d = a[i] - mean
             res += d * d

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..blas import openblas_threads
 from ..ops import activation
-from .kernels import attention, bias_gelu, masked_softmax
+from .kernels import attention, attention_few, bias_gelu, masked_softmax
 from .packed import ISA, pack, packed_linear
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
@@ -73,6 +73,11 @@ TWO_CORE_ROWS = 48
 # 32, 0.85 at 40, 0.96 at 48, 1.04 at 64 (float32; float64 0.73, 0.86, 0.96 at 24, 40, 48).
 TOKEN_SPLIT_FROM = TWO_CORE_ROWS + 1
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
+# Query lengths up to which attention_context runs attention_few (a decoding step). A base-sized
+# decoding step (16-token prompts, 32 new tokens), against the batched matmuls: batch 8 0.94-0.97x
+# the time, batch 1 0.99-1.00x. attention_few reads each pair's keys once per query row: at T = 2
+# and more the matmuls are faster (hot, T = 2: 1.1-1.3x; T = 8: 1.5-2.7x).
+FEW_QUERIES = 1
 
 
 def linear(x, weight, bias=None):
@@ -114,9 +119,15 @@ def packed_cores(rows, same: bool) -> int:
     r = rows.shape[0]
     if not same or r < 1:
         return 0
-    if getattr(_here, "one_thread", False) or _blas_on_one_thread():
+    if this_core_only():
         return 1 if r <= PACKED_ROWS.get(rows.dtype, 0) else 0
     return 2 if r <= TWO_CORE_ROWS else 0
+
+
+def this_core_only() -> bool:
+    """Whether this thread's work keeps to its own core: it runs a part of a split, or NumPy's
+    OpenBLAS runs on one thread (:func:`_blas_on_one_thread`)."""
+    return getattr(_here, "one_thread", False) or _blas_on_one_thread()
 
 
 def _blas_on_one_thread() -> bool:
@@ -247,12 +258,16 @@ def attention_context(q, k, v, bias, scale: float):
     buffer, so that the heads merge without a copy. The softmax runs in place on the fresh score
     GEMM output. From ``PER_HEAD_FROM`` query positions up, :func:`~refimpl.fast.kernels.attention`'s
     per-head schedule (a hot [T, S] block, 2-D GEMMs: 1-2% faster at T = 128 inside a split batch,
-    ~13% from T = 256); below it, batched matmuls.
+    ~13% from T = 256); up to ``FEW_QUERIES`` (a decoding step),
+    :func:`~refimpl.fast.kernels.attention_few` (each pair's cached keys and values read once, in
+    place; the pairs on both cores unless this thread keeps to its own); between, batched matmuls.
     """
     nb, nh, nt, nd = q.shape
     buf = np.empty((nb, nt, nh, nd), q.dtype)
     ctx = buf.transpose(0, 2, 1, 3)  # [B, N, T, D] view
-    if nt >= PER_HEAD_FROM:
+    if nt <= FEW_QUERIES:
+        attention_few(q, k, v, bias, scale, out=ctx, cores=1 if this_core_only() else 2)
+    elif nt >= PER_HEAD_FROM:
         attention(q, k, v, bias, scale, out=ctx)
     else:
         scores = np.empty((nb, nh, nt, k.shape[2]), q.dtype)  # (matmul may pick another layout)
