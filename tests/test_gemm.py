@@ -87,6 +87,32 @@ def test_a_float32_process_compiles_the_jobs_for_float32_only():
         "sigs = [str(s) for f in entries for s in f.signatures]\n"
         "assert g._serve.signatures and g._work.signatures, sigs\n"
         "assert not any('float64' in s for s in sigs), sigs\n"
+        "assert not any(\", 2, 'C'\" in s for s in sigs), sigs  # (the attention kind: its like is 2-D)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_attention_jobs_compile_apart_from_the_gemm_jobs():
+    """A decoding step's attention on both cores compiles the job functions for its own kind (a 2-D
+    ``like``), not the packed GEMM driver; the helper switches loops as the kinds alternate."""
+    code = (
+        "import time, numpy as np, refimpl.fast.gemm as g, refimpl.fast.kernels as k, refimpl.fast.packed as p\n"
+        "g.ATTENTION_SPLIT_FROM, g._CPUS = 0, 2\n"
+        "rng = np.random.default_rng(0)\n"
+        "q, kv = rng.standard_normal((2, 3, 1, 8)), rng.standard_normal((2, 3, 5, 8))\n"
+        "one = k.attention_few(q, kv, kv)\n"
+        "end = time.time() + 300\n"
+        "while not g._serve.signatures and time.time() < end:  # (until the helper has its loop)\n"
+        "    assert np.array_equal(k.attention_few(q, kv, kv, cores=2), one)\n"
+        "    time.sleep(0.05)\n"
+        "sigs = [str(s) for f in (g._serve, g._post_attention_work) for s in f.signatures]\n"
+        "assert g._serve.signatures and g._post_attention_work.signatures and all(\", 2, 'C'\" in s for s in sigs), sigs\n"
+        "assert not (p._DRIVERS[np.dtype(np.float64)].signatures or p._DRIVERS[np.dtype(np.float32)].signatures)\n"
+        "p.SPLIT_FROM = 0\n"
+        "x, w = np.ones((3, 64)), p.pack(np.ones((100, 64)))\n"
+        "for _ in range(20):  # GEMM and attention jobs alternating: the same values\n"
+        "    assert np.all(p.packed_linear(x, w, cores=2) == 64)\n"
+        "    assert np.array_equal(k.attention_few(q, kv, kv, cores=2), one)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 

@@ -432,10 +432,11 @@ def test_attention_few_two_cores_gives_the_same_bits(monkeypatch, dtype, b, n, t
     rng = np.random.default_rng(b * s_len)
     q, k, v, mask = _few_inputs(dtype, b, n, t, s_len, d, "keys", True, rng)
     one = kernels.attention_few(q, k, v, mask, d**-0.5)
-    jobs = gemm._the_helper(dtype).board[gemm._SEQ]
+    helper = gemm._the_helper(gemm.ATTENTION_LIKE[dtype])
+    jobs = helper.board[gemm._SEQ]
     for _ in range(3):  # (the helper may be asleep at the first, and claim nothing)
         np.testing.assert_array_equal(kernels.attention_few(q, k, v, mask, d**-0.5, cores=2), one)
-    assert gemm._the_helper(dtype).board[gemm._SEQ] == jobs + 3 or gemm._CPUS < 2  # posted as jobs
+    assert helper.board[gemm._SEQ] == jobs + 3 or gemm._CPUS < 2  # posted as jobs
 
 
 def test_attention_few_bad_inputs():

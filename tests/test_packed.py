@@ -158,7 +158,7 @@ def test_two_cores_give_the_same_bits(monkeypatch, dtype):
         np.testing.assert_array_equal(packed.packed_linear(x[:13], pw, b, cores=cores), few)
     monkeypatch.undo()
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)
-    helper = gemm._the_helper(dtype)
+    helper = gemm._the_helper(np.zeros(1, dtype))
     with helper.lock:  # another caller holds the helper: this one runs the job alone
         np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
     monkeypatch.setattr(gemm, "_CPUS", 1)
@@ -327,7 +327,7 @@ def test_the_helper_is_cached_per_packed_driver(monkeypatch):
     from refimpl.fast import gemm
 
     fingerprint = gemm._packed_fingerprint()
-    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm._post_work):
+    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm._post_work, gemm._post_attention_work):
         cells = [c.cell_contents for c in fn.py_func.__closure__ or ()]
         assert cells == [fingerprint], fn.py_func.__name__  # (a plain int: the cache still works)
         assert fn._cache is not None and type(fn._cache).__name__ == "FunctionCache"

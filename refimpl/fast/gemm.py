@@ -29,7 +29,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-from .llvm import INLINE, JIT, pointer_like
+from .llvm import DTYPES, INLINE, JIT, pointer_like
 
 # ---------------------------------------------------------------------------------------------
 # The panels over two threads: a helper thread that claims chunks as it comes
@@ -103,7 +103,11 @@ def read_only(typingctx, a):
 _SEQ, _NEXT, _DONE, _SLEEPING, _EXIT = 0, 1, 2, 3, 4  # job number; next chunk (seq << 32 | index)
 _DTYPE = 5  # the job's itemsize (4: float32, 8: float64)
 _X, _W, _B, _OUT, _SCRATCH, _HAS_BIAS, _NR, _K, _NOUT, _CHUNK, _NCHUNKS, _KC, _MC = range(6, 19)  # a GEMM
-_KIND = 19  # 0: a packed GEMM (the fields above), 1: attention_few (these, with _CHUNK and _NCHUNKS):
+# 0: a packed GEMM (the fields above), 1: attention_few (these, with _CHUNK and _NCHUNKS). A job's
+# ``like`` (an array of its dtype) is 1-D for a GEMM, 2-D for attention: the job functions compile
+# for one kind at a time (:func:`_job_chunk`), so a process that never decodes never compiles the
+# attention kernel into them, nor one that only decodes with the NumPy backend the GEMM driver.
+_KIND = 19
 _ALAY, _ALAYN, _AHAS_MASK, _APAIRS = range(20, 24)  # its layout vector (address, length), ...
 _BOARD = 24  # fields
 _LOW = (1 << 32) - 1
@@ -141,6 +145,18 @@ def _attention_chunk_impl(board, like, idx):
         attention_few_kernel(lay, board[_AHAS_MASK] != 0, like, p0, min(p0 + board[_CHUNK], board[_APAIRS]))
 
     return impl
+
+
+def _job_chunk(board, like, idx):
+    """Chunk ``idx`` of the job on the board, by ``like``'s kind (see ``_KIND``)."""
+    raise NotImplementedError  # (Numba-only: see the overload below)
+
+
+@overload(_job_chunk, jit_options=INLINE)
+def _job_chunk_impl(board, like, idx):
+    if like.ndim == 1:
+        return lambda board, like, idx: _packed_chunk(board, like, idx)
+    return lambda board, like, idx: _attention_chunk(board, like, idx)
 
 
 def _packed_chunk(board, like, idx):
@@ -236,10 +252,7 @@ def _job_functions(fingerprint: int):
         """Chunk ``idx`` of the job on the board, whichever thread claimed it. (Not inlined: the
         helper's and the caller's loops call one compiled copy of the driver.)"""
         fingerprint  # noqa: B018 (in the cache key: see _job_functions)
-        if board[_KIND] == 0:
-            _packed_chunk(board, like, idx)
-        else:
-            _attention_chunk(board, like, idx)
+        _job_chunk(board, like, idx)
 
     @numba.njit(**JIT)
     def help_with(board, seq, like):
@@ -265,10 +278,10 @@ def _job_functions(fingerprint: int):
 
     @numba.njit(**JIT)
     def serve(board, seen, polls, like):
-        """The helper's loop for jobs of ``like``'s dtype: take part in every new job; return the last
-        job number seen once ``polls`` polls found nothing new, or at once when asked to exit or when
-        a job of the other dtype arrives (left unseen: the caller serves it with that dtype's loop).
-        One loop per dtype, so that a process compiles the kernels only for the dtypes it uses."""
+        """The helper's loop for jobs of ``like``'s dtype and kind: take part in every new job; return
+        the last job number seen once ``polls`` polls found nothing new, or at once when asked to
+        exit or when a job of another dtype or kind arrives (left unseen: the caller serves it with
+        that loop). One loop per dtype and kind, so that a process compiles only what it uses."""
         fingerprint  # noqa: B018 (in the cache key: see _job_functions)
         idle = 0
         while idle < polls:
@@ -276,7 +289,7 @@ def _job_functions(fingerprint: int):
                 return seen
             seq = _atomic(board, _SEQ, 0, 0)
             if seq != seen:
-                if _atomic(board, _DTYPE, 0, 0) != like.itemsize:
+                if _atomic(board, _DTYPE, 0, 0) != like.itemsize or board[_KIND] != like.ndim - 1:
                     return seen
                 seen = seq
                 idle = 0
@@ -324,8 +337,8 @@ class _Helper:
 
     POLL_S = 0.0005  # how long the helper polls after its last job before it sleeps
 
-    def __init__(self, dtype=np.float32):
-        self.dtype = np.dtype(dtype)  # the dtype of the first job: its loop compiles first
+    def __init__(self, like):
+        self.first = (like.itemsize, like.ndim - 1)  # the dtype and kind of the first job: its loop compiles first
         self.pid = os.getpid()
         self.board = np.zeros(_BOARD, np.int64)
         self.wake = threading.Event()
@@ -341,8 +354,9 @@ class _Helper:
 
     def _loop(self):
         board, seen = self.board, 0
-        likes = {a.itemsize: a for a in (np.zeros(1, np.float32), np.zeros(1, np.float64))}
-        like = likes[self.dtype.itemsize]
+        likes = {(a.itemsize, a.ndim - 1): a for a in (np.zeros(1, np.float32), np.zeros(1, np.float64),
+                                                       ATTENTION_LIKE[DTYPES[0]], ATTENTION_LIKE[DTYPES[1]])}
+        like = likes[self.first]
         _serve(board, seen, 1, like)  # compile or load it first
         # Calibrate: how many polls take POLL_S, on a board of its own. (Calibrated on the shared
         # board, the count also took in the jobs that arrived meanwhile, which the helper serves,
@@ -358,8 +372,8 @@ class _Helper:
         polls = max(1 << 12, int(self.POLL_S * (1 << 16) / max(min(t), 1e-6)))
         while not board[_EXIT]:
             seen = _serve(board, seen, polls, like)
-            if board[_SEQ] != seen and not board[_EXIT]:  # a job of the other dtype: its loop
-                like = likes.get(int(board[_DTYPE]), like)
+            if board[_SEQ] != seen and not board[_EXIT]:  # a job of another dtype or kind: its loop
+                like = likes.get((int(board[_DTYPE]), int(board[_KIND])), like)
                 continue
             if _may_sleep(board, seen):
                 self.wake.wait()
@@ -381,12 +395,12 @@ _helper = None
 _helper_lock = threading.Lock()
 
 
-def _the_helper(dtype):
+def _the_helper(like):
     global _helper
     if _helper is None or _helper.pid != os.getpid():
         with _helper_lock:
             if _helper is None or _helper.pid != os.getpid():
-                _helper = _Helper(dtype)
+                _helper = _Helper(like)
     return _helper
 
 
@@ -398,7 +412,7 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     Flat C arrays of one dtype."""
     if _CPUS < 2 or n_chunks < 2:
         return False
-    helper = _the_helper(of.dtype)
+    helper = _the_helper(of)
     if not helper.lock.acquire(blocking=False):
         return False
     try:
@@ -408,6 +422,7 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     return True
 
 
+ATTENTION_LIKE = {dtype: np.zeros((1, 1), dtype) for dtype in DTYPES}  # an attention job's ``like``
 ATTENTION_CHUNKS = 8  # chunks of (batch, head) pairs an attention_few job is cut into (at most)
 ATTENTION_SPLIT_FROM = 1 << 15  # key elements (B * N * S * D) from which attention_few takes both cores
 
@@ -419,7 +434,7 @@ def attention_on_two_cores(lay, has_mask, like, n_pairs: int, work: int) -> bool
     little work (below ``ATTENTION_SPLIT_FROM``), or the helper busy with another caller's job."""
     if _CPUS < 2 or n_pairs < 2 or work < ATTENTION_SPLIT_FROM:
         return False
-    helper = _the_helper(like.dtype)
+    helper = _the_helper(like)
     if not helper.lock.acquire(blocking=False):
         return False
     try:

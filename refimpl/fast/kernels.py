@@ -13,7 +13,7 @@ import numpy as np
 from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store, v_abs_ge_bits, v_add, v_fma, v_max,
                    v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
-from .gemm import attention_on_two_cores, register_attention_kernel
+from .gemm import ATTENTION_LIKE, attention_on_two_cores, register_attention_kernel
 from .reductions import lane_max, lane_sum, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
 
 
@@ -620,9 +620,6 @@ def _layout(q, k, v, m4, out, scale, lay):
     lay.view(np.float64)[_SCALE] = np.float64(scale)
 
 
-_LIKE = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # the dtype, for attention_few_kernel
-
-
 def _readable(a):
     """``a`` itself where its last axis is contiguous and no stride is negative, else a C copy."""
     it = a.itemsize
@@ -667,7 +664,7 @@ def attention_few(q, k, v, mask=None, scale: float = 1.0, *, out=None, cores: in
     q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
     lay = np.empty(_LAY, np.int64)
     _layout(q, k, v, m4, out, dtype.type(scale), lay)
-    like = _LIKE[dtype]
+    like = ATTENTION_LIKE[dtype]  # (the dtype; as gemm's attention jobs pass it)
     if cores == 2:
         if attention_on_two_cores(lay, mask is not None, like, nb * nh, nb * nh * ns * nd):
             return out
