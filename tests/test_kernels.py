@@ -522,6 +522,9 @@ def test_warmup_compiles_one_specialisation_per_kernel(dtype):
     ro.flags.writeable = False
     kernels.bias_gelu(ro, v)
     kernels.masked_softmax(ro[None], np.broadcast_to(v, (1, 1, 3, 16)), 0.5)  # read-only mask
+    kv = rng.standard_normal((2, 3, 9, 16)).astype(dtype)
+    kernels.attention_few(x[:, :, None, :], kv[:, :, :5], ro[..., None, :].repeat(5, 2), None, 0.5, cores=2)
+    kernels.attention_few(ro[:1, :, None, :], kv[:1], kv[:1], np.zeros((1, 9), dtype), 0.5)  # (its _layout may add one)
     assert {k: len(k.signatures) for k in _KERNELS} == before  # nothing new compiled
 
 
@@ -533,6 +536,7 @@ _KERNELS = [
     kernels._masked_softmax_kernel,
     kernels._gelu_full_run,
     kernels._gelu_main_run,
+    kernels.attention_few_kernel,
     reductions.pairwise_sum_div_at,
 ]
 
