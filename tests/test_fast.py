@@ -96,9 +96,16 @@ def test_fast_blocks_match_the_reference_blocks(dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_cached_decoding_matches_the_reference(dtype):
+@pytest.mark.parametrize("probs,two_cores", [(True, False), (False, False), (False, True)])
+def test_fast_cached_decoding_matches_the_reference(monkeypatch, dtype, probs, two_cores):
     """Token by token with a KV cache (and cross-attention over encoder states): the fast path's
-    logits and cache equal the reference's at every step."""
+    logits and cache equal the reference's at every step. Without the probabilities a step's
+    self- and cross-attention run kernels.attention_few (``two_cores``: its pairs shared with the
+    helper thread, the split threshold lowered to 0 for this tiny model)."""
+    from refimpl.fast import gemm
+
+    if two_cores:
+        monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
     model = random_model("causal-lm", seed=4, is_decoder=True, add_cross_attention=True).astype(dtype)
     reference = model.to("numpy")
     rng = np.random.default_rng(5)
@@ -111,7 +118,7 @@ def test_fast_cached_decoding_matches_the_reference(dtype):
         for i, m in enumerate((model, reference)):
             kwargs = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask) if step == 0 else {}
             out = m(input_ids=ids[:, step:step + 1], attention_mask=np.ones((2, step + 1), int),
-                    past_key_values=caches[i], use_cache=True, output_attentions=True, **kwargs)
+                    past_key_values=caches[i], use_cache=True, output_attentions=probs, **kwargs)
             caches[i] = out.past_key_values
             outs.append(out)
         assert_outputs_match(outs[0], outs[1], dtype)
