@@ -413,6 +413,25 @@ def _mask4(mask, shape4, shape, dtype) -> np.ndarray:
     return np.ascontiguousarray(m4) if m4.flags.writeable else np.array(m4, order="C")
 
 
+def _attention_args(q, k, v, mask, out):
+    """The checks of :func:`attention` and :func:`attention_few` -> (dtype, ``out`` or a new array)."""
+    dtype = _float_dtype("q", q)
+    _same_dtype(dtype, k=k, v=v, mask=mask)
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != (
+        k.shape[:2] + k.shape[3:]
+    ):
+        raise ValueError(
+            f"q must be [B, N, T, D] and k, v [B, N, S, D], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if out is None:
+        return dtype, np.empty(q.shape, dtype)
+    if not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
+        raise ValueError(f"out must be a {dtype} array of shape {q.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    return dtype, out
+
+
 def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     """Attention context ``softmax(q @ k^T * scale + mask) @ v``, one (batch, head) at a time.
 
@@ -427,22 +446,9 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     (equal at T = 128) and needs B*N times less scratch memory. A fused Numba kernel does not
     pay here: its hand-written GEMMs would lose more to OpenBLAS than the fusion saves.
     """
-    dtype = _float_dtype("q", q)
-    _same_dtype(dtype, k=k, v=v, mask=mask)
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != (
-        k.shape[:2] + k.shape[3:]
-    ):
-        raise ValueError(
-            f"q must be [B, N, T, D] and k, v [B, N, S, D], got {q.shape}, {k.shape}, {v.shape}"
-        )
+    dtype, out = _attention_args(q, k, v, mask, out)
     nb, nh, nt, _ = q.shape
     ns = k.shape[2]
-    if out is None:
-        out = np.empty(q.shape, dtype)
-    elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
-        raise ValueError(f"out must be a {dtype} array of shape {q.shape}")
-    elif not out.flags.writeable:
-        raise ValueError("out must be writeable")
     if ns == 0 or q.size == 0:
         out[...] = 0
         return out
@@ -644,24 +650,13 @@ def attention_few(q, k, v, mask=None, scale: float = 1.0, *, out=None, cores: in
     :func:`masked_softmax`'s; the two products are other summation orders than BLAS's, held to
     the reference within the dot-product bound.
     """
-    dtype = _float_dtype("q", q)
-    _same_dtype(dtype, k=k, v=v, mask=mask)
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != (
-        k.shape[:2] + k.shape[3:]
-    ):
-        raise ValueError(
-            f"q must be [B, N, T, D] and k, v [B, N, S, D], got {q.shape}, {k.shape}, {v.shape}"
-        )
     if cores not in (1, 2):
         raise ValueError(f"cores must be 1 or 2, got {cores!r}")
+    dtype, out = _attention_args(q, k, v, mask, out)
+    if out.size and (out.strides[-1] != dtype.itemsize or min(out.strides) < 0):
+        raise ValueError("out must have its last axis contiguous and no stride negative")
     nb, nh, nt, nd = q.shape
     ns = k.shape[2]
-    if out is None:
-        out = np.empty(q.shape, dtype)
-    elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
-        raise ValueError(f"out must be a {dtype} array of shape {q.shape}")
-    elif not out.flags.writeable or (out.size and (out.strides[-1] != dtype.itemsize or min(out.strides) < 0)):
-        raise ValueError("out must be writeable, its last axis contiguous, no stride negative")
     if ns == 0 or q.size == 0:
         out[...] = 0
         return out
