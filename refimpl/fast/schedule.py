@@ -75,8 +75,9 @@ TOKEN_SPLIT_FROM = TWO_CORE_ROWS + 1
 PER_HEAD_FROM = 128  # query length from which attention_context runs attention() per head
 # Query lengths up to which attention_context runs attention_few (a decoding step). A base-sized
 # decoding step (16-token prompts, 32 new tokens), against the batched matmuls: batch 8 0.94-0.97x
-# the time, batch 1 0.99-1.00x. attention_few reads each pair's keys once per query row: at T = 2
-# and more the matmuls are faster (hot, T = 2: 1.1-1.3x; T = 8: 1.5-2.7x).
+# the time, batch 1 0.99-1.00x; 256-token prompts: 0.92x and 0.98x. attention_few reads each pair's
+# keys once per query row: at T = 2 and more the matmuls are faster (hot, T = 2: 1.1-1.3x; T = 8:
+# 1.5-2.7x).
 FEW_QUERIES = 1
 
 
