@@ -9,7 +9,8 @@ For each shape it prints the median time of every implementation, the ratio refi
 
 * ``GEMM``: the GEMMs of the forward pass alone, at its matrix shapes, on its weights, with NumPy's
   BLAS at its default thread count (:func:`forward_gemms`: per layer the four [B*T, H] x [H, H]
-  projections, [B*T, H] x [H, I], [B*T, I] x [I, H], and the batched attention products
+  projections, q, k and v scheduled as refimpl schedules them (one GEMM on the three weights
+  stacked where they are packed), [B*T, H] x [H, I], [B*T, I] x [I, H], and the batched attention products
   [B, N, T, D] x [B, N, D, T] and [B, N, T, T] x [B, N, T, D]), run as one more interleaved
   candidate. ``%GEMM`` is its time over refimpl's (numba): the share of the forward that would
   remain if everything but the GEMMs cost nothing.
@@ -74,10 +75,11 @@ def gemm_gflops(m: int, k: int, n: int, dtype, repeats: int = 5) -> float:
 def forward_gemms(model, b: int, t: int):
     """A function that runs the GEMMs of ``model``'s forward on [b, t] inputs, and nothing else.
 
-    The same shapes and weights, through ``refimpl.fast.schedule.linear`` itself (few rows: packed
-    weights on both cores); activations are random (GEMM time does not depend on values).
+    The same shapes and weights, through ``refimpl.fast.schedule.linear`` and ``linears`` (q, k and
+    v) themselves (few rows: packed weights on both cores); activations are random (GEMM time does
+    not depend on values).
     """
-    from refimpl.fast.schedule import linear
+    from refimpl.fast.schedule import linear, linears
 
     cfg, dtype = model.config, model.dtype
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
@@ -87,20 +89,17 @@ def forward_gemms(model, b: int, t: int):
     q = rng.standard_normal((b, n, t, h // n)).astype(dtype)  # [B, N, T, D]
     probs = rng.standard_normal((b, n, t, t)).astype(dtype)  # [B, N, T, T]
     layers = [
-        (lp.attention.query.weight, lp.attention.key.weight, lp.attention.value.weight,
+        ((lp.attention.query, lp.attention.key, lp.attention.value),
          lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)
         for lp in model.params.layers
     ]  # fmt: skip
 
-    def mm(rows, w):
-        return linear(rows, w)
-
     def run():
-        for wq, wk, wv, wo, w1, w2 in layers:
-            for w in (wq, wk, wv, wo):
-                mm(x, w)
-            mm(x, w1)
-            mm(a, w2)
+        for qkv, wo, w1, w2 in layers:
+            linears(x, [p.weight for p in qkv], [p.bias for p in qkv])  # as the forward runs them
+            linear(x, wo)
+            linear(x, w1)
+            linear(a, w2)
             q @ np.swapaxes(q, -1, -2)
             probs @ q
 
