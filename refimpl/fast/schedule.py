@@ -19,7 +19,7 @@ import numpy as np
 
 from ..blas import openblas_threads
 from ..ops import activation
-from .kernels import attention, attention_few, bias_gelu, masked_softmax
+from .kernels import attention, attention_few, attention_few_unchecked, bias_gelu, masked_softmax
 from .packed import ISA, pack, packed_linear
 
 THIN_ROWS = 64  # up to this many rows, linear() multiplies as (W x^T)^T
@@ -267,7 +267,11 @@ def attention_context(q, k, v, bias, scale: float):
     buf = np.empty((nb, nt, nh, nd), q.dtype)
     ctx = buf.transpose(0, 2, 1, 3)  # [B, N, T, D] view
     if nt <= FEW_QUERIES:
-        attention_few(q, k, v, bias, scale, out=ctx, cores=1 if this_core_only() else 2)
+        cores = 1 if this_core_only() else 2
+        if k.shape[2] and (bias is None or (bias.ndim == 4 and bias.flags.c_contiguous and bias.dtype == q.dtype)):
+            attention_few_unchecked(q, k, v, bias, scale, ctx, cores)  # (the model's own arrays)
+        else:
+            attention_few(q, k, v, bias, scale, out=ctx, cores=cores)
     elif nt >= PER_HEAD_FROM:
         attention(q, k, v, bias, scale, out=ctx)
     else:
