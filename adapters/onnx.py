@@ -19,6 +19,7 @@ optimiser fused away, give what their names give, and the rest is listed as not 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -237,7 +238,8 @@ def run_graph(model, golden, *, outputs_only: bool = False) -> tuple[dict[str, n
             graph.output.append(types.get(v) or onnx.helper.make_empty_tensor_value_info(v))
     feeds, skipped = _feeds(graph, golden, proto)
     try:
-        session = ort.InferenceSession(_serialise(onnx, proto), providers=["CPUExecutionProvider"])
+        with _serialised(onnx, proto) as graph:
+            session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
         values = dict(zip(wanted, session.run(wanted, feeds)))
     except Exception as e:  # onnxruntime's own error types; its message names the node
         message = " ".join(str(e).split())
@@ -267,14 +269,20 @@ def _value_types(onnx, proto) -> dict:
     return {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
 
 
-def _serialise(onnx, proto):
-    """Bytes for onnxruntime; graphs over 2 GB go through a file with external data."""
-    if proto.ByteSize() < 2**31 - 2**20:
-        return proto.SerializeToString()
-    folder = tempfile.mkdtemp(prefix="refimpl-onnx-")
-    path = os.path.join(folder, "model.onnx")
-    onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
-    return path
+_INLINE_LIMIT = 2**31 - 2**20  # bytes: a larger graph reaches onnxruntime as a file (protobuf's 2 GB limit)
+
+
+@contextlib.contextmanager
+def _serialised(onnx, proto):
+    """Bytes for onnxruntime; a graph over 2 GB goes through a file with external data, in a
+    temporary folder removed when the block ends (onnxruntime has read it by then)."""
+    if proto.ByteSize() < _INLINE_LIMIT:
+        yield proto.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="refimpl-onnx-", ignore_cleanup_errors=True) as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(proto, path, save_as_external_data=True, location="model.onnx.data")
+        yield path
 
 
 _ONNX_TO_NUMPY = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
@@ -384,16 +392,20 @@ def run(model, golden, *, dtype: str, task: str, outputs_only: bool = False, exp
     (exported with torch.onnx first, to ``save`` if given)."""
     require("onnx", "onnxruntime", "onnx")
     notes = []
-    if isinstance(model, (str, os.PathLike)) and os.path.isfile(model):
-        graph_path = os.fspath(model)
-    else:
-        if exporter not in ("dynamo", "torchscript"):
-            raise AdapterError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
-        folder = tempfile.mkdtemp(prefix="refimpl-onnx-")
-        graph_path = save or os.path.join(folder, "model.onnx")
-        export_transformers(model, golden, graph_path, task=task, dtype=dtype, exporter=exporter, outputs_only=outputs_only)
-        notes.append(f"exported with torch.onnx ({exporter} exporter)" + (f" to {save}" if save else ""))
-    tensors, why, what = run_graph(graph_path, golden, outputs_only=outputs_only)
+    exported = not (isinstance(model, (str, os.PathLike)) and os.path.isfile(model))
+    if exported and exporter not in ("dynamo", "torchscript"):
+        raise AdapterError(f"unknown exporter {exporter!r}; use dynamo or torchscript")
+    with contextlib.ExitStack() as stack:
+        if not exported:
+            graph_path = os.fspath(model)
+        else:  # to ``save``, or to a temporary folder removed after the run
+            folder = None if save else stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="refimpl-onnx-", ignore_cleanup_errors=True))
+            graph_path = save or os.path.join(folder, "model.onnx")
+            export_transformers(model, golden, graph_path, task=task, dtype=dtype, exporter=exporter,
+                                outputs_only=outputs_only)
+            notes.append(f"exported with torch.onnx ({exporter} exporter)" + (f" to {save}" if save else ""))
+        tensors, why, what = run_graph(graph_path, golden, outputs_only=outputs_only)
     reasons = [(name, reason) for name, reason in why.items()]
     floats = sorted({str(a.dtype) for a in tensors.values() if np.asarray(a).dtype.kind == "f"})
     return finish(golden, tensors, reasons, what + f" ({'/'.join(floats)})", floats[0] if len(floats) == 1 else dtype,

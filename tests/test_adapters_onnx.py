@@ -5,6 +5,8 @@ transformers and onnxscript."""
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -20,13 +22,40 @@ pytest.importorskip("transformers")
 from adapter_cases import TASKS, golden_case  # noqa: E402
 
 
+def _our_temporary_folders(root):
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("refimpl-onnx-"))
+
+
 @pytest.mark.parametrize("task", TASKS)
-def test_every_head_exported_by_torchscript_passes_float32(task, tmp_path):
+def test_every_head_exported_by_torchscript_passes_float32(task, tmp_path, monkeypatch):
     golden, _, folder = golden_case(tmp_path, task)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     d = dump("onnx", folder, golden, dtype="float32", exporter="torchscript")
     assert d.missing == {}, d.missing  # every golden tensor mapped from the graph
     report = compare(golden, d.tensors)
     assert report.profile == "float32" and report.passed, report.format_text()
+    assert _our_temporary_folders(temporary) == []  # the exported graph's folder is gone after the run
+
+
+def test_a_graph_over_the_inline_limit_runs_from_a_temporary_file(tmp_path, monkeypatch):
+    """Graphs over protobuf's 2 GB reach onnxruntime as a file with external data, written to a
+    temporary folder that is removed once the session has read it (the limit lowered to 0 here)."""
+    import refimpl_adapters.onnx as adapter
+
+    golden, _, folder = golden_case(tmp_path, "base")
+    saved = tmp_path / "model.onnx"
+    want = dump("onnx", folder, golden, dtype="float32", exporter="torchscript", save=str(saved))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.setattr(adapter, "_INLINE_LIMIT", 0)
+    got = dump("onnx", str(saved), golden)
+    assert set(got.tensors) == set(want.tensors)
+    for k, v in want.tensors.items():
+        np.testing.assert_array_equal(got.tensors[k], v)
+    assert _our_temporary_folders(temporary) == []
 
 
 @pytest.mark.parametrize("task", ["masked-lm", "sequence-classification"])
