@@ -29,11 +29,13 @@ Not a test: numbers depend on the machine and its load; quote ratios from one ru
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import json
 import os
 import platform
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,7 +117,8 @@ def main(argv=None) -> int:
         max_position_embeddings=514, layer_norm_eps=1e-5, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         num_labels=2, **cfg)
     tdtype = getattr(torch, args.dtype)
-    folder = tempfile.mkdtemp()
+    folder = tempfile.mkdtemp(prefix="refimpl-backward-bench-")
+    atexit.register(shutil.rmtree, folder, True)  # (the model saved there: ~1 GB at base size)
     cls = getattr(transformers, CLASSES[args.task])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -33,9 +33,11 @@ Not a test: the numbers depend on the machine; quote ratios from one run, never 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     config = transformers.RobertaPreLayerNormConfig(vocab_size=50265, max_position_embeddings=514, layer_norm_eps=1e-5, **cfg)
     tdtype = getattr(torch, args.dtype)
-    folder = tempfile.mkdtemp()
+    folder = tempfile.mkdtemp(prefix="refimpl-bench-")
+    atexit.register(shutil.rmtree, folder, True)  # (the model saved there: ~1 GB at base size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)

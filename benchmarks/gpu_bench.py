@@ -6,6 +6,8 @@ Run by benchmarks/gpu_check.sh; needs cupy, torch with CUDA and transformers.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,7 +36,8 @@ def main() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf = transformers.RobertaPreLayerNormModel(config).eval()
-    folder = tempfile.mkdtemp()
+    folder = tempfile.mkdtemp(prefix="refimpl-gpu-bench-")
+    atexit.register(shutil.rmtree, folder, True)  # (the model saved there: ~1 GB at base size)
     hf.save_pretrained(folder)
     print(f"device: {torch.cuda.get_device_name()}")
     print(f"{'dtype':8} {'shape':>7} {'refimpl ms':>11} {'eager ms':>9} {'sdpa ms':>8} {'/eager':>7} {'/sdpa':>6}")
