@@ -1005,7 +1005,8 @@ def test_attention_softmax_is_bitwise_the_previous_kernel():
 
 def test_kernels_load_from_the_numba_cache(tmp_path):
     """Compiled once into an empty cache, then loaded from it in a fresh process: the same
-    results (a cached kernel calling a recursive helper once crashed on load: numba#6061)."""
+    results (a cached kernel calling a recursive helper once crashed on load: numba#6061; so did
+    attention_few's while it passed that helper literal offsets)."""
     code = (
         "import numpy as np\n"
         "from refimpl.fast import kernels as k\n"
@@ -1014,6 +1015,8 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
         "w = np.ones(300, np.float32)\n"
         "print(k.masked_softmax(x, None, 0.5).sum(), k.layer_norm(x, w, w, 1e-5).sum(),\n"
         "      k.bias_gelu(x, w).sum())\n"
+        "q, kv = x[:, :, :1, :16], x[..., :16].repeat(26, axis=2)  # [2, 3, 1, 16], [2, 3, 130, 16]\n"
+        "print(k.attention_few(q, kv, kv).sum(), k.attention_few(q, kv[:, :, :5], kv[:, :, :5]).sum())\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
