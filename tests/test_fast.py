@@ -230,7 +230,8 @@ def test_first_token_states_match_the_full_encoders_first_position(monkeypatch, 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_pieces_fit_the_packed_rows_and_balance_the_two_threads(monkeypatch, isa):
-    """A split batch's pieces: at most PIECE_ROWS tokens each (the packed kernel's ISA sets it), as
+    """A split batch's pieces: at most PIECE_TOKENS tokens each (fewer where the packed kernel's ISA
+    keeps PACKED_ROWS lower), as
     many as make an even count where the batch divides (32 sequences of 20 tokens: 4 pieces of 8,
     not 12, 12 and 8, which left one thread the last piece alone); halves when a half fits; one
     sequence a piece for longer sequences up to PACKED_ROWS; None beyond."""
@@ -240,10 +241,9 @@ def test_pieces_fit_the_packed_rows_and_balance_the_two_threads(monkeypatch, isa
 
     rows_by_dtype = schedule._PACKED_ROWS_BY_ISA[isa]
     monkeypatch.setattr(fast, "PACKED_ROWS", rows_by_dtype)
-    monkeypatch.setattr(fast, "PIECE_ROWS", schedule._piece_rows(rows_by_dtype))
     model = random_model("base", seed=1).astype("float32")
     rows = rows_by_dtype[np.dtype(np.float32)]
-    piece_rows = fast.PIECE_ROWS[np.dtype(np.float32)]
+    piece_rows = min(fast.PIECE_TOKENS, rows)
 
     def pieces(b, t):
         return fast.pieces(model.params, SimpleNamespace(position_ids=np.zeros((b, t), np.int64)))

@@ -413,8 +413,11 @@ def _mask4(mask, shape4, shape, dtype) -> np.ndarray:
     return np.ascontiguousarray(m4) if m4.flags.writeable else np.array(m4, order="C")
 
 
-def _attention_args(q, k, v, mask, out):
-    """The checks of :func:`attention` and :func:`attention_few` -> (dtype, ``out`` or a new array)."""
+def _attention_args(q, k, v, mask, out, *, contiguous_out: bool = False):
+    """The checks and the mask of :func:`attention` and :func:`attention_few` -> (dtype, ``out`` or a
+    new [B, N, T, D] array, the mask as [1|B, 1|N, 1|T, S] (:func:`_mask4`), or None where there is
+    nothing to compute: no keys or no queries, ``out`` then zeros). ``contiguous_out``: ``out``
+    must also have its last axis contiguous and no stride negative."""
     dtype = _float_dtype("q", q)
     _same_dtype(dtype, k=k, v=v, mask=mask)
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[:2] + q.shape[3:] != (
@@ -424,12 +427,19 @@ def _attention_args(q, k, v, mask, out):
             f"q must be [B, N, T, D] and k, v [B, N, S, D], got {q.shape}, {k.shape}, {v.shape}"
         )
     if out is None:
-        return dtype, np.empty(q.shape, dtype)
-    if not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
+        out = np.empty(q.shape, dtype)
+    elif not isinstance(out, np.ndarray) or out.shape != q.shape or out.dtype != dtype:
         raise ValueError(f"out must be a {dtype} array of shape {q.shape}")
-    if not out.flags.writeable:
+    elif not out.flags.writeable:
         raise ValueError("out must be writeable")
-    return dtype, out
+    elif contiguous_out and out.size and (out.strides[-1] != dtype.itemsize or min(out.strides) < 0):
+        raise ValueError("out must have its last axis contiguous and no stride negative")
+    nb, nh, nt, _ = q.shape
+    ns = k.shape[2]
+    if ns == 0 or q.size == 0:
+        out[...] = 0
+        return dtype, out, None
+    return dtype, out, _mask4(mask, (nb, nh, nt, ns), (nb, nh, nt, ns), dtype)
 
 
 def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
@@ -446,13 +456,11 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     (equal at T = 128) and needs B*N times less scratch memory. A fused Numba kernel does not
     pay here: its hand-written GEMMs would lose more to OpenBLAS than the fusion saves.
     """
-    dtype, out = _attention_args(q, k, v, mask, out)
+    dtype, out, m4 = _attention_args(q, k, v, mask, out)
+    if m4 is None:
+        return out
     nb, nh, nt, _ = q.shape
     ns = k.shape[2]
-    if ns == 0 or q.size == 0:
-        out[...] = 0
-        return out
-    m4 = _mask4(mask, (nb, nh, nt, ns), (nb, nh, nt, ns), dtype)
     has_mask = mask is not None
     scale_t = dtype.type(scale)
     scores = np.empty((1, 1, nt, ns), dtype)  # [T, S] block, reused for every (batch, head)
@@ -572,6 +580,8 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
     arrays, their sizes, strides and the scale are read from the layout vector ``lay``
     (:func:`_layout`); ``like``: an array of their dtype. Whatever pairs a call gets, each row's
     values are the same."""
+    # q [B, N, T, D], k and v [B, N, S, D], the mask [1|B, 1|N, 1|T, S], out [B, N, T, D], each as
+    # the flat run of its elements; a row's offset there is the sum of index x stride.
     qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
     nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
     scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
@@ -582,14 +592,14 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
     lo = np.int64(0)
     for pair in range(p0, p1):
         bi, hi = pair // nh, pair % nh
-        qo = bi * lay[_Q] + hi * lay[_Q + 1]
-        ko = bi * lay[_K] + hi * lay[_K + 1]
-        vo = bi * lay[_V] + hi * lay[_V + 1]
-        mo = bi * lay[_M] + hi * lay[_M + 1]
-        oo = bi * lay[_O] + hi * lay[_O + 1]
-        nb_, nh_ = (pair + 1) // nh, (pair + 1) % nh
-        kn = nb_ * lay[_K] + nh_ * lay[_K + 1] if pair + 1 < p1 else -1
-        vn = nb_ * lay[_V] + nh_ * lay[_V + 1] if pair + 1 < p1 else -1
+        qo = bi * lay[_Q] + hi * lay[_Q + 1]  # q[bi, hi, 0, :]
+        ko = bi * lay[_K] + hi * lay[_K + 1]  # k[bi, hi, 0, :] (row j at ko + j * its row stride)
+        vo = bi * lay[_V] + hi * lay[_V + 1]  # v[bi, hi, 0, :]
+        mo = bi * lay[_M] + hi * lay[_M + 1]  # the mask's row for (bi, hi), query 0
+        oo = bi * lay[_O] + hi * lay[_O + 1]  # out[bi, hi, 0, :]
+        bn, hn = (pair + 1) // nh, (pair + 1) % nh  # the next pair's batch row and head
+        kn = bn * lay[_K] + hn * lay[_K + 1] if pair + 1 < p1 else -1  # its keys, asked for meanwhile
+        vn = bn * lay[_V] + hn * lay[_V + 1] if pair + 1 < p1 else -1  # its values
         for ti in range(nt):
             _scores(qf, qo + ti * lay[_Q + 2], kf, ko, lay[_K + 2], ns, nd, sc, kn if ti == 0 else -1)
             m = _scale_mask_max(sc, lo, mf, mo + ti * lay[_M + 2], has_mask, scale, sc, lo, ns)
@@ -652,15 +662,9 @@ def attention_few(q, k, v, mask=None, scale: float = 1.0, *, out=None, cores: in
     """
     if cores not in (1, 2):
         raise ValueError(f"cores must be 1 or 2, got {cores!r}")
-    dtype, out = _attention_args(q, k, v, mask, out)
-    if out.size and (out.strides[-1] != dtype.itemsize or min(out.strides) < 0):
-        raise ValueError("out must have its last axis contiguous and no stride negative")
-    nb, nh, nt, nd = q.shape
-    ns = k.shape[2]
-    if ns == 0 or q.size == 0:
-        out[...] = 0
+    dtype, out, m4 = _attention_args(q, k, v, mask, out, contiguous_out=True)
+    if m4 is None:
         return out
-    m4 = _mask4(mask, (nb, nh, nt, ns), (nb, nh, nt, ns), dtype)
     q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
     return _attention_few_run(q, k, v, m4, mask is not None, dtype.type(scale), out, cores)
 

@@ -51,15 +51,11 @@ _PACKED_ROWS_BY_ISA = {
 PACKED_ROWS = _PACKED_ROWS_BY_ISA[ISA]
 
 
-def _piece_rows(packed_rows: dict) -> dict:
-    """PIECE_ROWS for these PACKED_ROWS: at most 256 tokens a piece."""
-    return {dtype: min(rows, 256) for dtype, rows in packed_rows.items()}
-
-
-# A piece of several sequences in a split batch holds at most this many tokens (a longer single
-# sequence, up to PACKED_ROWS, is a piece of its own): pieces of 4 x 128 tokens took 1.03x the time
-# of pieces of 2 x 128 at 8x128 (AVX-512, float32, A/B in one process).
-PIECE_ROWS = _piece_rows(PACKED_ROWS)
+# A piece of several sequences in a split batch holds at most this many tokens (and at most
+# PACKED_ROWS; a longer single sequence, up to PACKED_ROWS, is a piece of its own): pieces of
+# 4 x 128 tokens took 1.03x the time of pieces of 2 x 128 at 8x128 (AVX-512, float32, A/B in one
+# process).
+PIECE_TOKENS = 256
 # Outside a split, linear() multiplies up to TWO_CORE_ROWS rows with packed weights on both cores
 # (packed_linear(cores=2)). Measured on a base-sized model (the 72 GEMMs of a forward in a row,
 # weights from memory, float32): 0.6x the time of a skinny GEMM that streamed W in its stored order

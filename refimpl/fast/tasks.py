@@ -42,7 +42,7 @@ from ..outputs import (
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
 from .kernels import attention, bias_gelu, layer_norm, masked_softmax
-from .schedule import (PACKED_ROWS, PIECE_ROWS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act,
+from .schedule import (PACKED_ROWS, PIECE_TOKENS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act,
                        linears, run_two, split_batch)
 
 # ---------------------------------------------------------------------------------------------
@@ -215,18 +215,18 @@ def worth_splitting(config: Config, x: Inputs, head_work: int = 0) -> bool:
 
 
 def pieces(params: Params, x: Inputs) -> int | None:
-    """Sequences a thread takes at a time in a split batch: at most as many as make ``PIECE_ROWS``
-    tokens (each piece's GEMMs then multiply with packed weights, which cost nothing to reuse, where
+    """Sequences a thread takes at a time in a split batch: at most as many as make ``PIECE_TOKENS``
+    tokens (and ``PACKED_ROWS``) (each piece's GEMMs then multiply with packed weights, which cost nothing to reuse, where
     OpenBLAS would pack every weight again for each piece), in an even number of pieces of nearly
     equal size; one, for sequences longer than that up to ``PACKED_ROWS`` tokens; or None (halves)
     beyond. An odd count leaves one thread the last piece alone: a base-sized classifier over
     batches of 32 texts (~20 tokens: pieces of 12, 12 and 8) took 1.09x the time of pieces of 8
     (A/B in one process)."""
     b, t = x.position_ids.shape[:2]
-    dtype = params.embeddings.word.dtype
-    if not 0 < t <= PACKED_ROWS.get(dtype, 0):
+    packed = PACKED_ROWS.get(params.embeddings.word.dtype, 0)
+    if not 0 < t <= packed:
         return None
-    rows = PIECE_ROWS[dtype]
+    rows = min(PIECE_TOKENS, packed)
     if t > rows:
         return 1  # (a longer single sequence: a piece of its own)
     n = -(-b // (rows // t))  # pieces of at most rows // t sequences
