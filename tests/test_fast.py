@@ -127,6 +127,98 @@ def test_fast_cached_decoding_matches_the_reference(monkeypatch, dtype, probs, t
                      dtype, "cached keys", FAST)
 
 
+def _decode_steps(model, ids, mask, steps: int, plain: bool, monkeypatch):
+    """Greedy decoding by hand (a prompt, then ``steps`` single tokens with the cache) -> the logits of
+    every call and the final cache; ``plain``: with refimpl.fast.decoding switched off."""
+    from refimpl.fast import decoding
+
+    with monkeypatch.context() as m:
+        if plain:
+            m.setattr(decoding, "run", lambda *a: False)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for _ in range(steps):
+            tok = np.argmax(out.logits[:, -1], axis=-1)[:, None]  # [B, 1]
+            mask = None if mask is None else np.concatenate([mask, np.ones_like(tok)], axis=1)
+            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        return logits, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3, 6])
+@pytest.mark.parametrize("split_attention", [False, True])
+def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, batch, split_attention):
+    """refimpl.fast.decoding runs a step's blocks in one compiled call: bitwise the logits and the
+    cache of the same steps through encode's calls (left padding, a mask and none, a partial last
+    panel in every GEMM (I = 37), 6 rows through a padded whole tile, the attention as a job on
+    both cores or on one), and within FAST of the reference."""
+    from refimpl.fast import decoding, gemm
+
+    if split_attention:
+        monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
+    runs = []
+    real = decoding.run
+    monkeypatch.setattr(decoding, "run", lambda *a: runs.append(real(*a)) or runs[-1])
+    model = random_model("causal-lm", seed=11, is_decoder=True).astype(dtype)
+    rng = np.random.default_rng(12)
+    ids = rng.integers(3, model.config.vocab_size, size=(batch, 5))
+    for mask in (None, np.ones((batch, 5), np.int64)):
+        if mask is not None:
+            mask[1:, :2] = 0  # left padding in every row but the first
+            ids[1:, :2] = model.config.pad_token_id
+        fused, fused_cache = _decode_steps(model, ids, mask, 6, False, monkeypatch)
+        assert runs.count(True) == 6, runs
+        runs.clear()
+        plain, plain_cache = _decode_steps(model, ids, mask, 6, True, monkeypatch)
+        for a, b in zip(fused, plain):
+            np.testing.assert_array_equal(a, b)
+        for la, lb in zip(fused_cache.layers, plain_cache.layers):
+            assert la.length == lb.length == 11
+            np.testing.assert_array_equal(la.keys[:, :, :11], lb.keys[:, :, :11])
+            np.testing.assert_array_equal(la.values[:, :, :11], lb.values[:, :, :11])
+        reference, _ = _decode_steps(model.to("numpy"), ids, mask, 6, True, monkeypatch)
+        for i, (a, b) in enumerate(zip(fused, reference)):
+            assert_close(a, b, dtype, f"logits of call {i}", FAST)
+
+
+def test_decoding_step_in_one_call_follows_replaced_weights_and_steps_aside(monkeypatch):
+    """The packed weights it reads are the model's current arrays (a weight replaced in the
+    parameters is packed again), and it leaves the step to encode where it does not apply: a
+    thread that keeps to its own core, hidden states or probabilities asked for, another
+    activation, a cache without room."""
+    from refimpl.fast import decoding
+
+    runs = []
+    real = decoding.run
+    monkeypatch.setattr(decoding, "run", lambda *a: runs.append(real(*a)) or runs[-1])
+    model = random_model("causal-lm", seed=13, is_decoder=True).astype("float32")
+    ids = np.random.default_rng(14).integers(3, model.config.vocab_size, size=(2, 4))
+    before, _ = _decode_steps(model, ids, None, 2, False, monkeypatch)
+    layer = model.params.layers[1]
+    layer.output.weight = layer.output.weight * np.float32(2)  # a new array in its place
+    after, _ = _decode_steps(model, ids, None, 2, False, monkeypatch)
+    plain, _ = _decode_steps(model, ids, None, 2, True, monkeypatch)
+    assert runs == [False, True, True] * 2  # (the prompts: several tokens)
+    assert not np.array_equal(before[1], after[1])
+    for a, b in zip(after, plain):
+        np.testing.assert_array_equal(a, b)
+    runs.clear()
+    out = model(input_ids=ids, use_cache=True)
+    step = dict(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    model(**step, output_hidden_states=True)
+    model(**step, output_attentions=True)
+    with monkeypatch.context() as m:
+        m.setattr(decoding, "this_core_only", lambda: True)
+        model(**step)
+    assert runs == [False, False], "asked for the prompt and the step on one core only (no hidden states, probabilities)"
+    assert not real(model.params, model.config.replace(hidden_act="relu"), np.zeros((2, 1, 32), np.float32),
+                    out.past_key_values, None)
+    full = empty_cache(model.config, 2, model.dtype, model.xp, capacity=1)
+    full.layers = [type(lc)(keys=lc.keys, values=lc.values, length=1) for lc in full.layers]
+    assert not real(model.params, model.config, np.zeros((2, 1, 32), np.float32), full, None)
+
+
 def test_fast_path_runs_only_untraced_on_numpy_arrays():
     """A traced call runs the reference (the traced program is the program); the numba backend
     otherwise runs refimpl.fast.tasks, and the numpy backend never does."""

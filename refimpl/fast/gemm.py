@@ -225,11 +225,12 @@ def _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
     _publish(board, seq, like.itemsize)
 
 
-def _packed_fingerprint() -> int:
-    """A hash of packed.py and llvm.py (this folder) and of ``REFIMPL_PACKED_ISA``: what the packed
-    driver compiled into the job functions depends on."""
+def _packed_fingerprint(*more: str) -> int:
+    """A hash of packed.py, llvm.py, kernels.py, elementary.py and reductions.py (this folder), of
+    the files named in ``more``, and of ``REFIMPL_PACKED_ISA``: what the code compiled into the job
+    functions (or another function that calls them) depends on."""
     h = hashlib.sha256(os.environ.get("REFIMPL_PACKED_ISA", "").encode())
-    for name in ("packed.py", "llvm.py", "kernels.py", "elementary.py", "reductions.py"):
+    for name in ("packed.py", "llvm.py", "kernels.py", "elementary.py", "reductions.py") + more:
         try:
             with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
                 h.update(f.read())

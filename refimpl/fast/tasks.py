@@ -41,6 +41,7 @@ from ..outputs import (
 )
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
+from . import decoding
 from .kernels import attention, bias_gelu, layer_norm, masked_softmax
 from .schedule import (PACKED_ROWS, PIECE_TOKENS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act,
                        linears, run_two, split_batch)
@@ -113,6 +114,12 @@ def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None)
     word = e.word[pick(x.input_ids)] if x.inputs_embeds is None else pick(x.inputs_embeds)  # [b, T, H]
     h = layer_norm((word + e.token_type[pick(x.token_type_ids)]) + e.position[pick(x.position_ids)],
                    e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
+    if (x.cache is not None and rows is None and x.encoder_hidden_states is None and not x.output_attentions
+            and not x.output_hidden_states and decoding.run(params, config, h, x.cache, bias)):
+        n = len(params.layers)  # (a decoding step's blocks in one call: the same bits)
+        fl = params.final_layer_norm
+        h = layer_norm(h, fl.weight, fl.bias, eps)  # [b, 1, H]
+        return EncoderOutput(h, [None] * n + [h], [None] * n, [None] * n)
     hidden, attentions, crosses = [h], [], []
     for i, layer in enumerate(params.layers):
         cache = None if x.cache is None else x.cache.layers[i]

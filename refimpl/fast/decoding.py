@@ -1,0 +1,272 @@
+"""A decoding step's blocks in one compiled call: the encoder of :mod:`.tasks` for one new token.
+
+A decoding step (a cache, one query position) is ~50 GEMMs that stream the weights plus a little
+work per block (two LayerNorms, the cache append, the attention over the cache, GELU, two
+residual adds). Run from Python, each of those ~10 calls a block costs more than it does hot: the
+weights streamed between two calls push the interpreter's own data out of the caches. Here the
+L blocks run in one Numba call that makes the same kernel calls in the same order, on the same
+arrays: the same bits as :func:`.tasks.encode`, which ``tests/test_fast.py`` checks.
+
+The GEMMs and the attention run as jobs on :mod:`.gemm`'s board (both cores; the helper thread
+claims chunks as it comes), exactly as :func:`.packed.packed_linear` (``cores=2``) and
+:func:`.kernels.attention_few` post them.
+
+Shape legend: B batch, R rows the GEMMs see (B, or B rounded up to a whole tile, the extra rows
+zeros), H hidden, N heads, D = H / N, I intermediate, C the cache's capacity, P its length.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numba
+import numpy as np
+
+from . import gemm
+from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, _post, _post_attention, _work
+from .kernels import (_ADDR, _EXT, _K, _LAY, _M, _NH, _ND, _NS, _NT, _O, _Q, _SCALE, _V, _bias_gelu_inplace_kernel,
+                      _layer_norm_row, attention_few_kernel)
+from .llvm import DTYPES, JIT, pointer_like
+from .packed import KC, MC, TWO_CORE_CHUNKS, X_PACK_FROM, _whole_tiles
+from .schedule import packed_weight, this_core_only
+
+# Per layer, the addresses in a plan's table (one row a layer).
+(_LN1W, _LN1B, _QKVW, _QKVB, _OUTW, _OUTB, _LN2W, _LN2B, _INW, _INB, _FFW, _FFB, _KEYS, _VALS, _COLS) = range(15)
+# The step's sizes (an int64 vector).
+_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _SIZES = range(14)
+
+
+def _make(fingerprint):
+    """The compiled step, ``fingerprint`` (gemm's, of the files whose code it compiles in) in its cache key."""
+
+    @numba.njit(**JIT)
+    def gemm_job(board, x, w, b, has_bias, out, nr, k, n_out, p):
+        """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr (:func:`.packed.packed_linear`
+        with ``cores=2`` on x read in place, nr < X_PACK_FROM): a job on gemm's board, the panels
+        of the packed weight at address ``w`` cut into chunks as packed_linear cuts them; ``b``:
+        the bias's address (read only when ``has_bias``)."""
+        n_panels = (n_out + p - 1) // p
+        chunks = min(n_panels, TWO_CORE_CHUNKS)
+        chunk = (n_panels + chunks - 1) // chunks
+        pf = numba.carray(pointer_like(w, out), n_panels * k * p)  # [O/P * K * P], the panels
+        bf = numba.carray(pointer_like(b, out), n_out if has_bias else 1)  # [O]
+        scratch = np.empty(nr * p, out.dtype) if n_out % p else out  # [R, P], the partial last panel
+        _post(board, x, pf, bf, has_bias, out, scratch, nr, k, n_out, chunk, (n_panels + chunk - 1) // chunk, KC, MC)
+        _work(board, out)
+
+    @numba.njit(**JIT)
+    def layers(table, sizes, eps, scale, h, mask, board, like):
+        """The L blocks of ``encode`` for one new token. h: [R, H], the embeddings' LayerNorm in rows
+        0..B-1 and zeros after, updated in place; table: [L, _COLS] addresses (``_Plan``, and each
+        layer's key and value buffers [B, N, C, D]); sizes: ``_SIZES`` int64 (B, R, H, N, I, C, P,
+        the panel widths, the mask's rows, whether it has one, whether the attention is a job);
+        eps, scale: the LayerNorm's epsilon (h's dtype) and D**-0.5 (in h's dtype, as float64);
+        mask: the bias [B|1, 1, 1, S] flat; like: gemm.ATTENTION_LIKE of h's dtype."""
+        fingerprint  # noqa: B018 (in the cache key: see gemm._job_functions)
+        dt = h.dtype
+        nb, nr, hid, nh, inter = sizes[_NB], sizes[_NR], sizes[_HID], sizes[_NHEADS], sizes[_INTER]
+        cap, pos, mb = sizes[_CAP], sizes[_LEN], sizes[_MB]
+        nd, ns = hid // nh, pos + 1  # D; S, the keys after this step's
+        has_mask, split = sizes[_HAS_MASK] != 0, sizes[_SPLIT] != 0
+        n = dt.type(hid)  # (LayerNorm's divisor, in the dtype)
+        one = np.zeros(1, dt)  # (the dtype, for pointer_like)
+        ln = np.zeros((nr, hid), dt)  # [R, H] a LayerNorm's output (rows B.. stay zero)
+        qkv = np.empty((nr, 3 * hid), dt)  # [R, 3H] q, k, v side by side
+        ctx = np.zeros((nr, hid), dt)  # [R, H] the attention context, heads merged
+        y = np.empty((nr, hid), dt)  # [R, H] a block's output projection
+        mid = np.empty((nr, inter), dt)  # [R, I] the FFN's hidden layer
+        lay = np.empty(_LAY, np.int64)  # attention_few_kernel's layout vector
+        n_pairs = nb * nh
+        for i in range(table.shape[0]):
+            t = table[i]
+            # attention block: h += W_o attention(LayerNorm(h)) + b_o
+            w1, b1 = numba.carray(pointer_like(t[_LN1W], one), hid), numba.carray(pointer_like(t[_LN1B], one), hid)
+            for r in range(nb):
+                _layer_norm_row(h[r], w1, b1, eps, n, ln[r])
+            gemm_job(board, ln.ravel(), t[_QKVW], t[_QKVB], True, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3])
+            keys = numba.carray(pointer_like(t[_KEYS], one), (nb, nh, cap, nd))  # [B, N, C, D]
+            vals = numba.carray(pointer_like(t[_VALS], one), (nb, nh, cap, nd))
+            for bi in range(nb):  # (cache.append: this step's k and v at position P)
+                for hi in range(nh):
+                    for d in range(nd):
+                        keys[bi, hi, pos, d] = qkv[bi, hid + hi * nd + d]
+                        vals[bi, hi, pos, d] = qkv[bi, 2 * hid + hi * nd + d]
+            # The layout kernels._layout makes for q [B, N, 1, D] (in qkv), k and v [B, N, S, D] (the
+            # buffers), the mask [B|1, 1, 1, S] and ctx as [B, N, 1, D]: per array its address, its
+            # extent and its batch, head and row strides in elements (0 along an axis of size 1).
+            lay[_NH], lay[_NT], lay[_NS], lay[_ND] = nh, 1, ns, nd
+            bs, hs = (1 if nb > 1 else 0), (1 if nh > 1 else 0)
+            lay[_Q], lay[_Q + 1], lay[_Q + 2] = bs * 3 * hid, hs * nd, 0
+            lay[_K], lay[_K + 1], lay[_K + 2] = bs * nh * cap * nd, hs * cap * nd, nd if ns > 1 else 0
+            lay[_V], lay[_V + 1], lay[_V + 2] = lay[_K], lay[_K + 1], lay[_K + 2]
+            lay[_M], lay[_M + 1], lay[_M + 2] = (ns if mb > 1 else 0), 0, 0
+            lay[_O], lay[_O + 1], lay[_O + 2] = bs * hid, hs * nd, 0
+            lay[_ADDR], lay[_EXT] = qkv.ctypes.data, (nb - 1) * 3 * hid + (nh - 1) * nd + nd
+            lay[_ADDR + 1], lay[_EXT + 1] = keys.ctypes.data, ((nb - 1) * nh * cap + (nh - 1) * cap + ns - 1) * nd + nd
+            lay[_ADDR + 2], lay[_EXT + 2] = vals.ctypes.data, lay[_EXT + 1]
+            lay[_ADDR + 3], lay[_EXT + 3] = mask.ctypes.data, (mb * ns if has_mask else 1)
+            lay[_ADDR + 4], lay[_EXT + 4] = ctx.ctypes.data, (nb - 1) * hid + (nh - 1) * nd + nd
+            lay.view(np.float64)[_SCALE] = scale
+            if split:  # (kernels.attention_few with cores=2, as gemm.attention_on_two_cores posts it)
+                chunk = (n_pairs + min(n_pairs, ATTENTION_CHUNKS) - 1) // min(n_pairs, ATTENTION_CHUNKS)
+                _post_attention(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
+                _work(board, like)
+            else:
+                attention_few_kernel(lay, has_mask, like, 0, n_pairs)
+            gemm_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], True, y.ravel(), nr, hid, hid, sizes[_PH])
+            for r in range(nb):
+                for j in range(hid):
+                    h[r, j] = h[r, j] + y[r, j]
+            # feed-forward block: h += W_2 gelu(W_1 LayerNorm(h) + b_1) + b_2
+            w2, b2 = numba.carray(pointer_like(t[_LN2W], one), hid), numba.carray(pointer_like(t[_LN2B], one), hid)
+            for r in range(nb):
+                _layer_norm_row(h[r], w2, b2, eps, n, ln[r])
+            gemm_job(board, ln.ravel(), t[_INW], 0, False, mid.ravel(), nr, hid, inter, sizes[_PI])
+            _bias_gelu_inplace_kernel(mid[:nb], numba.carray(pointer_like(t[_INB], one), inter), True)
+            gemm_job(board, mid.ravel(), t[_FFW], t[_FFB], True, y.ravel(), nr, inter, hid, sizes[_PH])
+            for r in range(nb):
+                for j in range(hid):
+                    h[r, j] = h[r, j] + y[r, j]
+
+    return layers
+
+
+_layers = _make(gemm._packed_fingerprint("gemm.py"))
+
+
+def _leaves(params) -> list:
+    """Every array the blocks read, in the order of a table row (the key and value buffers aside):
+    per layer the attention's LayerNorm, q, k, v, output, the FFN's LayerNorm, W_1, W_2."""
+    out = []
+    for layer in params.layers:
+        a = layer.attention
+        out += [a.layer_norm.weight, a.layer_norm.bias, a.query.weight, a.key.weight, a.value.weight, a.query.bias,
+                a.key.bias, a.value.bias, a.output.weight, a.output.bias, layer.ffn_layer_norm.weight,
+                layer.ffn_layer_norm.bias, layer.intermediate.weight, layer.intermediate.bias, layer.output.weight,
+                layer.output.bias]
+    return out
+
+
+_PER_LAYER = 16  # arrays per layer in _leaves
+
+
+class _Plan:
+    """A model's blocks for :func:`run`: its weights packed (the same packed copies ``schedule.linear``
+    uses), the q, k and v biases joined, every address in a table [L, _COLS]. ``leaves``: the
+    arrays it was made from (a plan is used only while the model still holds these very arrays)."""
+
+    def __init__(self, params, leaves: list):
+        self.leaves = leaves
+        self.dtype = leaves[0].dtype if leaves else None
+        self.usable = bool(leaves) and all(isinstance(a, np.ndarray) and a.dtype == self.dtype for a in leaves) \
+            and self.dtype in DTYPES
+        self.keep = []  # the arrays whose addresses the table holds, alive while the plan is
+        rows, widths = [], ()
+        if self.usable:
+            for i in range(0, len(leaves), _PER_LAYER):
+                ln1w, ln1b, qw, kw, vw, qb, kb, vb, ow, ob, ln2w, ln2b, iw, ib, fw, fb = leaves[i:i + _PER_LAYER]
+                qkv, p3 = self._panels(qw, kw, vw)
+                out, ph = self._panels(ow)
+                mid, pi = self._panels(iw)
+                ff, _ = self._panels(fw)
+                rows.append([self._addr(ln1w), self._addr(ln1b), qkv, self._addr(np.concatenate((qb, kb, vb))), out,
+                             self._addr(ob), self._addr(ln2w), self._addr(ln2b), mid, self._addr(ib), ff,
+                             self._addr(fb), 0, 0])
+                widths = (p3, ph, pi)
+        self.table = np.array(rows, np.int64).reshape(len(rows), _COLS)
+        self.widths = widths
+
+    def _addr(self, a) -> int:
+        a = np.ascontiguousarray(a)  # (a copy only for a strided parameter)
+        self.keep.append(a)
+        return a.ctypes.data
+
+    def _panels(self, *weights) -> tuple:
+        pk = packed_weight(*weights)
+        self.keep.append(pk)
+        return pk.panels.ctypes.data, pk.width
+
+
+_plans: dict[int, tuple] = {}  # id(params) -> (weakref to params, its _Plan)
+_plans_lock = threading.Lock()
+
+
+def _plan(params) -> _Plan:
+    """The plan for ``params``, made on first use and again whenever an array in it was replaced."""
+    leaves = _leaves(params)
+    key = id(params)
+    hit = _plans.get(key)
+    if hit is not None and hit[0]() is params and all(a is b for a, b in zip(hit[1].leaves, leaves)):
+        return hit[1]
+    with _plans_lock:
+        plan = _Plan(params, leaves)
+        _plans[key] = (weakref.ref(params, lambda ref, key=key: _plans.pop(key, None)), plan)
+        return plan
+
+
+def run(params, config, h, cache, bias) -> bool:
+    """The blocks of :func:`.tasks.encode` for one new token, in one call: ``h`` [B, 1, H] (C, the
+    embeddings' LayerNorm) updated in place, each layer of ``cache`` appended; ``bias``: the
+    attention bias [B|1, 1, 1, S] or None. -> False, nothing done, where this path does not apply
+    (then run ``encode``): one core or a thread that keeps to its own, the helper busy with another
+    caller, rows for which x would be packed, an activation other than the exact GELU, a cache
+    without room for the token, cross-attention, another bias."""
+    nb, nt, hid = h.shape
+    dtype = h.dtype
+    nr = _whole_tiles(nb)
+    layers = cache.layers
+    if (nt != 1 or nr >= X_PACK_FROM or gemm._CPUS < 2 or this_core_only() or dtype not in DTYPES
+            or config.hidden_act not in ("gelu", "gelu_python") or not layers or not h.flags.c_contiguous):
+        return False
+    nh = config.num_attention_heads
+    pos = layers[0].length
+    keys = layers[0].keys
+    if keys is None or pos < 1 or keys.shape[2] <= pos:
+        return False
+    shape = (nb, nh, keys.shape[2], hid // nh)
+    for lc in layers:
+        for buf in (lc.keys, lc.values):
+            if buf is None or buf.shape != shape or buf.dtype != dtype or not buf.flags.c_contiguous:
+                return False
+        if lc.length != pos or lc.cross_keys is not None:
+            return False
+    ns = pos + 1
+    if bias is None:
+        mask, mb = _NO_MASK[dtype], 1
+    elif (bias.dtype == dtype and bias.ndim == 4 and bias.shape[0] in (1, nb) and bias.shape[1:] == (1, 1, ns)
+          and bias.flags.c_contiguous):
+        mask, mb = bias.reshape(-1), bias.shape[0]
+    else:
+        return False
+    plan = _plan(params)
+    if not plan.usable or plan.dtype != dtype or plan.table.shape[0] != len(layers):
+        return False
+    like = ATTENTION_LIKE[dtype]
+    helper = gemm._the_helper(like)
+    if not helper.lock.acquire(blocking=False):
+        return False
+    try:
+        if helper.board[gemm._SLEEPING]:
+            helper.wake.set()
+        table = plan.table.copy()
+        table[:, _KEYS] = [lc.keys.ctypes.data for lc in layers]
+        table[:, _VALS] = [lc.values.ctypes.data for lc in layers]
+        sizes = np.zeros(_SIZES, np.int64)
+        sizes[[_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _MB]] = nb, nr, hid, nh, config.intermediate_size, shape[2], pos, mb
+        sizes[[_P3, _PH, _PI]] = plan.widths
+        sizes[_HAS_MASK] = bias is not None
+        sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= gemm.ATTENTION_SPLIT_FROM
+        x = np.zeros((nr, hid), dtype)  # [R, H]
+        x[:nb] = h[:, 0]
+        _layers(table, sizes, dtype.type(config.layer_norm_eps), np.float64(dtype.type(shape[3] ** -0.5)), x, mask,
+                helper.board, like)
+    finally:
+        helper.lock.release()
+    h[:, 0] = x[:nb]
+    for lc in layers:
+        lc.length = ns
+    return True
+
+
+_NO_MASK = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # (never read: no mask)
