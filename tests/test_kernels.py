@@ -1006,7 +1006,8 @@ def test_attention_softmax_is_bitwise_the_previous_kernel():
 def test_kernels_load_from_the_numba_cache(tmp_path):
     """Compiled once into an empty cache, then loaded from it in a fresh process: the same
     results (a cached kernel calling a recursive helper once crashed on load: numba#6061; so did
-    attention_few's while it passed that helper literal offsets)."""
+    attention_few's while it passed that helper literal offsets). A decoding step's blocks in one
+    call (S = 141 keys: the recursive sum) run too."""
     code = (
         "import numpy as np\n"
         "from refimpl.fast import kernels as k\n"
@@ -1017,6 +1018,16 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
         "      k.bias_gelu(x, w).sum())\n"
         "q, kv = x[:, :, :1, :16], x[..., :16].repeat(26, axis=2)  # [2, 3, 1, 16], [2, 3, 130, 16]\n"
         "print(k.attention_few(q, kv, kv).sum(), k.attention_few(q, kv[:, :, :5], kv[:, :, :5]).sum())\n"
+        "import refimpl\n"  # a decoding step's blocks in one call (refimpl.fast.decoding), which calls both
+        "from refimpl.fast import decoding\n"
+        "from refimpl.params import build_params, hf_key_table\n"
+        "c = refimpl.Config.from_dict(dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,\n"
+        "    intermediate_size=37, max_position_embeddings=200, is_decoder=True))\n"
+        "leaves = {e.path: rng.normal(scale=0.3, size=e.shape) for e in hf_key_table(c, 'causal-lm')}\n"
+        "m = refimpl.Model(c, build_params(c, 'causal-lm', leaves), 'causal-lm').astype('float32').to('numba')\n"
+        "runs, run = [], decoding.run\n"
+        "decoding.run = lambda *a: runs.append(run(*a)) or runs[-1]\n"
+        "print(refimpl.generate(m, [[0] + [5] * 140] * 2, max_new_tokens=3, eos_token_id=None)[:, -3:].tolist(), runs)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
@@ -1027,6 +1038,7 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout
+    assert runs[0].stdout.rstrip().endswith("[False, True, True]")  # (the prompt, then two steps in one call)
 
 
 @pytest.mark.parametrize("task", ["base", "masked-lm", "causal-lm", "sequence-classification", "token-classification",

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from . import gemm
-from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, _post, _post_attention, _work
+from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, _post, _post_attention, _work, read_only
 from .kernels import (_ADDR, _EXT, _K, _LAY, _M, _NH, _ND, _NS, _NT, _O, _Q, _SCALE, _V, _bias_gelu_inplace_kernel,
                       _layer_norm_row, attention_few_kernel)
 from .llvm import DTYPES, JIT, pointer_like
@@ -34,25 +34,28 @@ from .schedule import packed_weight, this_core_only
 # Per layer, the addresses in a plan's table (one row a layer).
 (_LN1W, _LN1B, _QKVW, _QKVB, _OUTW, _OUTB, _LN2W, _LN2B, _INW, _INB, _FFW, _FFB, _KEYS, _VALS, _COLS) = range(15)
 # The step's sizes (an int64 vector).
-_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _SIZES = range(14)
+_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _KC, _MC, _SIZES = range(16)
 
 
 def _make(fingerprint):
-    """The compiled step, ``fingerprint`` (gemm's, of the files whose code it compiles in) in its cache key."""
+    """The compiled step's functions, each with ``fingerprint`` (gemm's, of the files whose code they
+    compile in) as a closure cell, so in its cache key; they reach each other as module globals (a
+    closure cell holding a dispatcher would keep a function out of Numba's cache)."""
 
     @numba.njit(**JIT)
-    def gemm_job(board, x, w, b, has_bias, out, nr, k, n_out, p):
+    def gemm_job(board, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
         """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr (:func:`.packed.packed_linear`
         with ``cores=2`` on x read in place, nr < X_PACK_FROM): a job on gemm's board, the panels
         of the packed weight at address ``w`` cut into chunks as packed_linear cuts them; ``b``:
         the bias's address (read only when ``has_bias``)."""
+        fingerprint  # noqa: B018 (in the cache key)
         n_panels = (n_out + p - 1) // p
         chunks = min(n_panels, TWO_CORE_CHUNKS)
         chunk = (n_panels + chunks - 1) // chunks
-        pf = numba.carray(pointer_like(w, out), n_panels * k * p)  # [O/P * K * P], the panels
-        bf = numba.carray(pointer_like(b, out), n_out if has_bias else 1)  # [O]
+        pf = read_only(numba.carray(pointer_like(w, out), n_panels * k * p))  # [O/P * K * P], the panels
+        bf = read_only(numba.carray(pointer_like(b, out), n_out if has_bias else 1))  # [O]
         scratch = np.empty(nr * p, out.dtype) if n_out % p else out  # [R, P], the partial last panel
-        _post(board, x, pf, bf, has_bias, out, scratch, nr, k, n_out, chunk, (n_panels + chunk - 1) // chunk, KC, MC)
+        _post(board, read_only(x), pf, bf, has_bias, out, scratch, nr, k, n_out, chunk, (n_panels + chunk - 1) // chunk, kc, mc)
         _work(board, out)
 
     @numba.njit(**JIT)
@@ -77,14 +80,18 @@ def _make(fingerprint):
         y = np.empty((nr, hid), dt)  # [R, H] a block's output projection
         mid = np.empty((nr, inter), dt)  # [R, I] the FFN's hidden layer
         lay = np.empty(_LAY, np.int64)  # attention_few_kernel's layout vector
-        n_pairs = nb * nh
+        # (No literal as an argument: called from compiled code, a function compiles once more for each
+        # literal value, and again apart from the calls from Python.)
+        n_pairs, zero, kc, mc = nb * nh, np.int64(0), sizes[_KC], sizes[_MC]
+        yes = nb > 0
+        no = not yes
         for i in range(table.shape[0]):
             t = table[i]
             # attention block: h += W_o attention(LayerNorm(h)) + b_o
             w1, b1 = numba.carray(pointer_like(t[_LN1W], one), hid), numba.carray(pointer_like(t[_LN1B], one), hid)
             for r in range(nb):
                 _layer_norm_row(h[r], w1, b1, eps, n, ln[r])
-            gemm_job(board, ln.ravel(), t[_QKVW], t[_QKVB], True, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3])
+            _gemm_job(board, ln.ravel(), t[_QKVW], t[_QKVB], yes, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3], kc, mc)
             keys = numba.carray(pointer_like(t[_KEYS], one), (nb, nh, cap, nd))  # [B, N, C, D]
             vals = numba.carray(pointer_like(t[_VALS], one), (nb, nh, cap, nd))
             for bi in range(nb):  # (cache.append: this step's k and v at position P)
@@ -113,8 +120,8 @@ def _make(fingerprint):
                 _post_attention(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
                 _work(board, like)
             else:
-                attention_few_kernel(lay, has_mask, like, 0, n_pairs)
-            gemm_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], True, y.ravel(), nr, hid, hid, sizes[_PH])
+                attention_few_kernel(lay, has_mask, like, zero, n_pairs)
+            _gemm_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], yes, y.ravel(), nr, hid, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
@@ -122,17 +129,17 @@ def _make(fingerprint):
             w2, b2 = numba.carray(pointer_like(t[_LN2W], one), hid), numba.carray(pointer_like(t[_LN2B], one), hid)
             for r in range(nb):
                 _layer_norm_row(h[r], w2, b2, eps, n, ln[r])
-            gemm_job(board, ln.ravel(), t[_INW], 0, False, mid.ravel(), nr, hid, inter, sizes[_PI])
-            _bias_gelu_inplace_kernel(mid[:nb], numba.carray(pointer_like(t[_INB], one), inter), True)
-            gemm_job(board, mid.ravel(), t[_FFW], t[_FFB], True, y.ravel(), nr, inter, hid, sizes[_PH])
+            _gemm_job(board, ln.ravel(), t[_INW], t[_INB], no, mid.ravel(), nr, hid, inter, sizes[_PI], kc, mc)
+            _bias_gelu_inplace_kernel(mid, numba.carray(pointer_like(t[_INB], one), inter), yes)  # (rows B.. unread)
+            _gemm_job(board, mid.ravel(), t[_FFW], t[_FFB], yes, y.ravel(), nr, inter, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
 
-    return layers
+    return gemm_job, layers
 
 
-_layers = _make(gemm._packed_fingerprint("gemm.py"))
+_gemm_job, _layers = _make(gemm._packed_fingerprint("gemm.py"))
 
 
 def _leaves(params) -> list:
@@ -256,6 +263,7 @@ def run(params, config, h, cache, bias) -> bool:
         sizes[[_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _MB]] = nb, nr, hid, nh, config.intermediate_size, shape[2], pos, mb
         sizes[[_P3, _PH, _PI]] = plan.widths
         sizes[_HAS_MASK] = bias is not None
+        sizes[[_KC, _MC]] = KC, MC
         sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= gemm.ATTENTION_SPLIT_FROM
         x = np.zeros((nr, hid), dtype)  # [R, H]
         x[:nb] = h[:, 0]
