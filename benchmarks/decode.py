@@ -11,8 +11,9 @@ Reported per batch size: end-to-end tokens/s (prefill included) and decode-only 
 
 Also measured, interleaved with both: the **GEMV floor**, the time of one step's matrix products
 alone (every projection of every layer, the LM head's dense layer and its [V, H] decoder, on the
-model's own weights, B rows, scheduled as the step schedules them: q, k and v as one GEMM on the
-stacked weights, ``refimpl.fast.schedule.linear`` for the rest). At batch 1 a step
+model's own weights, B rows, each the two-core job of refimpl's packed GEMM that a step posts, q,
+k and v as one GEMM on the stacked weights, back to back with their arguments prepared: no
+Python between them; :func:`step_gemvs`). At batch 1 a step
 streams all ~500 MB of float32 weights once, so this is close to what memory bandwidth allows
 any implementation that computes the full logits in float32; ``transformers ms/step / floor
 ms/step`` is about the largest speed-up over transformers this machine permits, and refimpl's
@@ -59,25 +60,41 @@ def build(threads: int, backend: str = "numba"):
 
 def step_gemvs(model, batch: int):
     """One decoding step's matrix products alone: [batch, in] x [in, out] for every weight matrix,
-    scheduled as the step schedules them: ``refimpl.fast.schedule.linears`` for each attention's
-    q, k and v (one GEMM on the stacked weights where they are packed) and
-    ``refimpl.fast.schedule.linear`` for the rest (packed weights on both cores for few rows)."""
-    from refimpl.fast.schedule import linear, linears
+    each as the two-core job a step posts (``refimpl.fast.packed.packed_linear`` with ``cores=2``:
+    the weights packed, q, k and v as one GEMM on the stacked weights, the panels in chunks that the
+    caller and the helper thread claim), back to back, with every argument prepared beforehand:
+    the time to stream the weights once through the step's own GEMM kernel, with no Python between
+    the jobs. -> (run, bytes of weights read)."""
+    from refimpl.fast import gemm, packed
+    from refimpl.fast.schedule import packed_weight
 
     p = model.params
-    qkv = [(lp.attention.query, lp.attention.key, lp.attention.value) for lp in p.layers]
-    mats = [w for lp in p.layers for w in (lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)]
-    mats += [p.lm_head.dense.weight, p.lm_head.decoder_weight]
+    mats = [(lp.attention.query.weight, lp.attention.key.weight, lp.attention.value.weight) for lp in p.layers]
+    mats += [(w,) for lp in p.layers for w in (lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)]
+    mats += [(p.lm_head.dense.weight,), (p.lm_head.decoder_weight,)]
     rng = np.random.default_rng(0)
-    xs = {n: rng.standard_normal((batch, n)).astype(model.dtype) for n in {w.shape[1] for w in mats}}
+    rows = packed._whole_tiles(batch)  # (as packed_linear multiplies them)
+    if rows >= packed.X_PACK_FROM:
+        raise SystemExit(f"step_gemvs: batch {batch} would pack x; up to {packed.X_PACK_FROM - 1} rows only")
+    jobs = []
+    for ws in mats:
+        pk = packed_weight(*ws)
+        k, n_out = ws[0].shape[1], pk.n_out
+        n_panels = -(-n_out // pk.width)
+        chunk = -(-n_panels // min(n_panels, packed.TWO_CORE_CHUNKS))
+        x = packed.flat_view(rng.standard_normal((rows, k)).astype(model.dtype))
+        out = np.empty(rows * n_out, model.dtype)
+        scratch = np.empty(rows * pk.width, model.dtype) if n_out % pk.width else out
+        bias = packed.flat_view(np.zeros(n_out, model.dtype))
+        jobs.append((x, pk.panels, bias, True, out, scratch, rows, k, n_out, chunk, -(-n_panels // chunk), packed.KC,
+                     packed.MC))
 
     def run():
-        for q, k, v in qkv:
-            linears(xs[q.weight.shape[1]], (q.weight, k.weight, v.weight), (q.bias, k.bias, v.bias))
-        for w in mats:
-            linear(xs[w.shape[1]], w)
+        for job in jobs:
+            if not gemm.on_two_cores(*job):
+                raise RuntimeError("the helper thread is busy: the floor would run on one core")
 
-    return run, sum(w.nbytes for w in mats) + sum(m.weight.nbytes for t in qkv for m in t)
+    return run, sum(w.nbytes for ws in mats for w in ws)
 
 
 def prompts(batch: int, length: int, rng):
