@@ -73,7 +73,7 @@ def step_gemvs(model, batch: int):
     mats += [(w,) for lp in p.layers for w in (lp.attention.output.weight, lp.intermediate.weight, lp.output.weight)]
     mats += [(p.lm_head.dense.weight,), (p.lm_head.decoder_weight,)]
     rng = np.random.default_rng(0)
-    rows = packed._whole_tiles(batch)  # (as packed_linear multiplies them)
+    rows = packed.whole_tiles(batch)  # (as packed_linear multiplies them)
     if rows >= packed.X_PACK_FROM:
         raise SystemExit(f"step_gemvs: batch {batch} would pack x; up to {packed.X_PACK_FROM - 1} rows only")
     jobs = []

@@ -23,7 +23,7 @@ import dask
 from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
 from distributed.client import FutureCancelledError
 
-__all__ = ["ClusterError", "run_calls", "setup_on_workers", "worker_pids"]
+__all__ = ["ClusterError", "environ_kept", "run_calls", "setup_on_workers", "worker_pids"]
 
 
 class ClusterError(ValueError):
@@ -67,12 +67,15 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
     """
     cluster = None
     own_client = client is None
+    restore = contextlib.ExitStack()
     if workers is not None:
         env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+        restore.enter_context(environ_kept())
         try:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                    silence_logs=logging.CRITICAL, env=env)
         except Exception as e:  # noqa: BLE001 - anything that stops a local cluster from starting
+            restore.close()
             raise ClusterError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(e)}") from None
         where = f"a LocalCluster of {workers} worker processes"
     elif scheduler is not None:
@@ -124,7 +127,28 @@ def run_calls(items: list[tuple[str, Any]], fn: Callable, arg: Any, *, setup: Ca
             client.close()
         if cluster is not None:
             cluster.close()
+        restore.close()
     return where
+
+
+@contextlib.contextmanager
+def environ_kept():
+    """This process's environment as it was before the block, after it (what changed is put back).
+
+    A ``LocalCluster``'s nannies run in the process that starts it, and a nanny sets variables in
+    *its own* process's environment before spawning a worker: ``distributed.nanny.pre-spawn-environ``
+    (``OMP_NUM_THREADS=1``, ``OPENBLAS_NUM_THREADS=1``, ...; Dask's configuration says "this leaks
+    variables into the nanny process"), ``PYTHONHASHSEED``, ``__DASK_PARENT_PID``. Every process
+    started later from this one would inherit them: its BLAS on one thread, a fixed hash seed."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k not in before]:
+            del os.environ[k]
+        for k, v in before.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

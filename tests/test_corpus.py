@@ -413,12 +413,15 @@ def test_workers_without_dask_is_one_line(tmp_path, models, capsys, monkeypatch)
 @pytest.fixture(scope="module")
 def dask_client():
     distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=50)
-    client = distributed.Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
+    from refimpl.cluster import environ_kept
+
+    with environ_kept():  # (see environ_kept: the nannies run in this process)
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                           silence_logs=50)
+        client = distributed.Client(cluster)
+        yield client
+        client.close()
+        cluster.close()
 
 
 @pytest.mark.dask
@@ -461,6 +464,30 @@ def test_each_worker_limits_blas_and_maps_the_weights_once(tmp_path, models, das
                                                  r"worker must see the same path"):
         cluster.run_calls([("k", part)], corpus.run_partition, gone, setup=corpus.prepare_worker, name="gone",
                           client=dask_client)
+
+
+def _double(arg, item, address):
+    return 2 * item
+
+
+@pytest.mark.dask
+def test_a_local_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
+    """run_calls(workers=N) starts a LocalCluster whose nannies set OMP_NUM_THREADS=1,
+    OPENBLAS_NUM_THREADS=1, ... in this process's environment before spawning a worker (Dask's
+    pre-spawn-environ); once it returns they are as they were, so a process started afterwards
+    still gets every core for its BLAS."""
+    pytest.importorskip("distributed")
+    from refimpl import cluster
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    got = []
+    cluster.run_calls([("a", 1), ("b", 2)], _double, None, setup=lambda arg, address: None, name="env", workers=1,
+                      on_result=got.append)
+    assert sorted(got) == [2, 4]
+    assert dict(os.environ) == before
 
 
 @pytest.mark.dask

@@ -530,7 +530,7 @@ def test_warmup_compiles_one_specialisation_per_kernel(dtype):
 
 _KERNELS = [
     kernels._bias_gelu_kernel,
-    kernels._bias_gelu_inplace_kernel,
+    kernels.bias_gelu_inplace_kernel,
     kernels._layer_norm_kernel,
     kernels._residual_layer_norm_kernel,
     kernels._masked_softmax_kernel,

@@ -326,14 +326,14 @@ def test_the_helper_is_cached_per_packed_driver(monkeypatch):
     closure cell (part of the cache key): a helper cached with another driver is never loaded."""
     from refimpl.fast import gemm
 
-    fingerprint = gemm._packed_fingerprint()
-    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm._post_work, gemm._post_attention_work):
+    fingerprint = gemm.code_fingerprint()
+    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm.gemm_job, gemm.attention_job):
         cells = [c.cell_contents for c in fn.py_func.__closure__ or ()]
         assert cells == [fingerprint], fn.py_func.__name__  # (a plain int: the cache still works)
         assert fn._cache is not None and type(fn._cache).__name__ == "FunctionCache"
     other = "generic" if os.environ.get("REFIMPL_PACKED_ISA") == "avx2" else "avx2"  # (whatever this run forces)
     monkeypatch.setenv("REFIMPL_PACKED_ISA", other)
-    assert gemm._packed_fingerprint() != fingerprint
+    assert gemm.code_fingerprint() != fingerprint
 
 
 @pytest.mark.slow  # two cold compiles in a fresh process (a few seconds), then cached

@@ -11,7 +11,9 @@ imports this package. Here the same forward runs faster, held to the reference b
 - :mod:`.gemm`: the helper thread and job board through which both cores share a packed GEMM (or
   a decoding step's attention);
 - :mod:`.schedule`: GEMM orientation, attention per head, the batch on two threads;
-- :mod:`.tasks`: the fast encoder, heads and task functions that :class:`refimpl.Model` calls.
+- :mod:`.tasks`: the fast encoder, heads and task functions that :class:`refimpl.Model` calls;
+- :mod:`.decoding`: a decoding step's blocks in one compiled call (the same kernels, jobs and
+  order as :mod:`.tasks` calling them one by one: the same bits).
 
 =====================================================  ==========================================
 Definition (reference)                                 fast path

@@ -24,54 +24,60 @@ import numba
 import numpy as np
 
 from . import gemm
-from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, _post, _post_attention, _work, read_only
-from .kernels import (_ADDR, _EXT, _K, _LAY, _M, _NH, _ND, _NS, _NT, _O, _Q, _SCALE, _V, _bias_gelu_inplace_kernel,
-                      _layer_norm_row, attention_few_kernel)
+from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, attention_job, code_fingerprint, gemm_job, held_board, read_only
+from .kernels import (LAYOUT_SIZE, attention_few_kernel, bias_gelu_inplace_kernel, layer_norm_row, layout_array,
+                      layout_sizes)
 from .llvm import DTYPES, JIT, pointer_like
-from .packed import KC, MC, TWO_CORE_CHUNKS, X_PACK_FROM, _whole_tiles
+from .packed import KC, MC, TWO_CORE_CHUNKS, X_PACK_FROM, whole_tiles
 from .schedule import packed_weight, this_core_only
 
-# Per layer, the addresses in a plan's table (one row a layer).
+# A plan's table: one row a layer, these addresses in it.
 (_LN1W, _LN1B, _QKVW, _QKVB, _OUTW, _OUTB, _LN2W, _LN2B, _INW, _INB, _FFW, _FFB, _KEYS, _VALS, _COLS) = range(15)
-# The step's sizes (an int64 vector).
+# The step's sizes (an int64 vector): B, R, H, N, I, C, P, the panel widths of the q/k/v, H- and
+# I-output weights, whether there is a mask and its rows (1 or B), whether the attention is a
+# two-core job, the packed GEMM's KC and MC.
 _NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _KC, _MC, _SIZES = range(16)
 
 
 def _make(fingerprint):
-    """The compiled step's functions, each with ``fingerprint`` (gemm's, of the files whose code they
-    compile in) as a closure cell, so in its cache key; they reach each other as module globals (a
-    closure cell holding a dispatcher would keep a function out of Numba's cache)."""
+    """The compiled step's two functions, each with ``fingerprint`` (of the files whose code they
+    compile in) as a closure cell, so in its cache key; the step reaches the other as a module
+    global (a closure cell holding a dispatcher would keep a function out of Numba's cache)."""
 
     @numba.njit(**JIT)
-    def gemm_job(board, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
-        """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr (:func:`.packed.packed_linear`
-        with ``cores=2`` on x read in place, nr < X_PACK_FROM): a job on gemm's board, the panels
-        of the packed weight at address ``w`` cut into chunks as packed_linear cuts them; ``b``:
-        the bias's address (read only when ``has_bias``)."""
+    def linear_job(board, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
+        """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr: :func:`.packed.packed_linear`
+        with ``cores=2`` on x read in place (nr < X_PACK_FROM), the same job on gemm's board. w: the
+        address of the packed weight's panels (width p); b: the bias's address (read only when
+        ``has_bias``)."""
         fingerprint  # noqa: B018 (in the cache key)
         n_panels = (n_out + p - 1) // p
         chunks = min(n_panels, TWO_CORE_CHUNKS)
-        chunk = (n_panels + chunks - 1) // chunks
+        chunk = (n_panels + chunks - 1) // chunks  # (as packed_linear cuts them)
         pf = read_only(numba.carray(pointer_like(w, out), n_panels * k * p))  # [O/P * K * P], the panels
         bf = read_only(numba.carray(pointer_like(b, out), n_out if has_bias else 1))  # [O]
         scratch = np.empty(nr * p, out.dtype) if n_out % p else out  # [R, P], the partial last panel
-        _post(board, read_only(x), pf, bf, has_bias, out, scratch, nr, k, n_out, chunk, (n_panels + chunk - 1) // chunk, kc, mc)
-        _work(board, out)
+        gemm_job(board, read_only(x), pf, bf, has_bias, out, scratch, nr, k, n_out, chunk,
+                 (n_panels + chunk - 1) // chunk, kc, mc)
 
     @numba.njit(**JIT)
     def layers(table, sizes, eps, scale, h, mask, board, like):
         """The L blocks of ``encode`` for one new token. h: [R, H], the embeddings' LayerNorm in rows
-        0..B-1 and zeros after, updated in place; table: [L, _COLS] addresses (``_Plan``, and each
-        layer's key and value buffers [B, N, C, D]); sizes: ``_SIZES`` int64 (B, R, H, N, I, C, P,
-        the panel widths, the mask's rows, whether it has one, whether the attention is a job);
-        eps, scale: the LayerNorm's epsilon (h's dtype) and D**-0.5 (in h's dtype, as float64);
-        mask: the bias [B|1, 1, 1, S] flat; like: gemm.ATTENTION_LIKE of h's dtype."""
-        fingerprint  # noqa: B018 (in the cache key: see gemm._job_functions)
+        0..B-1 and zeros after, updated in place; table: [L, _COLS] addresses (``_Plan``'s, and each
+        layer's key and value buffers [B, N, C, D]); sizes: ``_SIZES`` int64; eps: the LayerNorm's
+        epsilon in h's dtype; scale: D**-0.5 in h's dtype, as a float64; mask: the bias
+        [B|1, 1, 1, S], flat; like: ``gemm.ATTENTION_LIKE`` of h's dtype (an attention job's)."""
+        fingerprint  # noqa: B018 (in the cache key)
         dt = h.dtype
         nb, nr, hid, nh, inter = sizes[_NB], sizes[_NR], sizes[_HID], sizes[_NHEADS], sizes[_INTER]
         cap, pos, mb = sizes[_CAP], sizes[_LEN], sizes[_MB]
-        nd, ns = hid // nh, pos + 1  # D; S, the keys after this step's
+        nd, ns = hid // nh, pos + 1  # D; S, the keys with this step's
         has_mask, split = sizes[_HAS_MASK] != 0, sizes[_SPLIT] != 0
+        # (No literal as an argument: called from compiled code, a function compiles once more for
+        # each literal value, and again apart from its calls from Python.)
+        kc, mc, zero, n_pairs = sizes[_KC], sizes[_MC], np.int64(0), nb * nh
+        yes = nb > 0
+        no = not yes
         n = dt.type(hid)  # (LayerNorm's divisor, in the dtype)
         one = np.zeros(1, dt)  # (the dtype, for pointer_like)
         ln = np.zeros((nr, hid), dt)  # [R, H] a LayerNorm's output (rows B.. stay zero)
@@ -79,19 +85,15 @@ def _make(fingerprint):
         ctx = np.zeros((nr, hid), dt)  # [R, H] the attention context, heads merged
         y = np.empty((nr, hid), dt)  # [R, H] a block's output projection
         mid = np.empty((nr, inter), dt)  # [R, I] the FFN's hidden layer
-        lay = np.empty(_LAY, np.int64)  # attention_few_kernel's layout vector
-        # (No literal as an argument: called from compiled code, a function compiles once more for each
-        # literal value, and again apart from the calls from Python.)
-        n_pairs, zero, kc, mc = nb * nh, np.int64(0), sizes[_KC], sizes[_MC]
-        yes = nb > 0
-        no = not yes
+        lay = np.empty(LAYOUT_SIZE, np.int64)  # attention_few_kernel's layout vector
+        bs, hs = (1 if nb > 1 else 0), (1 if nh > 1 else 0)  # (a stride along an axis of size 1 is 0)
         for i in range(table.shape[0]):
             t = table[i]
-            # attention block: h += W_o attention(LayerNorm(h)) + b_o
+            # the attention block: h += W_o attention(LayerNorm(h)) + b_o
             w1, b1 = numba.carray(pointer_like(t[_LN1W], one), hid), numba.carray(pointer_like(t[_LN1B], one), hid)
             for r in range(nb):
-                _layer_norm_row(h[r], w1, b1, eps, n, ln[r])
-            _gemm_job(board, ln.ravel(), t[_QKVW], t[_QKVB], yes, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3], kc, mc)
+                layer_norm_row(h[r], w1, b1, eps, n, ln[r])
+            _linear_job(board, ln.ravel(), t[_QKVW], t[_QKVB], yes, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3], kc, mc)
             keys = numba.carray(pointer_like(t[_KEYS], one), (nb, nh, cap, nd))  # [B, N, C, D]
             vals = numba.carray(pointer_like(t[_VALS], one), (nb, nh, cap, nd))
             for bi in range(nb):  # (cache.append: this step's k and v at position P)
@@ -99,47 +101,39 @@ def _make(fingerprint):
                     for d in range(nd):
                         keys[bi, hi, pos, d] = qkv[bi, hid + hi * nd + d]
                         vals[bi, hi, pos, d] = qkv[bi, 2 * hid + hi * nd + d]
-            # The layout kernels._layout makes for q [B, N, 1, D] (in qkv), k and v [B, N, S, D] (the
-            # buffers), the mask [B|1, 1, 1, S] and ctx as [B, N, 1, D]: per array its address, its
-            # extent and its batch, head and row strides in elements (0 along an axis of size 1).
-            lay[_NH], lay[_NT], lay[_NS], lay[_ND] = nh, 1, ns, nd
-            bs, hs = (1 if nb > 1 else 0), (1 if nh > 1 else 0)
-            lay[_Q], lay[_Q + 1], lay[_Q + 2] = bs * 3 * hid, hs * nd, 0
-            lay[_K], lay[_K + 1], lay[_K + 2] = bs * nh * cap * nd, hs * cap * nd, nd if ns > 1 else 0
-            lay[_V], lay[_V + 1], lay[_V + 2] = lay[_K], lay[_K + 1], lay[_K + 2]
-            lay[_M], lay[_M + 1], lay[_M + 2] = (ns if mb > 1 else 0), 0, 0
-            lay[_O], lay[_O + 1], lay[_O + 2] = bs * hid, hs * nd, 0
-            lay[_ADDR], lay[_EXT] = qkv.ctypes.data, (nb - 1) * 3 * hid + (nh - 1) * nd + nd
-            lay[_ADDR + 1], lay[_EXT + 1] = keys.ctypes.data, ((nb - 1) * nh * cap + (nh - 1) * cap + ns - 1) * nd + nd
-            lay[_ADDR + 2], lay[_EXT + 2] = vals.ctypes.data, lay[_EXT + 1]
-            lay[_ADDR + 3], lay[_EXT + 3] = mask.ctypes.data, (mb * ns if has_mask else 1)
-            lay[_ADDR + 4], lay[_EXT + 4] = ctx.ctypes.data, (nb - 1) * hid + (nh - 1) * nd + nd
-            lay.view(np.float64)[_SCALE] = scale
-            if split:  # (kernels.attention_few with cores=2, as gemm.attention_on_two_cores posts it)
+            # q [B, N, 1, D] (in qkv), k and v [B, N, S, D] (the buffers), the mask [B|1, 1, 1, S]
+            # and ctx as [B, N, 1, D], as kernels._layout describes them
+            layout_sizes(lay, nh, 1, ns, nd, scale)
+            layout_array(lay, 0, qkv.ctypes.data, (nb - 1) * 3 * hid + (nh - 1) * nd + nd, bs * 3 * hid, hs * nd, 0)
+            kext = ((nb - 1) * nh * cap + (nh - 1) * cap + ns - 1) * nd + nd
+            layout_array(lay, 1, keys.ctypes.data, kext, bs * nh * cap * nd, hs * cap * nd, nd if ns > 1 else 0)
+            layout_array(lay, 2, vals.ctypes.data, kext, bs * nh * cap * nd, hs * cap * nd, nd if ns > 1 else 0)
+            layout_array(lay, 3, mask.ctypes.data, mb * ns if has_mask else 1, ns if mb > 1 else 0, 0, 0)
+            layout_array(lay, 4, ctx.ctypes.data, (nb - 1) * hid + (nh - 1) * nd + nd, bs * hid, hs * nd, 0)
+            if split:  # (as gemm.attention_on_two_cores posts it)
                 chunk = (n_pairs + min(n_pairs, ATTENTION_CHUNKS) - 1) // min(n_pairs, ATTENTION_CHUNKS)
-                _post_attention(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
-                _work(board, like)
+                attention_job(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
             else:
                 attention_few_kernel(lay, has_mask, like, zero, n_pairs)
-            _gemm_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], yes, y.ravel(), nr, hid, hid, sizes[_PH], kc, mc)
+            _linear_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], yes, y.ravel(), nr, hid, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
-            # feed-forward block: h += W_2 gelu(W_1 LayerNorm(h) + b_1) + b_2
+            # the feed-forward block: h += W_2 gelu(W_1 LayerNorm(h) + b_1) + b_2
             w2, b2 = numba.carray(pointer_like(t[_LN2W], one), hid), numba.carray(pointer_like(t[_LN2B], one), hid)
             for r in range(nb):
-                _layer_norm_row(h[r], w2, b2, eps, n, ln[r])
-            _gemm_job(board, ln.ravel(), t[_INW], t[_INB], no, mid.ravel(), nr, hid, inter, sizes[_PI], kc, mc)
-            _bias_gelu_inplace_kernel(mid, numba.carray(pointer_like(t[_INB], one), inter), yes)  # (rows B.. unread)
-            _gemm_job(board, mid.ravel(), t[_FFW], t[_FFB], yes, y.ravel(), nr, inter, hid, sizes[_PH], kc, mc)
+                layer_norm_row(h[r], w2, b2, eps, n, ln[r])
+            _linear_job(board, ln.ravel(), t[_INW], t[_INB], no, mid.ravel(), nr, hid, inter, sizes[_PI], kc, mc)
+            bias_gelu_inplace_kernel(mid, numba.carray(pointer_like(t[_INB], one), inter), yes)  # (rows B.. unread)
+            _linear_job(board, mid.ravel(), t[_FFW], t[_FFB], yes, y.ravel(), nr, inter, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
 
-    return gemm_job, layers
+    return linear_job, layers
 
 
-_gemm_job, _layers = _make(gemm._packed_fingerprint("gemm.py"))
+_linear_job, _layers = _make(code_fingerprint("gemm.py"))
 
 
 def _leaves(params) -> list:
@@ -221,15 +215,15 @@ def run(params, config, h, cache, bias) -> bool:
     without room for the token, cross-attention, another bias."""
     nb, nt, hid = h.shape
     dtype = h.dtype
-    nr = _whole_tiles(nb)
+    nr = whole_tiles(nb)
     layers = cache.layers
-    if (nt != 1 or nr >= X_PACK_FROM or gemm._CPUS < 2 or this_core_only() or dtype not in DTYPES
+    if (nt != 1 or nr >= X_PACK_FROM or this_core_only() or dtype not in DTYPES
             or config.hidden_act not in ("gelu", "gelu_python") or not layers or not h.flags.c_contiguous):
         return False
     nh = config.num_attention_heads
     pos = layers[0].length
     keys = layers[0].keys
-    if keys is None or pos < 1 or keys.shape[2] <= pos:
+    if keys is None or keys.shape[2] <= pos:
         return False
     shape = (nb, nh, keys.shape[2], hid // nh)
     for lc in layers:
@@ -250,27 +244,21 @@ def run(params, config, h, cache, bias) -> bool:
     if not plan.usable or plan.dtype != dtype or plan.table.shape[0] != len(layers):
         return False
     like = ATTENTION_LIKE[dtype]
-    helper = gemm._the_helper(like)
-    if not helper.lock.acquire(blocking=False):
-        return False
-    try:
-        if helper.board[gemm._SLEEPING]:
-            helper.wake.set()
-        table = plan.table.copy()
+    with held_board(like) as board:
+        if board is None:
+            return False
+        table = plan.table.copy()  # [L, _COLS]
         table[:, _KEYS] = [lc.keys.ctypes.data for lc in layers]
         table[:, _VALS] = [lc.values.ctypes.data for lc in layers]
         sizes = np.zeros(_SIZES, np.int64)
         sizes[[_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _MB]] = nb, nr, hid, nh, config.intermediate_size, shape[2], pos, mb
         sizes[[_P3, _PH, _PI]] = plan.widths
-        sizes[_HAS_MASK] = bias is not None
-        sizes[[_KC, _MC]] = KC, MC
+        sizes[[_HAS_MASK, _KC, _MC]] = bias is not None, KC, MC
         sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= gemm.ATTENTION_SPLIT_FROM
         x = np.zeros((nr, hid), dtype)  # [R, H]
         x[:nb] = h[:, 0]
         _layers(table, sizes, dtype.type(config.layer_norm_eps), np.float64(dtype.type(shape[3] ** -0.5)), x, mask,
-                helper.board, like)
-    finally:
-        helper.lock.release()
+                board, like)
     h[:, 0] = x[:nb]
     for lc in layers:
         lc.length = ns

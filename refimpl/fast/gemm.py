@@ -16,6 +16,7 @@ Numba code).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import threading
@@ -225,7 +226,7 @@ def _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
     _publish(board, seq, like.itemsize)
 
 
-def _packed_fingerprint(*more: str) -> int:
+def code_fingerprint(*more: str) -> int:
     """A hash of packed.py, llvm.py, kernels.py, elementary.py and reductions.py (this folder), of
     the files named in ``more``, and of ``REFIMPL_PACKED_ISA``: what the code compiled into the job
     functions (or another function that calls them) depends on."""
@@ -243,7 +244,7 @@ def _job_functions(fingerprint: int):
     """The job functions, which compile packed.py's driver into themselves: ``_run_chunk`` and every
     function that calls it. Numba keys a cached function on its own file, bytecode and closure
     cells, not on the functions it compiles in; each of these holds
-    ``fingerprint`` (:func:`_packed_fingerprint`) as a closure cell, so that a cached copy made with
+    ``fingerprint`` (:func:`code_fingerprint`) as a closure cell, so that a cached copy made with
     another packed.py, llvm.py or forced ISA is never loaded (its x layout would not match the
     caller's). They reach each other as module globals: a closure cell holding a dispatcher would
     keep them out of the cache altogether."""
@@ -315,14 +316,16 @@ def _job_functions(fingerprint: int):
 
     @numba.njit(**JIT)
     def post_work(board, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc):
-        """``_post`` and ``_work`` in one call (the helper is awake)."""
+        """A packed GEMM as a job: ``_post`` and ``_work`` in one call (the board held by the caller,
+        :func:`held_board`; the helper awake or not). Flat C arrays as ``on_two_cores`` takes them."""
         fingerprint  # noqa: B018 (in the cache key: see _job_functions)
         _post(board, xf, wf, b, has_bias, out, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
         _work(board, out)
 
     @numba.njit(**JIT)
     def post_attention_work(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
-        """``_post_attention`` and ``_work`` in one call (the helper is awake)."""
+        """attention_few's pairs as a job: ``_post_attention`` and ``_work`` in one call (the board
+        held by the caller; the helper awake or not)."""
         fingerprint  # noqa: B018 (in the cache key: see _job_functions)
         _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs)
         _work(board, like)
@@ -330,7 +333,7 @@ def _job_functions(fingerprint: int):
     return run_chunk, help_with, serve, work, post_work, post_attention_work
 
 
-_run_chunk, _help_with, _serve, _work, _post_work, _post_attention_work = _job_functions(_packed_fingerprint())
+_run_chunk, _help_with, _serve, _work, gemm_job, attention_job = _job_functions(code_fingerprint())
 
 
 class _Helper:
@@ -405,6 +408,27 @@ def _the_helper(like):
     return _helper
 
 
+@contextlib.contextmanager
+def held_board(like):
+    """The job board, held by this caller for the block, its helper thread woken if it sleeps: jobs
+    posted on it from compiled code (:func:`gemm_job`, :func:`attention_job`) are shared with the
+    helper. None where they cannot be: one core, or the helper serving another caller (one at a
+    time). ``like``: an array of the jobs' dtype (the helper's first loop compiles for it)."""
+    if _CPUS < 2:
+        yield None
+        return
+    helper = _the_helper(like)
+    if not helper.lock.acquire(blocking=False):
+        yield None
+        return
+    try:
+        if helper.board[_SLEEPING]:
+            helper.wake.set()
+        yield helper.board
+    finally:
+        helper.lock.release()
+
+
 def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc) -> bool:
     """Run a packed GEMM as a job with the helper thread (``chunk`` panels at a time; x packed whole
     in ``xf`` in k-blocks of ``kc`` and row blocks of ``mc``, or x itself below ``packed.X_PACK_FROM``
@@ -417,7 +441,7 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     if not helper.lock.acquire(blocking=False):
         return False
     try:
-        helper.run(_post, _post_work, (xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc), of)
+        helper.run(_post, gemm_job, (xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc), of)
     finally:
         helper.lock.release()
     return True
@@ -441,7 +465,7 @@ def attention_on_two_cores(lay, has_mask, like, n_pairs: int, work: int) -> bool
     try:
         chunk = -(-n_pairs // min(n_pairs, ATTENTION_CHUNKS))
         args = (lay, has_mask, like, chunk, -(-n_pairs // chunk), n_pairs)
-        helper.run(_post_attention, _post_attention_work, args, like)
+        helper.run(_post_attention, attention_job, args, like)
     finally:
         helper.lock.release()
     return True

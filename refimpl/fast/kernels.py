@@ -177,7 +177,7 @@ def _bias_gelu_kernel(y, b, has_bias, out):  # y, out: [R, H]; b: [H]
 
 
 @numba.njit(**JIT)
-def _bias_gelu_inplace_kernel(y, b, has_bias):  # y: [R, H], updated in place; b: [H]
+def bias_gelu_inplace_kernel(y, b, has_bias):  # y: [R, H], updated in place; b: [H]
     # Each row goes through a scratch row: with y read and written in one loop, LLVM cannot rule
     # out that b aliases y and keeps the loop scalar (~6x slower); the scratch loop vectorises,
     # and the copy back is from L1.
@@ -192,7 +192,7 @@ def _bias_gelu_inplace_kernel(y, b, has_bias):  # y: [R, H], updated in place; b
 
 
 @numba.njit(**JIT)
-def _layer_norm_row(xr, w, b, eps, n, outr):  # xr, outr: [H] (may alias); n = H in the dtype
+def layer_norm_row(xr, w, b, eps, n, outr):  # xr, outr: [H] (may alias); n = H in the dtype
     mean = pairwise_sum(xr) / n
     var = pairwise_sum_centred_sq(xr, mean) / n
     std = np.sqrt(var + eps)
@@ -203,7 +203,7 @@ def _layer_norm_row(xr, w, b, eps, n, outr):  # xr, outr: [H] (may alias); n = H
 @numba.njit(**JIT)
 def _layer_norm_kernel(x, w, b, eps, n, out):  # x, out: [R, H]
     for i in range(x.shape[0]):
-        _layer_norm_row(x[i], w, b, eps, n, out[i])
+        layer_norm_row(x[i], w, b, eps, n, out[i])
 
 
 @numba.njit(**JIT)
@@ -219,7 +219,7 @@ def _residual_layer_norm_kernel(x, r, rb, has_rb, w, b, eps, n, hsum, out):  # a
         else:
             for j in range(h):
                 hr[j] = xr[j] + rr[j]
-        _layer_norm_row(hr, w, b, eps, n, out[i])
+        layer_norm_row(hr, w, b, eps, n, out[i])
 
 
 @numba.njit(**JIT)
@@ -325,7 +325,7 @@ def bias_gelu(y, b=None, *, out=None):
     has_bias = b is not None
     bv = _vector("b", b, h) if has_bias else np.zeros(1, dtype)
     if res is y:  # in place (a fresh GEMM output): no new [R, H] array to fault in
-        _bias_gelu_inplace_kernel(res.reshape(-1, h), bv, has_bias)
+        bias_gelu_inplace_kernel(res.reshape(-1, h), bv, has_bias)
     else:
         _bias_gelu_kernel(_rows(y), bv, has_bias, res.reshape(-1, h))
     return res
@@ -614,31 +614,46 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
 register_attention_kernel(attention_few_kernel)  # (gemm's two-core jobs)
 
 
+LAYOUT_SIZE = _LAY  # int64 entries in attention_few_kernel's layout vector
+
+
 @numba.njit(**INLINE)
-def _place(lay, a, at, s):
-    """Array ``a``'s element strides (batch, head, row: 0 where that axis of size 1 broadcasts),
-    address and extent into the layout vector, as array number ``at`` with strides at ``s``."""
-    ext = 1
-    for ax in range(4):
-        st = a.strides[ax] // a.itemsize
-        if ax < 3:
-            lay[s + ax] = st if a.shape[ax] > 1 else 0
-        ext += (a.shape[ax] - 1) * st
-    lay[_ADDR + at] = a.ctypes.data
-    lay[_EXT + at] = ext
+def layout_sizes(lay, nh, nt, ns, nd, scale):
+    """N heads, T query rows, S keys, D and the scale (the dtype's value, as a float64) into
+    :func:`attention_few_kernel`'s layout vector ``lay`` (int64, ``LAYOUT_SIZE``)."""
+    lay[_NH], lay[_NT], lay[_NS], lay[_ND] = nh, nt, ns, nd
+    lay.view(np.float64)[_SCALE] = scale
+
+
+@numba.njit(**INLINE)
+def layout_array(lay, at, address, extent, batch_stride, head_stride, row_stride):
+    """Array number ``at`` (0 q, 1 k, 2 v, 3 the mask, 4 out) into the layout vector: its address,
+    its extent (elements from its first to one past its last) and its batch, head and row strides
+    in elements (0 along an axis of size 1: it broadcasts)."""
+    s = _Q + 3 * at  # (_Q, _K, _V, _M, _O: three strides each, in that order)
+    lay[s], lay[s + 1], lay[s + 2] = batch_stride, head_stride, row_stride
+    lay[_ADDR + at], lay[_EXT + at] = address, extent
+
+
+@numba.njit(**INLINE)
+def _place(lay, a, at):
+    """4-D array ``a`` as array number ``at`` of the layout vector (:func:`layout_array`)."""
+    it = a.itemsize
+    ext = 1 + sum([(a.shape[ax] - 1) * (a.strides[ax] // it) for ax in range(4)])
+    layout_array(lay, at, a.ctypes.data, ext, a.strides[0] // it if a.shape[0] > 1 else 0,
+                 a.strides[1] // it if a.shape[1] > 1 else 0, a.strides[2] // it if a.shape[2] > 1 else 0)
 
 
 @numba.njit(**JIT)
 def _layout(q, k, v, m4, out, scale, lay):
     """Fill the layout vector of :func:`attention_few_kernel` for these 4-D arrays (non-empty, the
     last axis of each contiguous, no stride negative: the caller checks; any other strides)."""
-    lay[_NH], lay[_NT], lay[_NS], lay[_ND] = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
-    _place(lay, q, 0, _Q)
-    _place(lay, k, 1, _K)
-    _place(lay, v, 2, _V)
-    _place(lay, m4, 3, _M)
-    _place(lay, out, 4, _O)
-    lay.view(np.float64)[_SCALE] = np.float64(scale)
+    layout_sizes(lay, q.shape[1], q.shape[2], k.shape[2], q.shape[3], np.float64(scale))
+    _place(lay, q, 0)
+    _place(lay, k, 1)
+    _place(lay, v, 2)
+    _place(lay, m4, 3)
+    _place(lay, out, 4)
 
 
 def _readable(a):

@@ -23,7 +23,7 @@ fewer accumulators), spanning several panels each, right after the MR-row tiles 
 of panels (their blocks still in L2: the weight is streamed from memory once, whatever R; with
 AVX2 tiles, where at most one MR-row tile runs, the tail tiles also ask for the next group's
 blocks). Below X_PACK_FROM rows, a tail of more than MR / 2 rows becomes a full tile instead
-(:func:`_whole_tiles`). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
+(:func:`whole_tiles`). A partial last panel (O % P real columns) accumulates in a scratch [R, P],
 copied into ``out`` at the end; every other tile reads and writes ``out`` directly.
 
 ========  ===================  =========================  ============
@@ -138,7 +138,7 @@ X_PACK_FROM = 33
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
 
-def _whole_tiles(nr: int) -> int:
+def whole_tiles(nr: int) -> int:
     """The rows R' that R = ``nr`` rows of x multiply as: R itself, or, below X_PACK_FROM rows
     (memory-bound: streaming the weight once dominates) with more than MR / 2 rows left over after
     the full tiles (AVX-512: 5-7 of 8), R rounded up to a multiple of MR, the extra rows zeros and
@@ -652,7 +652,7 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     if out is not None:
         result_array(out, shape, dtype)  # (checked before any work)
     nr = x.size // k if k else 0  # R
-    whole = _whole_tiles(nr)  # R'
+    whole = whole_tiles(nr)  # R'
     if whole != nr:
         rows = np.zeros((whole, k), dtype)  # [R', K]: x's rows, then zeros
         rows[:nr] = x.reshape(nr, k)

@@ -13,7 +13,8 @@ schedule only (each held to the reference by ``tests/test_fast.py``):
   batch;
 - one sequence of ``TOKEN_SPLIT_FROM`` tokens or more (no cache, cross-attention or kept
   probabilities), when its work is worth it, runs as two token halves that meet at the attention
-  (:func:`encode_token_halves`).
+  (:func:`encode_token_halves`);
+- a decoding step's blocks run in one compiled call (:mod:`.decoding`).
 
 Only NumPy arrays; nothing is traced (a traced call runs the reference).
 """
@@ -104,7 +105,9 @@ def feed_forward_block(x, p: Layer, *, act: str, eps: float):
 
 
 def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None) -> EncoderOutput:
-    """Embeddings, the L blocks and the final LayerNorm for ``rows`` of the batch (None: all)."""
+    """Embeddings, the L blocks and the final LayerNorm for ``rows`` of the batch (None: all). A
+    decoding step (one new token, a cache; no hidden states, probabilities or cross-attention asked
+    for) runs its blocks in one compiled call where it can (:func:`.decoding.run`: the same bits)."""
     c, eps, heads = config, config.layer_norm_eps, config.num_attention_heads
     pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a[rows])
     bias = x.attention_bias
