@@ -255,11 +255,13 @@ def run(params, config, h, cache, bias) -> bool:
         sizes[[_P3, _PH, _PI]] = plan.widths
         sizes[[_HAS_MASK, _KC, _MC]] = bias is not None, KC, MC
         sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= gemm.ATTENTION_SPLIT_FROM
-        x = np.zeros((nr, hid), dtype)  # [R, H]
-        x[:nb] = h[:, 0]
+        x = h.reshape(nb, hid)  # [B, H], a view
+        if nr > nb:
+            x = np.concatenate((x, np.zeros((nr - nb, hid), dtype)))  # [R, H]: zeros after row B
         _layers(table, sizes, dtype.type(config.layer_norm_eps), np.float64(dtype.type(shape[3] ** -0.5)), x, mask,
                 board, like)
-    h[:, 0] = x[:nb]
+    if nr > nb:
+        h[:, 0] = x[:nb]
     for lc in layers:
         lc.length = ns
     return True

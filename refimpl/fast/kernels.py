@@ -639,7 +639,9 @@ def layout_array(lay, at, address, extent, batch_stride, head_stride, row_stride
 def _place(lay, a, at):
     """4-D array ``a`` as array number ``at`` of the layout vector (:func:`layout_array`)."""
     it = a.itemsize
-    ext = 1 + sum([(a.shape[ax] - 1) * (a.strides[ax] // it) for ax in range(4)])
+    ext = 1
+    for ax in range(4):
+        ext += (a.shape[ax] - 1) * (a.strides[ax] // it)
     layout_array(lay, at, a.ctypes.data, ext, a.strides[0] // it if a.shape[0] > 1 else 0,
                  a.strides[1] // it if a.shape[1] > 1 else 0, a.strides[2] // it if a.shape[2] > 1 else 0)
 
