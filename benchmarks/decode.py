@@ -65,7 +65,7 @@ def step_gemvs(model, batch: int):
     caller and the helper thread claim), back to back, with every argument prepared beforehand:
     the time to stream the weights once through the step's own GEMM kernel, with no Python between
     the jobs. -> (run, bytes of weights read)."""
-    from refimpl.fast import gemm, packed
+    from refimpl.fast import jobs, packed
     from refimpl.fast.schedule import packed_weight
 
     p = model.params
@@ -76,7 +76,7 @@ def step_gemvs(model, batch: int):
     rows = packed.whole_tiles(batch)  # (as packed_linear multiplies them)
     if rows >= packed.X_PACK_FROM:
         raise SystemExit(f"step_gemvs: batch {batch} would pack x; up to {packed.X_PACK_FROM - 1} rows only")
-    jobs = []
+    calls = []
     for ws in mats:
         pk = packed_weight(*ws)
         k, n_out = ws[0].shape[1], pk.n_out
@@ -86,12 +86,12 @@ def step_gemvs(model, batch: int):
         out = np.empty(rows * n_out, model.dtype)
         scratch = np.empty(rows * pk.width, model.dtype) if n_out % pk.width else out
         bias = packed.flat_view(np.zeros(n_out, model.dtype))
-        jobs.append((x, pk.panels, bias, True, out, scratch, rows, k, n_out, chunk, -(-n_panels // chunk), packed.KC,
+        calls.append((x, pk.panels, bias, True, out, scratch, rows, k, n_out, chunk, -(-n_panels // chunk), packed.KC,
                      packed.MC))
 
     def run():
-        for job in jobs:
-            if not gemm.on_two_cores(*job):
+        for job in calls:
+            if not jobs.on_two_cores(*job):
                 raise RuntimeError("the helper thread is busy: the floor would run on one core")
 
     return run, sum(w.nbytes for ws in mats for w in ws)

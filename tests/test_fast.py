@@ -102,10 +102,10 @@ def test_fast_cached_decoding_matches_the_reference(monkeypatch, dtype, probs, t
     logits and cache equal the reference's at every step. Without the probabilities a step's
     self- and cross-attention run kernels.attention_few (``two_cores``: its pairs shared with the
     helper thread, the split threshold lowered to 0 for this tiny model)."""
-    from refimpl.fast import gemm
+    from refimpl.fast import jobs
 
     if two_cores:
-        monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
+        monkeypatch.setattr(jobs, "ATTENTION_SPLIT_FROM", 0)
     model = random_model("causal-lm", seed=4, is_decoder=True, add_cross_attention=True).astype(dtype)
     reference = model.to("numpy")
     rng = np.random.default_rng(5)
@@ -153,10 +153,10 @@ def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, 
     cache of the same steps through encode's calls (left padding, a mask and none, a partial last
     panel in every GEMM (I = 37), 6 rows through a padded whole tile, the attention as a job on
     both cores or on one), and within FAST of the reference."""
-    from refimpl.fast import decoding, gemm
+    from refimpl.fast import decoding, jobs
 
     if split_attention:
-        monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
+        monkeypatch.setattr(jobs, "ATTENTION_SPLIT_FROM", 0)
     runs = []
     real = decoding.run
     monkeypatch.setattr(decoding, "run", lambda *a: runs.append(real(*a)) or runs[-1])

@@ -1,6 +1,6 @@
-"""The two-core jobs (refimpl.fast.gemm) and ``schedule.linear``'s schedule for few rows.
+"""The two-core jobs (refimpl.fast.jobs) and ``schedule.linear``'s schedule for few rows.
 
-A packed GEMM on both cores is a job on gemm.py's board that the caller and a helper thread share
+A packed GEMM on both cores is a job on jobs.py's board that the caller and a helper thread share
 (its values: tests/test_packed.py, bitwise the one-thread result). Here: which GEMM ``linear``
 picks for few rows, and the helper's life: compiled only for the dtype a process uses, nothing
 compiled at import, and a fresh helper in a forked child.
@@ -72,7 +72,7 @@ def test_a_float32_process_compiles_the_jobs_for_float32_only():
     """Compile only what a call needs: float32 GEMMs split over both cores (the helper thread
     included) compile the job functions and the driver for float32, and no float64 code."""
     code = (
-        "import time, numpy as np, refimpl.fast.gemm as g, refimpl.fast.packed as p\n"
+        "import time, numpy as np, refimpl.fast.jobs as g, refimpl.fast.packed as p\n"
         "p.SPLIT_FROM, g._CPUS = 0, 2\n"
         "x, w = np.ones((3, 64), np.float32), np.ones((100, 64), np.float32)\n"
         "w.flags.writeable = False\n"
@@ -96,7 +96,7 @@ def test_attention_jobs_compile_apart_from_the_gemm_jobs():
     """A decoding step's attention on both cores compiles the job functions for its own kind (a 2-D
     ``like``), not the packed GEMM driver; the helper switches loops as the kinds alternate."""
     code = (
-        "import time, numpy as np, refimpl.fast.gemm as g, refimpl.fast.kernels as k, refimpl.fast.packed as p\n"
+        "import time, numpy as np, refimpl.fast.jobs as g, refimpl.fast.kernels as k, refimpl.fast.packed as p\n"
         "g.ATTENTION_SPLIT_FROM, g._CPUS = 0, 2\n"
         "rng = np.random.default_rng(0)\n"
         "q, kv = rng.standard_normal((2, 3, 1, 8)), rng.standard_normal((2, 3, 5, 8))\n"
@@ -119,7 +119,7 @@ def test_attention_jobs_compile_apart_from_the_gemm_jobs():
 
 def test_import_compiles_nothing():
     code = (
-        "import refimpl, refimpl.fast.gemm as g\n"
+        "import refimpl, refimpl.fast.jobs as g\n"
         "assert not (g._run_chunk.signatures or g._work.signatures or g._serve.signatures)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

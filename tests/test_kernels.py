@@ -423,20 +423,20 @@ def test_attention_few_matches_inline_reference(dtype, b, n, t, s_len, d, mask_k
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("b,n,t,s_len,d", [(1, 2, 1, 5, 8), (3, 4, 1, 40, 64), (8, 12, 1, 33, 64), (2, 3, 2, 130, 12)])
 def test_attention_few_two_cores_gives_the_same_bits(monkeypatch, dtype, b, n, t, s_len, d):
-    """cores=2: the helper thread claims chunks of pairs through gemm's job board; every pair is
+    """cores=2: the helper thread claims chunks of pairs through refimpl.fast.jobs' board; every pair is
     computed by the same kernel whoever claims it (the split threshold lowered to 0, so that
     every case here runs as a job)."""
-    from refimpl.fast import gemm
+    from refimpl.fast import jobs
 
-    monkeypatch.setattr(gemm, "ATTENTION_SPLIT_FROM", 0)
+    monkeypatch.setattr(jobs, "ATTENTION_SPLIT_FROM", 0)
     rng = np.random.default_rng(b * s_len)
     q, k, v, mask = _few_inputs(dtype, b, n, t, s_len, d, "keys", True, rng)
     one = kernels.attention_few(q, k, v, mask, d**-0.5)
-    helper = gemm._the_helper(gemm.ATTENTION_LIKE[dtype])
-    jobs = helper.board[gemm._SEQ]
+    helper = jobs._the_helper(jobs.ATTENTION_LIKE[dtype])
+    posted = helper.board[jobs._SEQ]
     for _ in range(3):  # (the helper may be asleep at the first, and claim nothing)
         np.testing.assert_array_equal(kernels.attention_few(q, k, v, mask, d**-0.5, cores=2), one)
-    assert helper.board[gemm._SEQ] == jobs + 3 or gemm._CPUS < 2  # posted as jobs
+    assert helper.board[jobs._SEQ] == posted + 3 or jobs._CPUS < 2  # posted as jobs
 
 
 def test_attention_few_bad_inputs():

@@ -130,12 +130,12 @@ def test_each_element_independent_of_rows_blocks_and_threads(monkeypatch, dtype)
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_two_cores_give_the_same_bits(monkeypatch, dtype):
-    """cores=2: the caller and gemm.py's helper thread claim chunks of panels (x packed once for
+    """cores=2: the caller and jobs.py's helper thread claim chunks of panels (x packed once for
     both, or read in place below X_PACK_FROM rows): bitwise the one-thread result, for full and
     partial last panels, tails of every tile size, several k-blocks and row blocks, one panel per
     chunk or many; also when the helper is busy with another caller's job (the caller runs it all)
     and on one core."""
-    from refimpl.fast import gemm
+    from refimpl.fast import jobs
 
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)  # two cores whatever the size
     x, w, b = _data(dtype, 37, 300, 1600, seed=5)
@@ -158,10 +158,10 @@ def test_two_cores_give_the_same_bits(monkeypatch, dtype):
         np.testing.assert_array_equal(packed.packed_linear(x[:13], pw, b, cores=cores), few)
     monkeypatch.undo()
     monkeypatch.setattr(packed, "SPLIT_FROM", 0)
-    helper = gemm._the_helper(np.zeros(1, dtype))
+    helper = jobs._the_helper(np.zeros(1, dtype))
     with helper.lock:  # another caller holds the helper: this one runs the job alone
         np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
-    monkeypatch.setattr(gemm, "_CPUS", 1)
+    monkeypatch.setattr(jobs, "_CPUS", 1)
     np.testing.assert_array_equal(packed.packed_linear(x, pw, b, cores=2), one)
     with pytest.raises(ValueError, match="cores must be 1 or 2"):
         packed.packed_linear(x, pw, b, cores=3)
@@ -321,19 +321,19 @@ np.savez(sys.argv[2], f32=outs[0], f64=outs[1])
 
 
 def test_the_helper_is_cached_per_packed_driver(monkeypatch):
-    """gemm.py's job functions compile packed.py's driver into themselves; Numba's cache keys them on
-    gemm.py alone, so each holds a fingerprint of packed.py, llvm.py and the forced ISA as a
+    """jobs.py's job functions compile packed.py's driver into themselves; Numba's cache keys them on
+    jobs.py alone, so each holds a fingerprint of packed.py, llvm.py and the forced ISA as a
     closure cell (part of the cache key): a helper cached with another driver is never loaded."""
-    from refimpl.fast import gemm
+    from refimpl.fast import jobs
 
-    fingerprint = gemm.code_fingerprint()
-    for fn in (gemm._run_chunk, gemm._help_with, gemm._serve, gemm._work, gemm.gemm_job, gemm.attention_job):
+    fingerprint = jobs.code_fingerprint()
+    for fn in (jobs._run_chunk, jobs._help_with, jobs._serve, jobs._work, jobs.gemm_job, jobs.attention_job):
         cells = [c.cell_contents for c in fn.py_func.__closure__ or ()]
         assert cells == [fingerprint], fn.py_func.__name__  # (a plain int: the cache still works)
         assert fn._cache is not None and type(fn._cache).__name__ == "FunctionCache"
     other = "generic" if os.environ.get("REFIMPL_PACKED_ISA") == "avx2" else "avx2"  # (whatever this run forces)
     monkeypatch.setenv("REFIMPL_PACKED_ISA", other)
-    assert gemm.code_fingerprint() != fingerprint
+    assert jobs.code_fingerprint() != fingerprint
 
 
 @pytest.mark.slow  # two cold compiles in a fresh process (a few seconds), then cached

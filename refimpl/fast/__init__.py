@@ -8,7 +8,7 @@ imports this package. Here the same forward runs faster, held to the reference b
 - :mod:`.reductions`: sums in NumPy's pairwise order;
 - :mod:`.kernels`: the kernels, each beside its wrapper;
 - :mod:`.packed`: the packed-weight GEMM (weights packed once; one core, or both on panel chunks);
-- :mod:`.gemm`: the helper thread and job board through which both cores share a packed GEMM (or
+- :mod:`.jobs`: the helper thread and job board through which both cores share a packed GEMM (or
   a decoding step's attention);
 - :mod:`.schedule`: GEMM orientation, attention per head, the batch on two threads;
 - :mod:`.tasks`: the fast encoder, heads and task functions that :class:`refimpl.Model` calls;
@@ -92,5 +92,5 @@ from .. import jitcache
 
 jitcache.ensure()  # before the first cache=True declaration: Numba picks the cache folder there
 
-from . import packed  # noqa: E402,F401 (registers its kernels for gemm's two-core jobs)
-from . import kernels  # noqa: E402,F401 (registers attention_few's kernel for gemm's two-core jobs)
+from . import packed  # noqa: E402,F401 (registers its kernels for the two-core jobs)
+from . import kernels  # noqa: E402,F401 (registers attention_few's kernel for the two-core jobs)

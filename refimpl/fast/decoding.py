@@ -7,7 +7,7 @@ weights streamed between two calls push the interpreter's own data out of the ca
 L blocks run in one Numba call that makes the same kernel calls in the same order, on the same
 arrays: the same bits as :func:`.tasks.encode`, which ``tests/test_fast.py`` checks.
 
-The GEMMs and the attention run as jobs on :mod:`.gemm`'s board (both cores; the helper thread
+The GEMMs and the attention run as jobs on :mod:`.jobs`' board (both cores; the helper thread
 claims chunks as it comes), exactly as :func:`.packed.packed_linear` (``cores=2``) and
 :func:`.kernels.attention_few` post them.
 
@@ -23,8 +23,8 @@ import weakref
 import numba
 import numpy as np
 
-from . import gemm
-from .gemm import ATTENTION_CHUNKS, ATTENTION_LIKE, attention_job, code_fingerprint, gemm_job, held_board, read_only
+from . import jobs
+from .jobs import ATTENTION_CHUNKS, ATTENTION_LIKE, attention_job, code_fingerprint, gemm_job, held_board, read_only
 from .kernels import (LAYOUT_SIZE, attention_few_kernel, bias_gelu_inplace_kernel, layer_norm_row, layout_array,
                       layout_sizes)
 from .llvm import DTYPES, JIT, pointer_like
@@ -47,7 +47,7 @@ def _make(fingerprint):
     @numba.njit(**JIT)
     def linear_job(board, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
         """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr: :func:`.packed.packed_linear`
-        with ``cores=2`` on x read in place (nr < X_PACK_FROM), the same job on gemm's board. w: the
+        with ``cores=2`` on x read in place (nr < X_PACK_FROM), the same job on the job board. w: the
         address of the packed weight's panels (width p); b: the bias's address (read only when
         ``has_bias``)."""
         fingerprint  # noqa: B018 (in the cache key)
@@ -66,7 +66,7 @@ def _make(fingerprint):
         0..B-1 and zeros after, updated in place; table: [L, _COLS] addresses (``_Plan``'s, and each
         layer's key and value buffers [B, N, C, D]); sizes: ``_SIZES`` int64; eps: the LayerNorm's
         epsilon in h's dtype; scale: D**-0.5 in h's dtype, as a float64; mask: the bias
-        [B|1, 1, 1, S], flat; like: ``gemm.ATTENTION_LIKE`` of h's dtype (an attention job's)."""
+        [B|1, 1, 1, S], flat; like: ``jobs.ATTENTION_LIKE`` of h's dtype (an attention job's)."""
         fingerprint  # noqa: B018 (in the cache key)
         dt = h.dtype
         nb, nr, hid, nh, inter = sizes[_NB], sizes[_NR], sizes[_HID], sizes[_NHEADS], sizes[_INTER]
@@ -110,7 +110,7 @@ def _make(fingerprint):
             layout_array(lay, 2, vals.ctypes.data, kext, bs * nh * cap * nd, hs * cap * nd, nd if ns > 1 else 0)
             layout_array(lay, 3, mask.ctypes.data, mb * ns if has_mask else 1, ns if mb > 1 else 0, 0, 0)
             layout_array(lay, 4, ctx.ctypes.data, (nb - 1) * hid + (nh - 1) * nd + nd, bs * hid, hs * nd, 0)
-            if split:  # (as gemm.attention_on_two_cores posts it)
+            if split:  # (as jobs.attention_on_two_cores posts it)
                 chunk = (n_pairs + min(n_pairs, ATTENTION_CHUNKS) - 1) // min(n_pairs, ATTENTION_CHUNKS)
                 attention_job(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
             else:
@@ -133,7 +133,7 @@ def _make(fingerprint):
     return linear_job, layers
 
 
-_linear_job, _layers = _make(code_fingerprint("gemm.py"))
+_linear_job, _layers = _make(code_fingerprint("jobs.py"))
 
 
 def _leaves(params) -> list:
@@ -254,7 +254,7 @@ def run(params, config, h, cache, bias) -> bool:
         sizes[[_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _MB]] = nb, nr, hid, nh, config.intermediate_size, shape[2], pos, mb
         sizes[[_P3, _PH, _PI]] = plan.widths
         sizes[[_HAS_MASK, _KC, _MC]] = bias is not None, KC, MC
-        sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= gemm.ATTENTION_SPLIT_FROM
+        sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= jobs.ATTENTION_SPLIT_FROM
         x = h.reshape(nb, hid)  # [B, H], a view
         if nr > nb:
             x = np.concatenate((x, np.zeros((nr - nb, hid), dtype)))  # [R, H]: zeros after row B

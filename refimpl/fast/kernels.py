@@ -13,7 +13,7 @@ import numpy as np
 from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store,
                    v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
-from .gemm import ATTENTION_LIKE, attention_on_two_cores, register_attention_kernel
+from .jobs import ATTENTION_LIKE, attention_on_two_cores, register_attention_kernel
 from .reductions import lane_max, lane_sum, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
 
 
@@ -611,7 +611,7 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
             _context(sc, vf, vo, lay[_V + 2], ns, nd, of, oo + ti * lay[_O + 2], vn if ti == 0 else -1)
 
 
-register_attention_kernel(attention_few_kernel)  # (gemm's two-core jobs)
+register_attention_kernel(attention_few_kernel)  # (the two-core jobs, refimpl.fast.jobs)
 
 
 LAYOUT_SIZE = _LAY  # int64 entries in attention_few_kernel's layout vector
@@ -672,7 +672,7 @@ def attention_few(q, k, v, mask=None, scale: float = 1.0, *, out=None, cores: in
     mask as in :func:`masked_softmax` -> [B, N, T, D] (``out``: any writeable array of that shape
     whose last axis is contiguous). Where BLAS would run B * N matrix-vector products and the
     softmax a pass of its own, each pair's keys and values are read once and its scores stay in
-    cache. ``cores=2`` shares the pairs with :mod:`.gemm`'s helper thread (chunks of pairs claimed
+    cache. ``cores=2`` shares the pairs with :mod:`.jobs`' helper thread (chunks of pairs claimed
     as they come): the same values whichever thread computes a pair. The softmax is
     :func:`masked_softmax`'s; the two products are other summation orders than BLAS's, held to
     the reference within the dot-product bound.
@@ -706,7 +706,7 @@ def _attention_few_run(q, k, v, m4, has_mask: bool, scale_t, out, cores: int):
     nb, nh, _, nd = q.shape
     lay = np.empty(_LAY, np.int64)
     _layout(q, k, v, m4, out, scale_t, lay)
-    like = ATTENTION_LIKE[q.dtype]  # (the dtype; as gemm's attention jobs pass it)
+    like = ATTENTION_LIKE[q.dtype]  # (the dtype; as the attention jobs pass it)
     if cores == 2 and attention_on_two_cores(lay, has_mask, like, nb * nh, nb * nh * k.shape[2] * nd):
         return out
     attention_few_kernel(lay, has_mask, like, 0, nb * nh)

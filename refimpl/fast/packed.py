@@ -51,7 +51,7 @@ of ``llvm.fma`` (``tests/test_packed.py``). Another summation order than BLAS's,
 ``x @ W.T + b`` by the K-term dot-product bound (tolerances.KERNEL_ULPS["dot"]).
 
 Compile time: a micro-kernel with 16 vector accumulators written with Numba-level vector
-intrinsics can take LLVM a minute to compile (gemm.py's 4 x 4 tile took 86 s). Here the
+intrinsics can take LLVM a minute to compile (an earlier 4 x 4 tile took 86 s). Here the
 micro-kernel (the loop over k for one tile) is written directly as LLVM IR in an ``@intrinsic``:
 one basic block with a phi node per accumulator, which LLVM only has to schedule and allocate
 registers for; the loops around it are plain Numba. A cold compile takes ~1-2 s per dtype, and
@@ -74,7 +74,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemm import on_two_cores, read_only, register_packed_drivers
+from .jobs import on_two_cores, read_only, register_packed_drivers
 from .llvm import DTYPES, INLINE, JIT
 
 __all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -582,7 +582,7 @@ _TAIL_PANELS = (2, 4, 8) if ISA == "avx512" else (1, 2, 4)
 _TAIL_FETCH = ISA == "avx2"
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), max(1, panel_width(dtype) * dtype.itemsize // 64),
                                 *_TAIL_PANELS, _TAIL_FETCH) for dtype in DTYPES}
-register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # gemm's two-core jobs
+register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # the two-core jobs (refimpl.fast.jobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     weight [O, K]; bias: [O] or None -> [..., O], C-contiguous, in x's dtype (no casting).
 
     ``out``: a C-contiguous, writeable array of the result's shape and dtype to write into.
-    ``cores=2``: from ``SPLIT_FROM`` multiply-adds, the caller and :mod:`.gemm`'s helper thread
+    ``cores=2``: from ``SPLIT_FROM`` multiply-adds, the caller and :mod:`.jobs`' helper thread
     share the panels (chunks of them claimed as they come; x packed once for both); on one core, or
     while the helper serves another caller, the caller runs all of it.
     Each element is one fused multiply-add chain in k order, then the bias (module docstring):

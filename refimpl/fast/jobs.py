@@ -1,4 +1,4 @@
-"""Two-core GEMM jobs: a helper thread that shares a GEMM's weight panels with the caller.
+"""Two-core jobs: a helper thread that shares a GEMM's weight panels (or attention's heads) with the caller.
 
 A short input or a decoding step makes ~50 GEMMs of 0.1-1 ms each, bound by reading the weights.
 :func:`.packed.packed_linear` (``cores=2``) cuts the packed weight's panels into a few chunks, and
@@ -7,7 +7,9 @@ each running :mod:`.packed`'s driver on its chunks, so that each streams about h
 Every chunk is computed by the same kernel whoever claims it: the values do not depend on the split.
 A decoding step's attention is the other kind of job (:func:`attention_on_two_cores`): chunks of
 (batch, head) pairs through :func:`.kernels.attention_few_kernel`, each pair's cached keys and
-values read from memory by whichever core claims it.
+values read from memory by whichever core claims it. Compiled code can post both kinds itself on
+a board it holds (:func:`held_board`, :func:`gemm_job`, :func:`attention_job`: a decoding step's
+blocks in one call, :mod:`.decoding`).
 
 Also here, used by :mod:`.packed`'s driver too: :func:`read_only` (an array retyped read-only inside
 Numba code).
@@ -347,7 +349,7 @@ class _Helper:
         self.board = np.zeros(_BOARD, np.int64)
         self.wake = threading.Event()
         self.lock = threading.Lock()  # one split at a time; a second caller runs whole
-        self.thread = threading.Thread(target=self._loop, name="refimpl-gemm", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="refimpl-jobs", daemon=True)
         self.thread.start()
         atexit.register(self.stop)
 
