@@ -185,9 +185,9 @@ def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, 
 def test_decoding_step_in_one_call_follows_replaced_weights_and_steps_aside(monkeypatch):
     """The packed weights it reads are the model's current arrays (a weight replaced in the
     parameters is packed again), and it leaves the step to encode where it does not apply: a
-    thread that keeps to its own core, hidden states or probabilities asked for, another
-    activation, a cache without room."""
-    from refimpl.fast import decoding
+    thread that keeps to its own core, one core, the job board held by another caller, hidden
+    states or probabilities asked for, another activation, a cache without room."""
+    from refimpl.fast import decoding, jobs
 
     runs = []
     real = decoding.run
@@ -211,7 +211,13 @@ def test_decoding_step_in_one_call_follows_replaced_weights_and_steps_aside(monk
     with monkeypatch.context() as m:
         m.setattr(decoding, "this_core_only", lambda: True)
         model(**step)
-    assert runs == [False, False], "asked for the prompt and the step on one core only (no hidden states, probabilities)"
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "_CPUS", 1)  # one core: no board
+        model(**step)
+    with jobs._the_helper(jobs.ATTENTION_LIKE[np.dtype(np.float32)]).lock:  # the board held by another caller
+        model(**step)
+    assert runs == [False] * 4, "asked for the prompt and the steps without a board (not with hidden states, probabilities)"
+    assert real(model.params, model.config, np.zeros((2, 1, 32), np.float32), out.past_key_values, None)  # (free again)
     assert not real(model.params, model.config.replace(hidden_act="relu"), np.zeros((2, 1, 32), np.float32),
                     out.past_key_values, None)
     full = empty_cache(model.config, 2, model.dtype, model.xp, capacity=1)
