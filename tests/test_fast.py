@@ -8,6 +8,7 @@ and the batch in two halves, so they agree to rounding: tolerances.FAST, not bit
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -147,16 +148,19 @@ def _decode_steps(model, ids, mask, steps: int, plain: bool, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch", [1, 3, 6])
-@pytest.mark.parametrize("split_attention", [False, True])
-def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, batch, split_attention):
+@pytest.mark.parametrize("cores", ["two", "two, attention too", "one"])
+def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, batch, cores):
     """refimpl.fast.decoding runs a step's blocks in one compiled call: bitwise the logits and the
     cache of the same steps through encode's calls (left padding, a mask and none, a partial last
-    panel in every GEMM (I = 37), 6 rows through a padded whole tile, the attention as a job on
-    both cores or on one), and within FAST of the reference."""
-    from refimpl.fast import decoding, jobs
+    panel in every GEMM (I = 37), 6 rows through a padded whole tile; the GEMMs as jobs on both
+    cores with the attention as a job or not, or everything on this core), and within FAST of the
+    reference."""
+    from refimpl.fast import decoding, jobs, schedule
 
-    if split_attention:
+    if cores == "two, attention too":
         monkeypatch.setattr(jobs, "ATTENTION_SPLIT_FROM", 0)
+    if cores == "one":  # (a thread that keeps to its core: both paths)
+        monkeypatch.setattr(schedule, "_here", type("", (), {"one_thread": True})())
     runs = []
     real = decoding.run
     monkeypatch.setattr(decoding, "run", lambda *a: runs.append(real(*a)) or runs[-1])
@@ -184,9 +188,11 @@ def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, 
 
 def test_decoding_step_in_one_call_follows_replaced_weights_and_steps_aside(monkeypatch):
     """The packed weights it reads are the model's current arrays (a weight replaced in the
-    parameters is packed again), and it leaves the step to encode where it does not apply: a
-    thread that keeps to its own core, one core, the job board held by another caller, hidden
-    states or probabilities asked for, another activation, a cache without room."""
+    parameters is packed again); where the call-by-call step would keep to this core (a thread
+    that keeps to its own core, one core, the job board held by another caller) the same call runs
+    every GEMM and the attention here (the same bits); and it leaves the step to encode where it
+    does not apply: hidden states or probabilities asked for, another activation, a cache without
+    room."""
     from refimpl.fast import decoding, jobs
 
     runs = []
@@ -208,16 +214,30 @@ def test_decoding_step_in_one_call_follows_replaced_weights_and_steps_aside(monk
     step = dict(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
     model(**step, output_hidden_states=True)
     model(**step, output_attentions=True)
-    with monkeypatch.context() as m:
-        m.setattr(decoding, "this_core_only", lambda: True)
-        model(**step)
-    with monkeypatch.context() as m:
-        m.setattr(jobs, "_CPUS", 1)  # one core: no board
-        model(**step)
-    with jobs._the_helper(jobs.ATTENTION_LIKE[np.dtype(np.float32)]).lock:  # the board held by another caller
-        model(**step)
-    assert runs == [False] * 4, "asked for the prompt and the steps without a board (not with hidden states, probabilities)"
-    assert real(model.params, model.config, np.zeros((2, 1, 32), np.float32), out.past_key_values, None)  # (free again)
+    assert runs == [False], "asked for the prompt only (not with hidden states or probabilities)"
+    runs.clear()
+    one_core = [lambda m: m.setattr(decoding, "this_core_only", lambda: True),  # a thread keeping to its core
+                lambda m: m.setattr(jobs, "_CPUS", 1),  # one core: no board
+                lambda m: m.setattr(decoding, "held_board", lambda like: contextlib.nullcontext())]  # the board held
+
+    def prompted():  # a cache with room, the prompt in it
+        cache = empty_cache(model.config, 2, model.dtype, model.xp, capacity=8)
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return cache
+
+    for condition in one_core:  # (then every GEMM and the attention run on this core, in the same call)
+        got = []
+        for plain in (False, True):
+            cache = prompted()
+            with monkeypatch.context() as m:
+                condition(m)
+                if plain:
+                    m.setattr(decoding, "run", lambda *a: False)
+                got.append(model(**dict(step, past_key_values=cache)).logits)
+        np.testing.assert_array_equal(got[0], got[1])
+    assert runs.count(True) == 3
+    with jobs._the_helper(jobs.ATTENTION_LIKE[np.dtype(np.float32)]).lock:  # another caller's jobs on the board
+        assert real(model.params, model.config, np.zeros((2, 1, 32), np.float32), prompted(), None)
     assert not real(model.params, model.config.replace(hidden_act="relu"), np.zeros((2, 1, 32), np.float32),
                     out.past_key_values, None)
     full = empty_cache(model.config, 2, model.dtype, model.xp, capacity=1)

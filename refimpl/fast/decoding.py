@@ -9,7 +9,8 @@ arrays: the same bits as :func:`.tasks.encode`, which ``tests/test_fast.py`` che
 
 The GEMMs and the attention run as jobs on :mod:`.jobs`' board (both cores; the helper thread
 claims chunks as it comes), exactly as :func:`.packed.packed_linear` (``cores=2``) and
-:func:`.kernels.attention_few` post them.
+:func:`.kernels.attention_few` post them; where those would keep to this core (a thread that keeps
+to its own, one core, the helper serving another caller), the same driver and kernel run here.
 
 Shape legend: B batch, R rows the GEMMs see (B, or B rounded up to a whole tile, the extra rows
 zeros), H hidden, N heads, D = H / N, I intermediate, C the cache's capacity, P its length.
@@ -17,6 +18,7 @@ zeros), H hidden, N heads, D = H / N, I intermediate, C the cache's capacity, P 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -28,15 +30,15 @@ from .jobs import ATTENTION_CHUNKS, ATTENTION_LIKE, attention_job, code_fingerpr
 from .kernels import (LAYOUT_SIZE, attention_few_kernel, bias_gelu_inplace_kernel, layer_norm_row, layout_array,
                       layout_sizes)
 from .llvm import DTYPES, JIT, pointer_like
-from .packed import KC, MC, TWO_CORE_CHUNKS, X_PACK_FROM, whole_tiles
+from .packed import KC, MC, TWO_CORE_CHUNKS, X_PACK_FROM, drive, whole_tiles
 from .schedule import packed_weight, this_core_only
 
 # A plan's table: one row a layer, these addresses in it.
 (_LN1W, _LN1B, _QKVW, _QKVB, _OUTW, _OUTB, _LN2W, _LN2B, _INW, _INB, _FFW, _FFB, _KEYS, _VALS, _COLS) = range(15)
 # The step's sizes (an int64 vector): B, R, H, N, I, C, P, the panel widths of the q/k/v, H- and
 # I-output weights, whether there is a mask and its rows (1 or B), whether the attention is a
-# two-core job, the packed GEMM's KC and MC.
-_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _KC, _MC, _SIZES = range(16)
+# two-core job, the packed GEMM's KC and MC, whether the GEMMs are two-core jobs.
+_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _P3, _PH, _PI, _HAS_MASK, _MB, _SPLIT, _KC, _MC, _TWO, _SIZES = range(17)
 
 
 def _make(fingerprint):
@@ -45,11 +47,11 @@ def _make(fingerprint):
     global (a closure cell holding a dispatcher would keep a function out of Numba's cache)."""
 
     @numba.njit(**JIT)
-    def linear_job(board, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
+    def linear_job(board, two, x, w, b, has_bias, out, nr, k, n_out, p, kc, mc):
         """``out[r*O + o] = x[r*K:(r+1)*K] . W[o] (+ b[o])`` for r < nr: :func:`.packed.packed_linear`
-        with ``cores=2`` on x read in place (nr < X_PACK_FROM), the same job on the job board. w: the
-        address of the packed weight's panels (width p); b: the bias's address (read only when
-        ``has_bias``)."""
+        on x read in place (nr < X_PACK_FROM), with ``cores=2`` (``two``: the same job on the job
+        board) or on this core. w: the address of the packed weight's panels (width p); b: the
+        bias's address (read only when ``has_bias``)."""
         fingerprint  # noqa: B018 (in the cache key)
         n_panels = (n_out + p - 1) // p
         chunks = min(n_panels, TWO_CORE_CHUNKS)
@@ -57,8 +59,12 @@ def _make(fingerprint):
         pf = read_only(numba.carray(pointer_like(w, out), n_panels * k * p))  # [O/P * K * P], the panels
         bf = read_only(numba.carray(pointer_like(b, out), n_out if has_bias else 1))  # [O]
         scratch = np.empty(nr * p, out.dtype) if n_out % p else out  # [R, P], the partial last panel
-        gemm_job(board, read_only(x), pf, bf, has_bias, out, scratch, nr, k, n_out, chunk,
-                 (n_panels + chunk - 1) // chunk, kc, mc)
+        if two:
+            gemm_job(board, read_only(x), pf, bf, has_bias, out, scratch, nr, k, n_out, chunk,
+                     (n_panels + chunk - 1) // chunk, kc, mc)
+        else:  # (the arguments' types as packed_linear's own call on one core: one specialisation)
+            drive(read_only(x), pf, bf, has_bias, out, scratch, np.zeros(1, out.dtype), nr, k, n_out, kc, mc,
+                  n_out - n_out, n_panels, not two)
 
     @numba.njit(**JIT)
     def layers(table, sizes, eps, scale, h, mask, board, like):
@@ -66,13 +72,14 @@ def _make(fingerprint):
         0..B-1 and zeros after, updated in place; table: [L, _COLS] addresses (``_Plan``'s, and each
         layer's key and value buffers [B, N, C, D]); sizes: ``_SIZES`` int64; eps: the LayerNorm's
         epsilon in h's dtype; scale: D**-0.5 in h's dtype, as a float64; mask: the bias
-        [B|1, 1, 1, S], flat; like: ``jobs.ATTENTION_LIKE`` of h's dtype (an attention job's)."""
+        [B|1, 1, 1, S], flat; board: the job board (read only with ``sizes[_TWO]``: the GEMMs as
+        jobs; else all on this core); like: ``jobs.ATTENTION_LIKE`` of h's dtype."""
         fingerprint  # noqa: B018 (in the cache key)
         dt = h.dtype
         nb, nr, hid, nh, inter = sizes[_NB], sizes[_NR], sizes[_HID], sizes[_NHEADS], sizes[_INTER]
         cap, pos, mb = sizes[_CAP], sizes[_LEN], sizes[_MB]
         nd, ns = hid // nh, pos + 1  # D; S, the keys with this step's
-        has_mask, split = sizes[_HAS_MASK] != 0, sizes[_SPLIT] != 0
+        has_mask, split, two = sizes[_HAS_MASK] != 0, sizes[_SPLIT] != 0, sizes[_TWO] != 0
         # (No literal as an argument: called from compiled code, a function compiles once more for
         # each literal value, and again apart from its calls from Python.)
         kc, mc, zero, n_pairs = sizes[_KC], sizes[_MC], np.int64(0), nb * nh
@@ -93,7 +100,7 @@ def _make(fingerprint):
             w1, b1 = numba.carray(pointer_like(t[_LN1W], one), hid), numba.carray(pointer_like(t[_LN1B], one), hid)
             for r in range(nb):
                 layer_norm_row(h[r], w1, b1, eps, n, ln[r])
-            _linear_job(board, ln.ravel(), t[_QKVW], t[_QKVB], yes, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3], kc, mc)
+            _linear_job(board, two, ln.ravel(), t[_QKVW], t[_QKVB], yes, qkv.ravel(), nr, hid, 3 * hid, sizes[_P3], kc, mc)
             keys = numba.carray(pointer_like(t[_KEYS], one), (nb, nh, cap, nd))  # [B, N, C, D]
             vals = numba.carray(pointer_like(t[_VALS], one), (nb, nh, cap, nd))
             for bi in range(nb):  # (cache.append: this step's k and v at position P)
@@ -115,7 +122,7 @@ def _make(fingerprint):
                 attention_job(board, lay, has_mask, like, chunk, (n_pairs + chunk - 1) // chunk, n_pairs)
             else:
                 attention_few_kernel(lay, has_mask, like, zero, n_pairs)
-            _linear_job(board, ctx.ravel(), t[_OUTW], t[_OUTB], yes, y.ravel(), nr, hid, hid, sizes[_PH], kc, mc)
+            _linear_job(board, two, ctx.ravel(), t[_OUTW], t[_OUTB], yes, y.ravel(), nr, hid, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
@@ -123,9 +130,9 @@ def _make(fingerprint):
             w2, b2 = numba.carray(pointer_like(t[_LN2W], one), hid), numba.carray(pointer_like(t[_LN2B], one), hid)
             for r in range(nb):
                 layer_norm_row(h[r], w2, b2, eps, n, ln[r])
-            _linear_job(board, ln.ravel(), t[_INW], t[_INB], no, mid.ravel(), nr, hid, inter, sizes[_PI], kc, mc)
+            _linear_job(board, two, ln.ravel(), t[_INW], t[_INB], no, mid.ravel(), nr, hid, inter, sizes[_PI], kc, mc)
             bias_gelu_inplace_kernel(mid, numba.carray(pointer_like(t[_INB], one), inter), yes)  # (rows B.. unread)
-            _linear_job(board, mid.ravel(), t[_FFW], t[_FFB], yes, y.ravel(), nr, inter, hid, sizes[_PH], kc, mc)
+            _linear_job(board, two, mid.ravel(), t[_FFW], t[_FFB], yes, y.ravel(), nr, inter, hid, sizes[_PH], kc, mc)
             for r in range(nb):
                 for j in range(hid):
                     h[r, j] = h[r, j] + y[r, j]
@@ -209,15 +216,16 @@ def _plan(params) -> _Plan:
 def run(params, config, h, cache, bias) -> bool:
     """The blocks of :func:`.tasks.encode` for one new token, in one call: ``h`` [B, 1, H] (C, the
     embeddings' LayerNorm) updated in place, each layer of ``cache`` appended; ``bias``: the
-    attention bias [B|1, 1, 1, S] or None. -> False, nothing done, where this path does not apply
-    (then run ``encode``): one core or a thread that keeps to its own, the helper busy with another
-    caller, rows for which x would be packed, an activation other than the exact GELU, a cache
-    without room for the token, cross-attention, another bias."""
+    attention bias [B|1, 1, 1, S] or None. The GEMMs and the attention are jobs on both cores where
+    :func:`.schedule.linear` and ``attention_context`` would make them so (the helper free, this
+    thread not keeping to its own core), else they run on this core. -> False, nothing done, where
+    this path does not apply (then run ``encode``): rows for which x would be packed, an activation
+    other than the exact GELU, a cache without room for the token, cross-attention, another bias."""
     nb, nt, hid = h.shape
     dtype = h.dtype
     nr = whole_tiles(nb)
     layers = cache.layers
-    if (nt != 1 or nr >= X_PACK_FROM or this_core_only() or dtype not in DTYPES
+    if (nt != 1 or nr >= X_PACK_FROM or dtype not in DTYPES
             or config.hidden_act not in ("gelu", "gelu_python") or not layers or not h.flags.c_contiguous):
         return False
     nh = config.num_attention_heads
@@ -244,9 +252,8 @@ def run(params, config, h, cache, bias) -> bool:
     if not plan.usable or plan.dtype != dtype or plan.table.shape[0] != len(layers):
         return False
     like = ATTENTION_LIKE[dtype]
-    with held_board(like) as board:
-        if board is None:
-            return False
+    with contextlib.nullcontext() if this_core_only() else held_board(like) as board:
+        two = board is not None  # (else: every GEMM and the attention on this core)
         table = plan.table.copy()  # [L, _COLS]
         table[:, _KEYS] = [lc.keys.ctypes.data for lc in layers]
         table[:, _VALS] = [lc.values.ctypes.data for lc in layers]
@@ -254,12 +261,13 @@ def run(params, config, h, cache, bias) -> bool:
         sizes[[_NB, _NR, _HID, _NHEADS, _INTER, _CAP, _LEN, _MB]] = nb, nr, hid, nh, config.intermediate_size, shape[2], pos, mb
         sizes[[_P3, _PH, _PI]] = plan.widths
         sizes[[_HAS_MASK, _KC, _MC]] = bias is not None, KC, MC
-        sizes[_SPLIT] = nb * nh >= 2 and nb * nh * ns * shape[3] >= jobs.ATTENTION_SPLIT_FROM
+        sizes[_TWO] = two
+        sizes[_SPLIT] = two and nb * nh >= 2 and nb * nh * ns * shape[3] >= jobs.ATTENTION_SPLIT_FROM
         x = h.reshape(nb, hid)  # [B, H], a view
         if nr > nb:
             x = np.concatenate((x, np.zeros((nr - nb, hid), dtype)))  # [R, H]: zeros after row B
         _layers(table, sizes, dtype.type(config.layer_norm_eps), np.float64(dtype.type(shape[3] ** -0.5)), x, mask,
-                board, like)
+                board if two else _NO_BOARD, like)
     if nr > nb:
         h[:, 0] = x[:nb]
     for lc in layers:
@@ -268,3 +276,4 @@ def run(params, config, h, cache, bias) -> bool:
 
 
 _NO_MASK = {dtype: np.zeros(1, dtype) for dtype in DTYPES}  # (never read: no mask)
+_NO_BOARD = np.zeros(1, np.int64)  # (never read: no jobs)

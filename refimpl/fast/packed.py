@@ -72,7 +72,8 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+from numba.np.numpy_support import as_dtype
 
 from .jobs import on_two_cores, read_only, register_packed_drivers
 from .llvm import DTYPES, INLINE, JIT
@@ -583,6 +584,18 @@ _TAIL_FETCH = ISA == "avx2"
 _DRIVERS = {dtype: _make_driver(_MR, panel_width(dtype), max(1, panel_width(dtype) * dtype.itemsize // 64),
                                 *_TAIL_PANELS, _TAIL_FETCH) for dtype in DTYPES}
 register_packed_drivers({dtype: (_DRIVERS[dtype], panel_width(dtype)) for dtype in DTYPES})  # the two-core jobs (refimpl.fast.jobs)
+
+
+def drive(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked):
+    """The driver for ``of``'s dtype (its arguments), for compiled code: a GEMM on this core."""
+    raise NotImplementedError  # (Numba-only: see the overload below)
+
+
+@overload(drive, jit_options=INLINE)
+def _drive_impl(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked):
+    driver = _DRIVERS[as_dtype(of.dtype)]
+    return lambda xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked: driver(
+        xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked)
 
 
 # ---------------------------------------------------------------------------------------------
