@@ -80,14 +80,12 @@ def step_gemvs(model, batch: int):
     for ws in mats:
         pk = packed_weight(*ws)
         k, n_out = ws[0].shape[1], pk.n_out
-        n_panels = -(-n_out // pk.width)
-        chunk = -(-n_panels // min(n_panels, packed.TWO_CORE_CHUNKS))
+        chunk, n_chunks = packed.two_core_chunks(rows, k, n_out, pk.width)  # (as packed_linear cuts them)
         x = packed.flat_view(rng.standard_normal((rows, k)).astype(model.dtype))
         out = np.empty(rows * n_out, model.dtype)
         scratch = np.empty(rows * pk.width, model.dtype) if n_out % pk.width else out
         bias = packed.flat_view(np.zeros(n_out, model.dtype))
-        calls.append((x, pk.panels, bias, True, out, scratch, rows, k, n_out, chunk, -(-n_panels // chunk), packed.KC,
-                     packed.MC))
+        calls.append((x, pk.panels, bias, True, out, scratch, rows, k, n_out, chunk, n_chunks, packed.KC, packed.MC))
 
     def run():
         for job in calls:

@@ -155,8 +155,10 @@ def test_decoding_step_in_one_call_is_the_step_call_by_call(monkeypatch, dtype, 
     panel in every GEMM (I = 37), 6 rows through a padded whole tile; the GEMMs as jobs on both
     cores with the attention as a job or not, or everything on this core), and within FAST of the
     reference."""
-    from refimpl.fast import decoding, jobs, schedule
+    from refimpl.fast import decoding, jobs, packed, schedule
 
+    if cores != "one":  # (this tiny model's GEMMs as two-core jobs, on both paths)
+        monkeypatch.setattr(packed, "SPLIT_FROM", 0)
     if cores == "two, attention too":
         monkeypatch.setattr(jobs, "ATTENTION_SPLIT_FROM", 0)
     if cores == "one":  # (a thread that keeps to its core: both paths)

@@ -360,13 +360,15 @@ def test_attention_matches_inline_reference(dtype, b, n, t, s_len, d, mask_kind,
     np.testing.assert_array_equal(got, batched @ v)
 
 
-def test_attention_bad_shapes():
-    q = np.ones((1, 2, 3, 4))
+@pytest.mark.parametrize("name, t", [("attention", 3), ("attention_few", 1)])
+def test_attention_bad_shapes(name, t):
+    attend = getattr(kernels, name)
+    q = np.ones((1, 2, t, 4))
     with pytest.raises(ValueError, match=r"\[B, N, S, D\]"):
-        kernels.attention(q, np.ones((1, 2, 5, 3)), np.ones((1, 2, 5, 3)))
+        attend(q, np.ones((1, 2, 5, 3)), np.ones((1, 2, 5, 3)))
     with pytest.raises(ValueError, match="does not broadcast"):
-        kernels.attention(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), np.zeros((1, 1, 2, 5)))
-    assert np.all(kernels.attention(q, np.ones((1, 2, 0, 4)), np.ones((1, 2, 0, 4))) == 0)
+        attend(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), np.zeros((1, 1, 2, 5)))
+    assert np.all(attend(q, np.ones((1, 2, 0, 4)), np.ones((1, 2, 0, 4))) == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,11 +442,8 @@ def test_attention_few_two_cores_gives_the_same_bits(monkeypatch, dtype, b, n, t
 
 
 def test_attention_few_bad_inputs():
+    """attention_few's own checks (the shapes and the empty case: test_attention_bad_shapes)."""
     q = np.ones((1, 2, 1, 4))
-    with pytest.raises(ValueError, match=r"\[B, N, S, D\]"):
-        kernels.attention_few(q, np.ones((1, 2, 5, 3)), np.ones((1, 2, 5, 3)))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), np.zeros((1, 1, 2, 5)))
     with pytest.raises(TypeError, match="dtype float32 but the input is float64"):
         kernels.attention_few(q, np.ones((1, 2, 5, 4), np.float32), np.ones((1, 2, 5, 4)))
     with pytest.raises(ValueError, match="cores must be 1 or 2"):
@@ -455,7 +454,6 @@ def test_attention_few_bad_inputs():
         kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), out=ro)
     with pytest.raises(ValueError, match="last axis contiguous"):
         kernels.attention_few(q, np.ones((1, 2, 5, 4)), np.ones((1, 2, 5, 4)), out=np.empty((1, 2, 1, 8))[..., ::2])
-    assert np.all(kernels.attention_few(q, np.ones((1, 2, 0, 4)), np.ones((1, 2, 0, 4))) == 0)
     # read-only and reversed inputs are read (a copy where the last axis is not contiguous)
     k = np.random.default_rng(0).standard_normal((1, 2, 5, 4))
     want = kernels.attention_few(q, k, k)

@@ -386,15 +386,6 @@ class _Helper:
                 self.wake.clear()
                 board[_SLEEPING] = 0
 
-    def run(self, post, post_work, args, like):
-        """Post the job (``post(board, *args)``) and work on it; ``like``: an array of its dtype."""
-        if self.board[_SLEEPING]:  # (if it falls asleep just after this, it misses one job: no harm)
-            post(self.board, *args)
-            self.wake.set()
-            _work(self.board, like)
-        else:
-            post_work(self.board, *args)
-
 
 _CPUS = os.cpu_count() or 1
 _helper = None
@@ -410,25 +401,39 @@ def _the_helper(like):
     return _helper
 
 
+def _taken(like):
+    """The helper, its board now held by this caller and the helper woken if it sleeps (if it falls
+    asleep just after, it misses a job: no harm), or None: one core, or the helper serving another
+    caller (one at a time). The caller releases ``helper.lock``."""
+    if _CPUS < 2:
+        return None
+    helper = _the_helper(like)
+    if not helper.lock.acquire(blocking=False):
+        return None
+    if helper.board[_SLEEPING]:
+        helper.wake.set()
+    return helper
+
+
 @contextlib.contextmanager
 def held_board(like):
     """The job board, held by this caller for the block, its helper thread woken if it sleeps: jobs
     posted on it from compiled code (:func:`gemm_job`, :func:`attention_job`) are shared with the
     helper. None where they cannot be: one core, or the helper serving another caller (one at a
     time). ``like``: an array of the jobs' dtype (the helper's first loop compiles for it)."""
-    if _CPUS < 2:
-        yield None
-        return
-    helper = _the_helper(like)
-    if not helper.lock.acquire(blocking=False):
-        yield None
-        return
+    helper = _taken(like)
     try:
-        if helper.board[_SLEEPING]:
-            helper.wake.set()
-        yield helper.board
+        yield None if helper is None else helper.board
     finally:
-        helper.lock.release()
+        if helper is not None:
+            helper.lock.release()
+
+
+def chunks_of(n: int, most: int) -> tuple[int, int]:
+    """``n`` items (panels, pairs) cut into at most ``most`` chunks of nearly equal size -> (items a
+    chunk, chunks)."""
+    chunk = -(-n // min(n, most))
+    return chunk, -(-n // chunk)
 
 
 def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc) -> bool:
@@ -437,13 +442,11 @@ def on_two_cores(xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks
     rows): both claim chunks until none is left. -> False, nothing run, where it cannot: one core,
     or the helper busy with another caller's job (the caller then runs the whole GEMM itself).
     Flat C arrays of one dtype."""
-    if _CPUS < 2 or n_chunks < 2:
+    helper = _taken(of) if n_chunks >= 2 else None
+    if helper is None:
         return False
-    helper = _the_helper(of)
-    if not helper.lock.acquire(blocking=False):
-        return False
-    try:
-        helper.run(_post, gemm_job, (xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc), of)
+    try:  # (not held_board: a generator's context costs ~1.4 us, ~50 times a forward)
+        gemm_job(helper.board, xf, wf, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, kc, mc)
     finally:
         helper.lock.release()
     return True
@@ -459,15 +462,12 @@ def attention_on_two_cores(lay, has_mask, like, n_pairs: int, work: int) -> bool
     helper thread, both claiming chunks of pairs (``like``: an array of the dtype; ``work``: the key
     elements, B * N * S * D). -> False, nothing run, where it cannot or need not: one core, too
     little work (below ``ATTENTION_SPLIT_FROM``), or the helper busy with another caller's job."""
-    if _CPUS < 2 or n_pairs < 2 or work < ATTENTION_SPLIT_FROM:
-        return False
-    helper = _the_helper(like)
-    if not helper.lock.acquire(blocking=False):
+    helper = _taken(like) if n_pairs >= 2 and work >= ATTENTION_SPLIT_FROM else None
+    if helper is None:
         return False
     try:
-        chunk = -(-n_pairs // min(n_pairs, ATTENTION_CHUNKS))
-        args = (lay, has_mask, like, chunk, -(-n_pairs // chunk), n_pairs)
-        helper.run(_post_attention, attention_job, args, like)
+        chunk, n_chunks = chunks_of(n_pairs, ATTENTION_CHUNKS)
+        attention_job(helper.board, lay, has_mask, like, chunk, n_chunks, n_pairs)
     finally:
         helper.lock.release()
     return True

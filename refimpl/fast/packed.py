@@ -75,7 +75,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-from .jobs import on_two_cores, read_only, register_packed_drivers
+from .jobs import chunks_of, on_two_cores, read_only, register_packed_drivers
 from .llvm import DTYPES, INLINE, JIT
 
 __all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
@@ -152,6 +152,16 @@ def whole_tiles(nr: int) -> int:
     if nr < X_PACK_FROM and nr % _MR > _MR // 2:
         return nr - nr % _MR + _MR
     return nr
+
+
+def two_core_chunks(nr: int, k: int, n_out: int, width: int) -> tuple[int, int]:
+    """How ``packed_linear(cores=2)`` shares R = ``nr`` rows x [O = ``n_out``, K = ``k``] panels of
+    ``width`` with the helper: (panels a chunk, chunks), or (0, 0) where it runs on one core (below
+    ``SPLIT_FROM`` multiply-adds, or a single panel)."""
+    n_panels = -(-n_out // width)
+    if nr * k * n_out < SPLIT_FROM or n_panels < 2:
+        return 0, 0
+    return chunks_of(n_panels, TWO_CORE_CHUNKS)
 
 
 def panel_width(dtype) -> int:
@@ -685,15 +695,14 @@ def packed_linear(x, packed, bias=None, *, out=None, cores: int = 1):
     has_bias = bias is not None
     b = flat_view(bias) if has_bias else _NO_BIAS[dtype]  # read-only either way: one specialisation
     scratch = np.empty(nr * p, dtype) if n_out % p else of  # [R, P] for a partial last panel (else unused)
-    if cores == 2 and nr * k * n_out >= SPLIT_FROM and n_panels >= 2:
+    chunk, n_chunks = two_core_chunks(nr, k, n_out, p) if cores == 2 else (0, 0)
+    if n_chunks:
         if nr < X_PACK_FROM:  # both threads read x in place
             xr, xp = flat_view(x), _NO_X[dtype]
         else:
             xp = np.empty(nr * k, dtype)  # all of x, packed once for both threads
             _pack_x_whole(flat_view(x), xp, nr, k, KC, MC, _MR)
             xr = flat_view(xp)  # (read-only, as x read in place: one specialisation)
-        chunk = -(-n_panels // min(n_panels, TWO_CORE_CHUNKS))  # panels per chunk
-        n_chunks = -(-n_panels // chunk)
         if on_two_cores(xr, packed.panels, b, has_bias, of, scratch, nr, k, n_out, chunk, n_chunks, KC, MC):
             return out
         _DRIVERS[dtype](xr, packed.panels, b, has_bias, of, scratch, xp, nr, k, n_out, KC, MC, 0, n_panels, True)
