@@ -26,7 +26,8 @@ from tolerances import KERNEL_ULPS
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = (1, 2, 4, 5, 7, 8, 9, 12, 13, 16, 17, 29, 33, 100)  # (5-7, 13, 29: padded to full tiles)
+ROWS = (1, 2, 4, 5, 7, 8, 9, 12, 13, 16, 17, 29, 33, 35, 47, 100)  # (5-7, 13, 29: padded to full tiles;
+# from 33, x is copied tile by tile: tails of 4, 2 and 1 rows)
 OUTS = (1, 3, 31, 32, 33, 100, 130, 600)  # 600: several groups of panels, tails in each
 INS = (1, 7, 16, 767, 768, 769, 1600)
 
@@ -310,12 +311,13 @@ packed.SPLIT_FROM = 0  # cores=2 below: the helper compiled for this ISA, not lo
 outs = []
 for dtype in (np.float32, np.float64):
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((23, 1600)).astype(dtype)
-    w = rng.standard_normal((70, 1600)).astype(dtype)
+    x = rng.standard_normal((47, 1603)).astype(dtype)  # 23 rows read in place, 47 copied tile by tile
+    w = rng.standard_normal((70, 1603)).astype(dtype)
     b = rng.standard_normal(70).astype(dtype)
     pw = packed.pack(w)
     outs.append(packed.packed_linear(x, pw, b))
     assert np.array_equal(packed.packed_linear(x, pw, b, cores=2), outs[-1])
+    assert np.array_equal(packed.packed_linear(x[:23], pw, b), outs[-1][:23])
 np.savez(sys.argv[2], f32=outs[0], f64=outs[1])
 """
 
@@ -347,11 +349,44 @@ def test_every_tile_shape_gives_the_same_bits(tmp_path, isa):
     got = np.load(path)
     for name, dtype in (("f32", np.float32), ("f64", np.float64)):
         rng = np.random.default_rng(5)
-        x = rng.standard_normal((23, 1600)).astype(dtype)
-        w = rng.standard_normal((70, 1600)).astype(dtype)
+        x = rng.standard_normal((47, 1603)).astype(dtype)
+        w = rng.standard_normal((70, 1603)).astype(dtype)
         b = rng.standard_normal(70).astype(dtype)
         np.testing.assert_array_equal(got[name], packed.packed_linear(x, packed.pack(w), b))
         np.testing.assert_array_equal(got[name], _reference_packed(x, w, b))
+
+
+_LINKED_SCRIPT = r"""
+import numba, numpy as np
+from refimpl.fast import kernels, packed
+packed.SPLIT_FROM = 0
+rng = np.random.default_rng(0)
+x, w = rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((96, 64)).astype(np.float32)
+y = packed.packed_linear(x, packed.pack(w), cores=2)  # a two-core GEMM job
+q, k = rng.standard_normal((2, 4, 1, 64)).astype(np.float32), rng.standard_normal((2, 4, 128, 64)).astype(np.float32)
+kernels.attention_few(q, k, k, cores=2)  # a two-core attention job
+
+@numba.njit
+def on_this_core(xf, pf, of, scratch, xp):  # the driver from compiled code
+    packed.drive(xf, pf, pf, False, of, scratch, xp, 40, 64, 96, packed.KC, packed.MC, 0, 3, False)
+
+out = np.empty(40 * 96, np.float32)
+on_this_core(packed.flat_view(x), packed.pack(w).panels, out, out, np.empty(40 * 64, np.float32))
+assert np.array_equal(out.reshape(40, 96), y)
+"""
+
+
+def test_overloads_that_pick_the_driver_are_never_cached(tmp_path):
+    """Numba keys a cached function on its own bytecode and closure cells. The overload
+    implementations that link in the driver of the ISA in use, or a registered kernel, are therefore
+    never cached (llvm.LINKED): a cached copy kept the driver of whichever ISA compiled it first, and
+    a later process with another ``REFIMPL_PACKED_ISA`` ran it over its own panels, writing past its
+    buffers (found as a heap corruption). Their callers are cached, keyed by jobs.code_fingerprint."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", _LINKED_SCRIPT], check=True, cwd=ROOT, env=env)
+    names = [p.name for p in tmp_path.rglob("*.nbi")]
+    assert any("run_chunk" in n for n in names), names  # (the callers: cached)
+    assert not [n for n in names if "_chunk_impl" in n or "_drive_impl" in n], names
 
 
 def test_a_float32_process_compiles_the_float32_kernel_only():

@@ -32,7 +32,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-from .llvm import DTYPES, INLINE, JIT, pointer_like
+from .llvm import DTYPES, INLINE, JIT, LINKED, pointer_like
 
 # ---------------------------------------------------------------------------------------------
 # The panels over two threads: a helper thread that claims chunks as it comes
@@ -138,7 +138,7 @@ def _attention_chunk(board, like, idx):
     raise NotImplementedError  # (Numba-only: see the overload below)
 
 
-@overload(_attention_chunk, jit_options=INLINE)
+@overload(_attention_chunk, jit_options=LINKED)
 def _attention_chunk_impl(board, like, idx):
     attention_few_kernel = _ATTENTION_KERNEL[0]  # (an IndexError here: refimpl.fast.kernels not imported)
 
@@ -155,7 +155,7 @@ def _job_chunk(board, like, idx):
     raise NotImplementedError  # (Numba-only: see the overload below)
 
 
-@overload(_job_chunk, jit_options=INLINE)
+@overload(_job_chunk, jit_options=LINKED)
 def _job_chunk_impl(board, like, idx):
     if like.ndim == 1:
         return lambda board, like, idx: _packed_chunk(board, like, idx)
@@ -169,7 +169,7 @@ def _packed_chunk(board, like, idx):
     raise NotImplementedError  # (Numba-only: see the overload below)
 
 
-@overload(_packed_chunk, jit_options=INLINE)
+@overload(_packed_chunk, jit_options=LINKED)
 def _packed_chunk_impl(board, like, idx):
     drive, p = _PACKED_DRIVERS[as_dtype(like.dtype)]  # (a KeyError here: refimpl.fast.packed not imported)
 

@@ -20,6 +20,13 @@ JIT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 # bigger ones (erf), and a call left in a loop stops its vectorisation. (Their conditionals go
 # through elementary.select, which LLVM inlines, so Numba's inliner never sees a branch.)
 INLINE = dict(JIT, inline="always")
+# For overload implementations that pick their code by something other than their own source (the
+# packed driver of the ISA in use, a registered kernel): never cached themselves. Numba keys a cached
+# function on its own bytecode and closure cells only, so a cached copy of, say, a lambda calling
+# ``_packed_chunk`` kept the driver of whatever ISA compiled it first (REFIMPL_PACKED_ISA=avx2 then
+# ran AVX-512 panels over AVX2-packed weights, out of bounds). Uncached, they are compiled into their
+# callers, which hold a fingerprint of that state (``jobs.code_fingerprint``).
+LINKED = dict(INLINE, cache=False)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -246,3 +253,42 @@ def v_abs_ge_bits(typingctx, v, lim):
         return builder.zext(builder.bitcast(ge, ir.IntType(lanes)), ir.IntType(64))
 
     return types.int64(v, lim), codegen
+
+
+@intrinsic
+def v8_transpose(typingctx, src, so, ld, dst, do, rows):
+    """``dst[do + c*rows + i] = src[so + i*ld + c]`` for i < ``rows`` (an integer literal, 1 to 8)
+    and c < 8: a [rows, 8] block of rows ``ld`` apart stored column by column, contiguous (``rows``
+    vector loads, shuffles in registers, ``rows`` vector stores, where a loop of scalar copies makes
+    8 * rows strided stores)."""
+    if not (_is_row(src) and _is_row(dst) and src.dtype == dst.dtype and isinstance(rows, types.IntegerLiteral)
+            and all(isinstance(t, types.Integer) for t in (so, ld, do))):
+        return None
+    m = rows.literal_value
+    if not 1 <= m <= 8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        sa, s_off, lda, da, d_off = args[:5]
+        i32 = ir.IntType(32)
+        vecs = [builder.load(_vec_pointer(context, builder, signature.args[0], sa,
+                                          builder.add(s_off, builder.mul(lda, ir.Constant(lda.type, i))), 8),
+                             align=src.dtype.bitwidth // 8) for i in range(m)]  # fmt: skip
+        # concatenate: [v0 | v1 | ... ] as one vector of 8 * 2**ceil(log2 m) lanes (undef padding)
+        width = 1
+        while width < m:
+            width *= 2
+        vecs += [ir.Constant(vecs[0].type, ir.Undefined)] * (width - m)
+        while len(vecs) > 1:
+            n = len(vecs[0].type) if hasattr(vecs[0].type, "__len__") else vecs[0].type.count
+            mask = ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n)))
+            vecs = [builder.shuffle_vector(vecs[j], vecs[j + 1], mask) for j in range(0, len(vecs), 2)]
+        whole = vecs[0]  # lane i*8 + c: row i, column c
+        mask = ir.Constant(ir.VectorType(i32, 8 * m), [i * 8 + c for c in range(8) for i in range(m)])
+        t = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), mask)
+        data = context.make_array(signature.args[3])(context, builder, da).data
+        ptr = builder.bitcast(builder.gep(data, [d_off]), t.type.as_pointer())
+        builder.store(t, ptr, align=src.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(src, so, ld, dst, do, rows), codegen

@@ -76,7 +76,7 @@ from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from .jobs import chunks_of, on_two_cores, read_only, register_packed_drivers
-from .llvm import DTYPES, INLINE, JIT
+from .llvm import DTYPES, INLINE, JIT, LINKED, v8_transpose
 
 __all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
 
@@ -131,10 +131,14 @@ KC, MC = _BLOCKS[ISA]
 TWO_CORE_CHUNKS = 4
 SPLIT_FROM = 1 << 18  # multiply-adds (R * K * O) from which cores=2 shares a GEMM with the helper thread
 # From this many rows x is copied tile by tile, k-major, before the micro-kernel reads it; fewer rows
-# read x in place (the MR broadcasts of a step from MR rows K apart). The copy costs ~0.5-0.7 ns an
-# element (x in cache; 0.09-0.27 for a plain copy), which few rows do not earn back: a base-sized
-# forward at 1x16 and 1x32 (two-core GEMM) took 0.84-0.93x the time in place (3 runs each); at 48
-# rows in place was not faster.
+# read x in place (the MR broadcasts of a step from MR rows K apart). Measured when the copy went
+# element by element (~0.5-0.7 ns an element, x in cache): a base-sized forward at 1x16 and 1x32
+# (two-core GEMM) took 0.84-0.93x the time in place (3 runs each); at 48 rows in place was not
+# faster. The copy now moves eight columns of a tile at a time, transposed in registers
+# (llvm.v8_transpose): 0.09-0.31 ns an element float32, 0.46-0.57 float64, as fast as a plain copy
+# of x (Sapphire Rapids); GEMMs of 256-512 rows took 0.94-0.99x the time of the element-by-element
+# copy (AVX-512 and AVX2 tiles, float32 and float64), base-sized forwards 0.95-0.99x. (The decoding
+# step in one call, refimpl.fast.decoding, relies on x read in place below X_PACK_FROM.)
 X_PACK_FROM = 33
 _WIDTHS = {DTYPES[0]: _TILES[ISA][1], DTYPES[1]: _TILES[ISA][2]}
 
@@ -408,11 +412,22 @@ def _pack_x(xf, xp, at, r0, r1, k, k0, kn, mr):
     r = r0
     while r < r1:
         m = mr if r + mr <= r1 else (4 if r1 - r >= 4 else (2 if r1 - r >= 2 else 1))
-        xo = at + (r - r0) * kn
+        xo, src = at + (r - r0) * kn, r * k + k0
+        kv = kn - kn % 8  # columns in blocks of 8: a transpose in registers each
+        for kk in range(0, kv, 8):
+            if m == 8:
+                v8_transpose(xf, src + kk, k, xp, xo + kk * 8, 8)
+            elif m == 6:
+                v8_transpose(xf, src + kk, k, xp, xo + kk * 6, 6)
+            elif m == 4:
+                v8_transpose(xf, src + kk, k, xp, xo + kk * 4, 4)
+            elif m == 2:
+                v8_transpose(xf, src + kk, k, xp, xo + kk * 2, 2)
+            else:
+                v8_transpose(xf, src + kk, k, xp, xo + kk, 1)
         for i in range(m):
-            src = (r + i) * k + k0
-            for kk in range(kn):
-                xp[xo + kk * m + i] = xf[src + kk]
+            for kk in range(kv, kn):
+                xp[xo + kk * m + i] = xf[src + i * k + kk]
         r += m
 
 
@@ -601,7 +616,7 @@ def drive(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, p
     raise NotImplementedError  # (Numba-only: see the overload below)
 
 
-@overload(drive, jit_options=INLINE)
+@overload(drive, jit_options=LINKED)
 def _drive_impl(xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked):
     driver = _DRIVERS[as_dtype(of.dtype)]
     return lambda xf, pf, bf, has_bias, of, scratch, xp, nr, k, n_out, kc, mc, q0, q1, prepacked: driver(
