@@ -14,7 +14,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .llvm import INLINE, JIT, f64_from_bits, fma
+from .llvm import INLINE, JIT, f64_bits, f64_from_bits, fma
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,27 +193,37 @@ def _erf_f64(u):
     return math.copysign(r, u)
 
 
+_ROUNDER = 6755399441055744.0  # 1.5 * 2**52: adding it rounds a float64 below 2**51 to an integer
+
+
 @numba.njit(**INLINE)
-def _exp_f32_core(x, xc):
+def _exp_f32_core(xc):
     """exp(x) for float32 x from ``xc``, float64(x) clamped to [-150, 90] (exp(-150) rounds to 0
-    and exp(90) to inf in float32): computed in float64 (rel. error ~1e-12), rounded once."""
-    kf = np.floor(xc * _LOG2E + 0.5)
+    and exp(90) to inf in float32; a NaN kept): computed in float64 (rel. error ~1e-12), rounded once.
+
+    k = x log2(e) rounded to an integer by adding and subtracting 1.5 * 2**52: the sum t then holds
+    k in its low significand bits (two's complement), so t's bits shifted left by 52, plus the bias,
+    are those of 2**k (a floor and a conversion to integer fewer). A NaN runs through r and p to
+    the result."""
+    t = fma(xc, _LOG2E, _ROUNDER)
+    kf = t - _ROUNDER
     r = fma(-kf, _LN2, xc)  # |k| <= 217: error <= 217 * |ln2 - _LN2| = 3e-15, ample for float32
     p = fma(r, _poly_expm1_32(r), 1.0)
-    y = np.float32(p * f64_from_bits((np.int64(kf) + 1023) << 52))
-    return select(x == x, y, x)
+    return np.float32(p * f64_from_bits((f64_bits(t) << 52) + (1023 << 52)))
 
 
 @numba.njit(**INLINE)
 def _exp_f32(x):
     """exp(x) for float32 x: computed in float64 (rel. error ~1e-12), rounded once to float32."""
-    return _exp_f32_core(x, min(max(np.float64(x), -150.0), 90.0))
+    xd = np.float64(x)
+    return _exp_f32_core(select(xd < -150.0, -150.0, select(xd > 90.0, 90.0, xd)))
 
 
 @numba.njit(**INLINE)
 def _exp_f32_nonpos(x):
     """``_exp_f32(x)`` for x <= 0 or NaN (x - max(row) in a softmax), one clamp fewer."""
-    return _exp_f32_core(x, max(np.float64(x), -150.0))
+    xd = np.float64(x)
+    return _exp_f32_core(select(xd < -150.0, -150.0, xd))
 
 
 @numba.njit(**INLINE)

@@ -31,7 +31,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 # ---------------------------------------------------------------------------------------------
-# Two LLVM primitives: a fused multiply-add and the float64 with a given bit pattern (for 2**k).
+# LLVM primitives: a fused multiply-add, and float64 bit patterns both ways (for 2**k).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -57,6 +57,18 @@ def f64_from_bits(typingctx, bits):
         return builder.bitcast(args[0], ir.DoubleType())
 
     return types.float64(types.int64), codegen
+
+
+@intrinsic
+def f64_bits(typingctx, x):
+    """The IEEE-754 bit pattern of the float64 ``x``, as an int64."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
 
 
 @intrinsic
