@@ -848,6 +848,21 @@ def _old_pairwise_sum(a):  # the scalar code NumPy's pairwise_sum is written in,
     return _old_pairwise_sum(a[:n2]) + _old_pairwise_sum(a[n2:])
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_pairwise_sums_are_bitwise_numpys_order(dtype):
+    """pairwise_sum and pairwise_sum_centred_sq (two leaves side by side where both halves of a
+    node are leaves) give the bits of the scalar code NumPy's pairwise sum is written in, and of
+    np.sum, at every length up to 1100."""
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal(1100) * 10 ** rng.uniform(-3, 3, 1100)).astype(dtype)
+    for n in range(1, 1101):
+        x = a[:n].copy()
+        assert reductions.pairwise_sum(x) == _old_pairwise_sum(x) == np.sum(x), n
+        mean = dtype.type(np.mean(x))
+        d = x - mean
+        assert reductions.pairwise_sum_centred_sq(x, mean) == _old_pairwise_sum(d * d), n
+
+
 @numba.njit
 def _old_softmax_rows(rows, mask_rows, has_mask, scale, exp):  # rows, mask_rows: [R, S]
     out = np.empty_like(rows)
