@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refimpl import ops
-from refimpl.fast import elementary, kernels, llvm, reductions, schedule
+from refimpl.fast import elementary, kernels, llvm, packed, reductions, schedule
 from refimpl.backend import erf as libm_erf
 from tolerances import KERNEL_ULPS
 
@@ -340,7 +340,7 @@ def test_masked_softmax_nan_and_inf_follow_numpy():
 
 
 # ---------------------------------------------------------------------------------------------
-# attention (per-head schedule around BLAS GEMMs and the softmax kernel)
+# attention (per (batch, head): the packed GEMMs around the softmax kernel)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -363,13 +363,23 @@ def test_attention_matches_inline_reference(dtype, b, n, t, s_len, d, mask_kind,
     out = np.empty((b, t, n, d), dtype).transpose(0, 2, 1, 3) if merged_out else None
     got = kernels.attention(q, k, v, mask, scale, out=out)
     assert got.shape == want.shape and got.dtype == dtype and (out is None or got is out)
-    # probs differ by <= ULPS ulps; the GEMM then rounds each side differently by <= S ulps.
-    bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
-    assert np.all(np.abs(got - want) <= bound)
-    # and bitwise equal to the batched schedule with the softmax kernel
-    batched = q @ k.swapaxes(-1, -2)
-    kernels.masked_softmax(batched, mask, scale, out=batched)
-    np.testing.assert_array_equal(got, batched @ v)
+    assert np.all(np.abs(got - want) <= _few_bound(q, k, v, probs, scale, dtype))
+    # and bitwise the packed GEMMs around the softmax kernel, pair by pair
+    np.testing.assert_array_equal(got, _packed_attention(q, k, v, mask, scale))
+
+
+def _packed_attention(q, k, v, mask, scale, softmax=kernels.masked_softmax):
+    """attention() written out: per (batch, head) the scores as packed_linear(q, pack(k)) (each an
+    fma chain over D), ``softmax``, the context as packed_linear(p, pack(v^T))."""
+    b, n = q.shape[:2]
+    scores = np.empty(q.shape[:3] + k.shape[2:3], q.dtype)  # [B, N, T, S]
+    for bi, hi in np.ndindex(b, n):
+        scores[bi, hi] = packed.packed_linear(np.ascontiguousarray(q[bi, hi]), packed.pack(k[bi, hi]))
+    probs = softmax(scores, mask, scale)
+    out = np.empty(q.shape, q.dtype)
+    for bi, hi in np.ndindex(b, n):
+        out[bi, hi] = packed.packed_linear(np.ascontiguousarray(probs[bi, hi]), packed.pack(v[bi, hi].T))
+    return out
 
 
 @pytest.mark.parametrize("name, t", [("attention", 3), ("attention_few", 1)])
@@ -402,8 +412,8 @@ def _few_inputs(dtype, b, n, t, s_len, d, mask_kind, cached, rng):
 
 
 def _few_bound(q, k, v, probs, scale, dtype):
-    """How far attention_few may be from ``probs @ v`` (BLAS scores, ops.softmax): the softmax's
-    ulps and the context's S-term sum, as for attention(), plus the scores' own summation order:
+    """How far attention_few and attention may be from ``probs @ v`` (BLAS scores, ops.softmax):
+    the softmax's ulps and the context's S-term sum, plus the scores' own summation order:
     each within 2 D eps (|q| . |k_j|) of BLAS's, which moves p_j by at most p_j (|δ_j| + sum_i p_i |δ_i|)
     (δ: that difference scaled)."""
     eps, d, s_len = np.finfo(dtype).eps, q.shape[-1], k.shape[2]
@@ -646,16 +656,18 @@ def test_attention_context_matches_ops(monkeypatch, dtype, per_head, mask_kind, 
     assert got.shape == want.shape == (b, n, t, d) and got.dtype == dtype
     probs = ops.softmax(q @ k.swapaxes(-1, -2) * scale + (0 if mask is None else mask))
     bound = (ULPS["softmax"][dtype] + s_len) * np.finfo(dtype).eps * (probs @ np.abs(v))
-    if t <= schedule.FEW_QUERIES:  # (its scores in another summation order than BLAS's)
+    few, own = t <= schedule.FEW_QUERIES, t >= schedule.PER_HEAD_FROM
+    if few or own:  # (their scores in another summation order than BLAS's)
         bound = _few_bound(q, k, v, probs, scale, dtype)
     assert np.all(np.abs(got - want) <= bound)
     # the heads merge without a copy: [B, N, T, D] -> [B, T, N, D] is C-contiguous
     assert got.transpose(0, 2, 1, 3).flags.c_contiguous
-    if t <= schedule.FEW_QUERIES:  # a decoding step's attention: its own kernel (both cores)
+    if few:  # a decoding step's attention: its own kernel (both cores)
         np.testing.assert_array_equal(got, kernels.attention_few(q, k, v, mask, scale))
-        return
-    # and bitwise the schedule that keeps the probabilities (softmax kernel, then @ v)
-    np.testing.assert_array_equal(got, kernels.masked_softmax(q @ k.swapaxes(-1, -2), mask, scale) @ v)
+    elif own:  # per (batch, head): the packed GEMMs around the softmax kernel
+        np.testing.assert_array_equal(got, _packed_attention(q, k, v, mask, scale))
+    else:  # bitwise the schedule that keeps the probabilities (softmax kernel, then @ v)
+        np.testing.assert_array_equal(got, kernels.masked_softmax(q @ k.swapaxes(-1, -2), mask, scale) @ v)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -1024,15 +1036,16 @@ def test_attention_softmax_is_bitwise_the_previous_kernel():
         q, k, v = rng.standard_normal((3, 2, 3, 130, 16)).astype(dtype)
         k *= dtype.type(40.0)  # wide scores: exps down to the subnormals and zeros
         mask = np.where(rng.random((2, 1, 1, 130)) < 0.8, 0.0, np.finfo(dtype).min).astype(dtype)
-        probs = _old_masked_softmax(q @ k.swapaxes(-1, -2), mask, 0.25)
-        np.testing.assert_array_equal(kernels.attention(q, k, v, mask, 0.25), probs @ v)
+        want = _packed_attention(q, k, v, mask, 0.25, softmax=_old_masked_softmax)
+        np.testing.assert_array_equal(kernels.attention(q, k, v, mask, 0.25), want)
 
 
 def test_kernels_load_from_the_numba_cache(tmp_path):
     """Compiled once into an empty cache, then loaded from it in a fresh process: the same
     results (a cached kernel calling a recursive helper once crashed on load: numba#6061; so did
-    attention_few's while it passed that helper literal offsets). A decoding step's blocks in one
-    call (S = 141 keys: the recursive sum) run too."""
+    attention_few's while it passed that helper literal offsets). attention, which compiles the
+    packed GEMM's driver into itself, and a decoding step's blocks in one call (S = 141 keys: the
+    recursive sum) run too."""
     code = (
         "import numpy as np\n"
         "from refimpl.fast import kernels as k\n"
@@ -1043,6 +1056,7 @@ def test_kernels_load_from_the_numba_cache(tmp_path):
         "      k.bias_gelu(x, w).sum())\n"
         "q, kv = x[:, :, :1, :16], x[..., :16].repeat(26, axis=2)  # [2, 3, 1, 16], [2, 3, 130, 16]\n"
         "print(k.attention_few(q, kv, kv).sum(), k.attention_few(q, kv[:, :, :5], kv[:, :, :5]).sum())\n"
+        "print(k.attention(kv, kv, kv).sum(), k.attention(q, kv, kv).sum())  # (the packed GEMM inside)\n"
         "import refimpl\n"  # a decoding step's blocks in one call (refimpl.fast.decoding), which calls both
         "from refimpl.fast import decoding\n"
         "from refimpl.params import build_params, hf_key_table\n"

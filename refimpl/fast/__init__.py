@@ -22,7 +22,7 @@ Definition (reference)                                 fast path
 ``ops.layer_norm(x, w, b, eps)``                       :func:`.kernels.layer_norm` ``(x, w, b, eps)``
 ``h = x + (r + rb); ops.layer_norm(h, w, b, eps)``     :func:`.kernels.residual_layer_norm` ``-> (h, ln)``
 ``ops.softmax(scores * scale + mask)``                 :func:`.kernels.masked_softmax`
-``ops.softmax(q @ k^T * scale + mask) @ v``            :func:`.kernels.attention` (per-head schedule)
+``ops.softmax(q @ k^T * scale + mask) @ v``            :func:`.kernels.attention` (per head, packed GEMMs)
 the same for one query row (a decoding step)         :func:`.kernels.attention_few` (both cores)
 ``ops.linear(x, w, b)``                                :func:`.schedule.linear` (packed weights, ``(W x^T)^T`` or ``x W^T``)
 ``attention.scaled_dot_product_attention`` (context)   :func:`.schedule.attention_context` (no probs kept)

@@ -1,5 +1,5 @@
 """The Numba kernels, each beside its Python wrapper: bias+GELU, LayerNorm, masked softmax, attention
-(per head, and for a few query rows in one kernel).
+(per (batch, head) around the packed GEMM, and for a few query rows in one kernel).
 
 Each wrapper checks dtypes and shapes, fixes layouts and calls its kernel; each is held to its
 NumPy definition (:mod:`refimpl.ops`, :mod:`refimpl.attention`) by ``tests/test_kernels.py``.
@@ -11,9 +11,11 @@ import numba
 import numpy as np
 
 from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store,
-                   v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
+                   v8x8_transpose, v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
-from .jobs import ATTENTION_LIKE, attention_on_two_cores, register_attention_kernel
+from . import packed
+from .jobs import ATTENTION_LIKE, attention_on_two_cores, code_fingerprint, read_only, register_attention_kernel
+from .packed import panel_width
 from .reductions import lane_max, lane_sum, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
 
 
@@ -222,6 +224,37 @@ def _residual_layer_norm_kernel(x, r, rb, has_rb, w, b, eps, n, hsum, out):  # a
         layer_norm_row(hr, w, b, eps, n, out[i])
 
 
+@numba.njit(**INLINE)
+def _softmax_rows(sf, of, o, nt, ns, mf, mo, mrs, has_mask, scale, prev, total):
+    """``of[o + ti*S : ...] = softmax(sf[...] * scale + mf[mo + ti*mrs : ...])`` for the ``nt`` rows
+    of S = ``ns`` from offset ``o`` (``sf`` may be ``of``): scale, mask and maximum; exp; NumPy's
+    pairwise sum; a true division. Each row's division rides along the next row's sum (vector adds
+    in one dependency chain, divisions on the divider: the time of the longer of the two), the
+    pending one given as (``prev``, ``total``), row offset and sum (``prev`` < 0: none); returns the
+    last row's, still to divide (:func:`_divide_row`)."""
+    for ti in range(nt):
+        r = o + ti * ns
+        m = _scale_mask_max(sf, r, mf, mo + ti * mrs, has_mask, scale, of, r, ns)
+        for j in range(ns):  # v - max(v) <= 0 (or NaN)
+            u = np.uintp(r + j)
+            of[u] = exp_nonpos(of[u] - m)
+        if ns > 128:
+            t = pairwise_sum_div_at(of, r, ns, prev, total)
+        elif prev < 0:
+            t = pairwise_leaf(of, r, ns)
+        else:
+            t = pairwise_leaf_div(of, r, ns, prev, total)
+        prev, total = r, t
+    return prev, total
+
+
+@numba.njit(**INLINE)
+def _divide_row(of, prev, ns, total):
+    for j in range(ns):
+        u = np.uintp(prev + j)
+        of[u] = of[u] / total
+
+
 @numba.njit(**JIT)
 def _masked_softmax_kernel(s, mask, has_mask, scale, out):
     # s, out: [B, N, T, S]; mask: [1|B, 1|N, 1|T, S]. Rows are addressed by offsets into the flat
@@ -232,29 +265,11 @@ def _masked_softmax_kernel(s, mask, has_mask, scale, out):
     prev, total = np.int64(-1), s.dtype.type(1.0)  # the row whose division is pending, and its sum
     for bi in range(nb):
         for hi in range(nh):
-            for ti in range(nt):
-                o = ((bi * nh + hi) * nt + ti) * ns
-                mo = 0
-                if has_mask:
-                    mo = (((bi if mb > 1 else 0) * mh + (hi if mh > 1 else 0)) * mt
-                          + (ti if mt > 1 else 0)) * ns  # fmt: skip
-                m = _scale_mask_max(sf, o, mf, mo, has_mask, scale, of, o, ns)
-                for j in range(ns):  # v - max(v) <= 0 (or NaN)
-                    u = np.uintp(o + j)
-                    of[u] = exp_nonpos(of[u] - m)
-                # the previous row's division rides along this row's sum (vector adds in one
-                # dependency chain, divisions on the divider: the time of the longer of the two)
-                if ns > 128:
-                    t = pairwise_sum_div_at(of, o, ns, prev, total)
-                elif prev < 0:
-                    t = pairwise_leaf(of, o, ns)
-                else:
-                    t = pairwise_leaf_div(of, o, ns, prev, total)
-                prev, total = o, t
+            mo = ((bi if mb > 1 else 0) * mh + (hi if mh > 1 else 0)) * mt * ns if has_mask else 0
+            prev, total = _softmax_rows(sf, of, ((bi * nh + hi) * nt) * ns, nt, ns, mf, mo, ns if mt > 1 else 0,
+                                        has_mask, scale, prev, total)
     if prev >= 0:
-        for j in range(ns):
-            u = np.uintp(prev + j)
-            of[u] = of[u] / total
+        _divide_row(of, prev, ns, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,35 +458,104 @@ def _attention_args(q, k, v, mask, out, *, contiguous_out: bool = False):
 
 
 def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
-    """Attention context ``softmax(q @ k^T * scale + mask) @ v``, one (batch, head) at a time.
+    """Attention context ``softmax(q @ k^T * scale + mask) @ v``, one (batch, head) at a time, in
+    one kernel (:func:`attention_packed_kernel`).
 
     q: [B, N, T, D]; k, v: [B, N, S, D]; mask as in :func:`masked_softmax` -> [B, N, T, D].
     ``out`` may be any writeable array of that shape and dtype, e.g. the [B, N, T, D] view
-    ``buf.transpose(0, 2, 1, 3)`` of a [B, T, N, D] buffer, so the heads land merged.
+    ``buf.transpose(0, 2, 1, 3)`` of a [B, T, N, D] buffer, so the heads land merged. q, k and v
+    are read in place when their last axis is contiguous (views of a projection's output are).
 
-    Bitwise equal to the batched ``s = q @ k^T; masked_softmax(s, mask, scale, out=s); s @ v``
-    (NumPy's batched matmul runs the same GEMM per (batch, head)); only the schedule differs:
-    the two GEMMs stay in BLAS, and one [T, S] score block is reused, hot in cache, instead of a
-    [B, N, T, S] array. On 2 cores that is ~13% faster than the batched form from T = 256 up
-    (equal at T = 128) and needs B*N times less scratch memory. A fused Numba kernel does not
-    pay here: its hand-written GEMMs would lose more to OpenBLAS than the fusion saves.
+    The two products are the packed GEMM's (:mod:`.packed`: each element one chain of fused
+    multiply-adds in k order, the same bits whatever the rows, tiles, ISA or thread), k and v
+    packed as its weights; between them :func:`masked_softmax`'s softmax, one [T, S] score block
+    reused, hot in cache. So the result is bitwise ``packed_linear(q, pack(k))``, that softmax, then
+    ``packed_linear(p, pack(v^T))`` for each pair; another summation order than BLAS's, held to
+    the reference within the dot-product bounds; the results do not depend on which BLAS kernel
+    the CPU picks. Against the same schedule around OpenBLAS's GEMMs (a Python loop over the
+    pairs), a base-sized layer's attention at 2x128 and 1x512 took 0.83x and 0.89x the time
+    (float32, one thread), base-sized forwards at 8x128 and 4x512 0.96x and 0.98x (A/B in one
+    process). Below 128 query rows the batched matmuls remain faster
+    (:func:`~refimpl.fast.schedule.attention_context`).
     """
     dtype, out, m4 = _attention_args(q, k, v, mask, out)
     if m4 is None:
         return out
-    nb, nh, nt, _ = q.shape
-    ns = k.shape[2]
-    has_mask = mask is not None
-    scale_t = dtype.type(scale)
-    scores = np.empty((1, 1, nt, ns), dtype)  # [T, S] block, reused for every (batch, head)
-    block = scores[0, 0]
-    for bi in range(nb):
-        for hi in range(nh):
-            np.matmul(q[bi, hi], k[bi, hi].T, out=block)  # [T, D] @ [D, S] -> [T, S]
-            mb = m4[bi if m4.shape[0] > 1 else 0, hi if m4.shape[1] > 1 else 0][None, None]
-            _masked_softmax_kernel(scores, mb, has_mask, scale_t, scores)
-            np.matmul(block, v[bi, hi], out=out[bi, hi])  # [T, S] @ [S, D] -> [T, D]
+    target = out if out.strides[-1] == dtype.itemsize and min(out.strides) >= 0 else np.empty(q.shape, dtype)
+    q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
+    lay = np.empty(_LAY, np.int64)
+    _layout(q, k, v, m4, target, dtype.type(scale), lay)
+    attention_packed_kernel(lay, mask is not None, ATTENTION_LIKE[dtype], q.shape[0] * q.shape[1], panel_width(dtype),
+                            packed.KC, packed.MC)
+    if target is not out:
+        out[...] = target
     return out
+
+
+def _make_attention_packed(fingerprint):
+    """The kernel, with ``fingerprint`` (:func:`.jobs.code_fingerprint`) as a closure cell: it
+    compiles packed.py's driver into itself, and Numba keys a cached function on its own code only
+    (a copy cached with another driver or ISA is never loaded)."""
+
+    @numba.njit(**JIT)
+    def attention_packed_kernel(lay, has_mask, like, n_pairs, p, kc, mc):  # noqa: C901
+        """The attention context of every (batch, head) pair, the arrays as in
+        :func:`attention_few_kernel`'s layout vector ``lay`` (B * N = ``n_pairs``); ``p``: the packed kernel's panel
+        width for the dtype, ``kc``/``mc``: its blocks (:mod:`.packed`)."""
+        fingerprint  # noqa: B018 (in the cache key)
+        qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
+        nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
+        scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
+        dt = like.dtype
+        npk, npv = (ns + p - 1) // p, (nd + p - 1) // p
+        kp = np.zeros(npk * nd * p, dt)  # k [S, D] as a weight's panels: kp[(g*D + d)*P + j] = k[g*P + j, d]
+        vp = np.zeros(npv * ns * p, dt)  # v^T [D, S] as a weight's panels: vp[(g*S + s)*P + j] = v[s, g*P + j]
+        qb = np.empty(nt * nd, dt)  # [T, D] the pair's queries, contiguous
+        sc = np.empty(nt * ns, dt)  # [T, S] its scores, then probabilities
+        cb = np.empty(nt * nd, dt)  # [T, D] its context
+        scr = np.empty(max(nt, 32) * p, dt)  # [R, P] a partial last panel's columns
+        xp = np.empty(min(nt, mc) * min(nd, kc), dt)  # q's row block, tile by tile (from X_PACK_FROM rows)
+        nob = read_only(np.zeros(1, dt))  # (no bias)
+        no = nt < 0  # False, typed as a bool (a literal would compile the driver once more)
+        zero = nt - nt
+        one = dt.type(1.0)
+        s8, d8 = ns - ns % 8, nd - nd % 8
+        for pair in range(n_pairs):
+            bi, hi = pair // nh, pair % nh
+            qo, qs = bi * lay[_Q] + hi * lay[_Q + 1], lay[_Q + 2]  # q[bi, hi, 0, 0] and its row stride
+            ko, ks = bi * lay[_K] + hi * lay[_K + 1], lay[_K + 2]
+            vo, vs = bi * lay[_V] + hi * lay[_V + 1], lay[_V + 2]
+            mo, ms = bi * lay[_M] + hi * lay[_M + 1], lay[_M + 2]  # (ms 0: one mask row for every query)
+            oo, os = bi * lay[_O] + hi * lay[_O + 1], lay[_O + 2]
+            for s0 in range(0, s8, 8):  # k -> kp, 8 x 8 blocks transposed in registers
+                g, j = s0 // p, s0 % p
+                for d0 in range(0, d8, 8):
+                    v8x8_transpose(kf, ko + s0 * ks + d0, ks, kp, (g * nd + d0) * p + j, p)
+            for si in range(ns):  # the rest: keys from s8 (every d), dims from d8 (every key)
+                for d in range(0 if si >= s8 else d8, nd):
+                    kp[np.uintp(((si // p) * nd + d) * p + si % p)] = kf[np.uintp(ko + si * ks + d)]
+            for t in range(nt):  # (unsigned offsets: no negative-index wraparound, so the copies vectorise)
+                for d in range(nd):
+                    qb[np.uintp(t * nd + d)] = qf[np.uintp(qo + t * qs + d)]
+            packed.drive(read_only(qb), read_only(kp), nob, no, sc, scr, xp, nt, nd, ns, kc, mc, zero, npk, no)
+            last, total = _softmax_rows(sc, sc, zero, nt, ns, mf, mo, ms, has_mask, scale, zero - 1, one)
+            _divide_row(sc, last, ns, total)
+            for si in range(ns):  # v -> vp: each key's D values, P at a time
+                for g in range(npv):
+                    for j in range(min(p, nd - g * p)):
+                        vp[np.uintp((g * ns + si) * p + j)] = vf[np.uintp(vo + si * vs + g * p + j)]
+            for r0 in range(0, nt, 32):  # p @ v, 32 rows at a time: p read in place (below X_PACK_FROM)
+                r1 = min(nt, r0 + 32)
+                packed.drive(read_only(sc[r0 * ns:r1 * ns]), read_only(vp), nob, no, cb[r0 * nd:r1 * nd], scr, xp,
+                             r1 - r0, ns, nd, kc, mc, zero, npv, no)
+            for t in range(nt):
+                for d in range(nd):
+                    of[np.uintp(oo + t * os + d)] = cb[np.uintp(t * nd + d)]
+
+    return attention_packed_kernel
+
+
+attention_packed_kernel = _make_attention_packed(code_fingerprint())
 
 
 # ---------------------------------------------------------------------------------------------

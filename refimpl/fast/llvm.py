@@ -304,3 +304,34 @@ def v8_transpose(typingctx, src, so, ld, dst, do, rows):
         return context.get_dummy_value()
 
     return types.none(src, so, ld, dst, do, rows), codegen
+
+
+@intrinsic
+def v8x8_transpose(typingctx, src, so, ld, dst, do, dld):
+    """``dst[do + c*dld + i] = src[so + i*ld + c]`` for i, c < 8: an 8 x 8 block of rows ``ld``
+    apart stored transposed, its columns ``dld`` apart (eight vector loads, shuffles in
+    registers, eight vector stores)."""
+    if not (_is_row(src) and _is_row(dst) and src.dtype == dst.dtype
+            and all(isinstance(t, types.Integer) for t in (so, ld, do, dld))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        sa, s_off, lda, da, d_off, ldd = args
+        i32 = ir.IntType(32)
+        rows = [builder.load(_vec_pointer(context, builder, signature.args[0], sa,
+                                          builder.add(s_off, builder.mul(lda, ir.Constant(lda.type, i))), 8),
+                             align=src.dtype.bitwidth // 8) for i in range(8)]  # fmt: skip
+        pairs = [builder.shuffle_vector(rows[j], rows[j + 1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+                 for j in range(0, 8, 2)]  # fmt: skip
+        quads = [builder.shuffle_vector(pairs[j], pairs[j + 1], ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+                 for j in range(0, 4, 2)]  # fmt: skip
+        whole = builder.shuffle_vector(quads[0], quads[1], ir.Constant(ir.VectorType(i32, 64), list(range(64))))
+        for c in range(8):  # column c: lanes i*8 + c of the whole block
+            col = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined),
+                                         ir.Constant(ir.VectorType(i32, 8), [i * 8 + c for i in range(8)]))
+            ptr = _vec_pointer(context, builder, signature.args[3], da,
+                               builder.add(d_off, builder.mul(ldd, ir.Constant(ldd.type, c))), 8)
+            builder.store(col, ptr, align=src.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(src, so, ld, dst, do, dld), codegen

@@ -253,9 +253,11 @@ def attention_context(q, k, v, bias, scale: float):
 
     q: [B, N, T, D]; k, v: [B, N, S, D] -> [B, N, T, D], a view of a C-contiguous [B, T, N, D]
     buffer, so that the heads merge without a copy. The softmax runs in place on the fresh score
-    GEMM output. From ``PER_HEAD_FROM`` query positions up, :func:`~refimpl.fast.kernels.attention`'s
-    per-head schedule (a hot [T, S] block, 2-D GEMMs: 1-2% faster at T = 128 inside a split batch,
-    ~13% from T = 256); up to ``FEW_QUERIES`` (a decoding step),
+    GEMM output. From ``PER_HEAD_FROM`` query positions up, :func:`~refimpl.fast.kernels.attention`
+    (one kernel over the (batch, head) pairs: a hot [T, S] block between two packed GEMMs; with
+    OpenBLAS's GEMMs in its place this schedule was already 1-2% faster than the batched matmuls at
+    T = 128 inside a split batch, ~13% from T = 256; from 16 query rows instead of 128, forwards
+    at 8x64 and 16x16 took 1.05x and 1.02x the time); up to ``FEW_QUERIES`` (a decoding step),
     :func:`~refimpl.fast.kernels.attention_few` (each pair's cached keys and values read once, in
     place; the pairs on both cores unless this thread keeps to its own); between, batched matmuls.
     """
