@@ -476,7 +476,8 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     pairs), a base-sized layer's attention at 2x128 and 1x512 took 0.83x and 0.89x the time
     (float32, one thread), base-sized forwards at 8x128 and 4x512 0.96x and 0.98x (A/B in one
     process). Below 128 query rows the batched matmuls remain faster
-    (:func:`~refimpl.fast.schedule.attention_context`).
+    (:func:`~refimpl.fast.schedule.attention_context`). A cold compile takes ~3.8 s (the driver and
+    the softmax's rows are compiled into the kernel), once per machine and dtype.
     """
     dtype, out, m4 = _attention_args(q, k, v, mask, out)
     if m4 is None:
