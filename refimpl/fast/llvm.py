@@ -267,6 +267,32 @@ def v_abs_ge_bits(typingctx, v, lim):
     return types.int64(v, lim), codegen
 
 
+def _rows_of_8(context, builder, aty, arr, off, ld, m):
+    """``m`` vector loads of 8 elements of flat array ``arr`` (type ``aty``), at ``off``, ``off + ld``, ..."""
+    return [builder.load(_vec_pointer(context, builder, aty, arr, builder.add(off, builder.mul(ld, ir.Constant(ld.type, i))), 8),
+                         align=aty.dtype.bitwidth // 8) for i in range(m)]  # fmt: skip
+
+
+def _concatenated(builder, vecs):
+    """The 8-lane vectors ``vecs`` as one vector, lane i*8 + c holding ``vecs[i][c]`` (padded with
+    undefined vectors to a power of two of them)."""
+    width = 1
+    while width < len(vecs):
+        width *= 2
+    vecs = vecs + [ir.Constant(vecs[0].type, ir.Undefined)] * (width - len(vecs))
+    while len(vecs) > 1:
+        n = vecs[0].type.count
+        both = ir.Constant(ir.VectorType(ir.IntType(32), 2 * n), list(range(2 * n)))
+        vecs = [builder.shuffle_vector(vecs[j], vecs[j + 1], both) for j in range(0, len(vecs), 2)]
+    return vecs[0]
+
+
+def _lanes(builder, whole, picks):
+    """The lanes ``picks`` of ``whole``, in that order, as one vector (a shuffle)."""
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), ir.Constant(ir.VectorType(i32, len(picks)), picks))
+
+
 @intrinsic
 def v8_transpose(typingctx, src, so, ld, dst, do, rows):
     """``dst[do + c*rows + i] = src[so + i*ld + c]`` for i < ``rows`` (an integer literal, 1 to 8)
@@ -282,25 +308,10 @@ def v8_transpose(typingctx, src, so, ld, dst, do, rows):
 
     def codegen(context, builder, signature, args):
         sa, s_off, lda, da, d_off = args[:5]
-        i32 = ir.IntType(32)
-        vecs = [builder.load(_vec_pointer(context, builder, signature.args[0], sa,
-                                          builder.add(s_off, builder.mul(lda, ir.Constant(lda.type, i))), 8),
-                             align=src.dtype.bitwidth // 8) for i in range(m)]  # fmt: skip
-        # concatenate: [v0 | v1 | ... ] as one vector of 8 * 2**ceil(log2 m) lanes (undef padding)
-        width = 1
-        while width < m:
-            width *= 2
-        vecs += [ir.Constant(vecs[0].type, ir.Undefined)] * (width - m)
-        while len(vecs) > 1:
-            n = len(vecs[0].type) if hasattr(vecs[0].type, "__len__") else vecs[0].type.count
-            mask = ir.Constant(ir.VectorType(i32, 2 * n), list(range(2 * n)))
-            vecs = [builder.shuffle_vector(vecs[j], vecs[j + 1], mask) for j in range(0, len(vecs), 2)]
-        whole = vecs[0]  # lane i*8 + c: row i, column c
-        mask = ir.Constant(ir.VectorType(i32, 8 * m), [i * 8 + c for c in range(8) for i in range(m)])
-        t = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), mask)
+        whole = _concatenated(builder, _rows_of_8(context, builder, signature.args[0], sa, s_off, lda, m))
+        t = _lanes(builder, whole, [i * 8 + c for c in range(8) for i in range(m)])
         data = context.make_array(signature.args[3])(context, builder, da).data
-        ptr = builder.bitcast(builder.gep(data, [d_off]), t.type.as_pointer())
-        builder.store(t, ptr, align=src.dtype.bitwidth // 8)
+        builder.store(t, builder.bitcast(builder.gep(data, [d_off]), t.type.as_pointer()), align=src.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.none(src, so, ld, dst, do, rows), codegen
@@ -317,21 +328,10 @@ def v8x8_transpose(typingctx, src, so, ld, dst, do, dld):
 
     def codegen(context, builder, signature, args):
         sa, s_off, lda, da, d_off, ldd = args
-        i32 = ir.IntType(32)
-        rows = [builder.load(_vec_pointer(context, builder, signature.args[0], sa,
-                                          builder.add(s_off, builder.mul(lda, ir.Constant(lda.type, i))), 8),
-                             align=src.dtype.bitwidth // 8) for i in range(8)]  # fmt: skip
-        pairs = [builder.shuffle_vector(rows[j], rows[j + 1], ir.Constant(ir.VectorType(i32, 16), list(range(16))))
-                 for j in range(0, 8, 2)]  # fmt: skip
-        quads = [builder.shuffle_vector(pairs[j], pairs[j + 1], ir.Constant(ir.VectorType(i32, 32), list(range(32))))
-                 for j in range(0, 4, 2)]  # fmt: skip
-        whole = builder.shuffle_vector(quads[0], quads[1], ir.Constant(ir.VectorType(i32, 64), list(range(64))))
+        whole = _concatenated(builder, _rows_of_8(context, builder, signature.args[0], sa, s_off, lda, 8))
         for c in range(8):  # column c: lanes i*8 + c of the whole block
-            col = builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined),
-                                         ir.Constant(ir.VectorType(i32, 8), [i * 8 + c for i in range(8)]))
-            ptr = _vec_pointer(context, builder, signature.args[3], da,
-                               builder.add(d_off, builder.mul(ldd, ir.Constant(ldd.type, c))), 8)
-            builder.store(col, ptr, align=src.dtype.bitwidth // 8)
+            ptr = _vec_pointer(context, builder, signature.args[3], da, builder.add(d_off, builder.mul(ldd, ir.Constant(ldd.type, c))), 8)
+            builder.store(_lanes(builder, whole, [i * 8 + c for i in range(8)]), ptr, align=src.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.none(src, so, ld, dst, do, dld), codegen
