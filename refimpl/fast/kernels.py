@@ -527,7 +527,7 @@ def _make_attention_packed(fingerprint):
             ko, ks = bi * lay[_K] + hi * lay[_K + 1], lay[_K + 2]
             vo, vs = bi * lay[_V] + hi * lay[_V + 1], lay[_V + 2]
             mo, ms = bi * lay[_M] + hi * lay[_M + 1], lay[_M + 2]  # (ms 0: one mask row for every query)
-            oo, os = bi * lay[_O] + hi * lay[_O + 1], lay[_O + 2]
+            oo, ors = bi * lay[_O] + hi * lay[_O + 1], lay[_O + 2]
             for s0 in range(0, s8, 8):  # k -> kp, 8 x 8 blocks transposed in registers
                 g, j = s0 // p, s0 % p
                 for d0 in range(0, d8, 8):
@@ -551,7 +551,7 @@ def _make_attention_packed(fingerprint):
                              r1 - r0, ns, nd, kc, mc, zero, npv, no)
             for t in range(nt):
                 for d in range(nd):
-                    of[np.uintp(oo + t * os + d)] = cb[np.uintp(t * nd + d)]
+                    of[np.uintp(oo + t * ors + d)] = cb[np.uintp(t * nd + d)]
 
     return attention_packed_kernel
 
