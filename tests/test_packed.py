@@ -210,6 +210,29 @@ def test_pack_layout():
     np.testing.assert_array_equal(packed.pack(np.asfortranarray(w)).panels, pw.panels)
 
 
+@numba.njit
+def _pack_into(src, so, o_stride, i_stride, n_out, k, p):
+    dst = np.zeros(-(-n_out // p) * k * p, src.dtype)
+    packed.pack_into(src, so, o_stride, i_stride, n_out, k, dst, p)
+    return dst
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("n_out,k", [(1, 1), (8, 8), (13, 21), (40, 64), (77, 9)])
+def test_pack_into_is_packs_layout(dtype, n_out, k):
+    """packed.pack_into (compiled code: attention packs its keys and values with it) writes pack()'s
+    panels, from W's rows (8 x 8 blocks transposed, and the rest) or from its columns."""
+    p = packed.panel_width(dtype)
+    w = np.random.default_rng(n_out * k).standard_normal((n_out, k)).astype(dtype)
+    want = packed.pack(w).panels
+    flat = np.zeros(1 + n_out * (k + 5), dtype)  # W's rows k + 5 apart, from offset 1
+    flat[1:].reshape(n_out, k + 5)[:, :k] = w
+    np.testing.assert_array_equal(_pack_into(flat, 1, k + 5, 1, n_out, k, p), want)
+    cols = np.zeros((k, n_out + 3), dtype)  # W^T's rows: W by columns, n_out + 3 apart
+    cols[:, :n_out] = w.T
+    np.testing.assert_array_equal(_pack_into(cols.reshape(-1), 0, 1, n_out + 3, n_out, k, p), want)
+
+
 def test_layouts_out_leading_axes_and_read_only_inputs(tmp_path):
     x, w, b = _data(F32, 6, 24, 40, seed=3)
     pw = packed.pack(w)

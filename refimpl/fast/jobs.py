@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import os
 import threading
@@ -231,15 +232,22 @@ def _post_attention(board, lay, has_mask, like, chunk, n_chunks, n_pairs):
 def code_fingerprint(*more: str) -> int:
     """A hash of packed.py, llvm.py, kernels.py, elementary.py and reductions.py (this folder), of
     the files named in ``more``, and of ``REFIMPL_PACKED_ISA``: what the code compiled into the job
-    functions (or another function that calls them) depends on."""
+    functions (or another function that calls them) depends on. Each file is read once a process
+    (three modules ask at import)."""
     h = hashlib.sha256(os.environ.get("REFIMPL_PACKED_ISA", "").encode())
     for name in ("packed.py", "llvm.py", "kernels.py", "elementary.py", "reductions.py") + more:
-        try:
-            with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-                h.update(f.read())
-        except OSError:
-            h.update(name.encode())
+        h.update(_source(name))
     return int.from_bytes(h.digest()[:7], "little")
+
+
+@functools.lru_cache(maxsize=None)
+def _source(name: str) -> bytes:
+    """The bytes of this folder's file ``name`` (its name where it cannot be read)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            return f.read()
+    except OSError:
+        return name.encode()
 
 
 def _job_functions(fingerprint: int):

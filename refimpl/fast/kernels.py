@@ -11,11 +11,10 @@ import numba
 import numpy as np
 
 from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store,
-                   v8x8_transpose, v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
+                   v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
 from . import packed
 from .jobs import ATTENTION_LIKE, attention_on_two_cores, code_fingerprint, read_only, register_attention_kernel
-from .packed import panel_width
 from .reductions import lane_max, lane_sum, pairwise_leaf, pairwise_leaf_div, pairwise_sum, pairwise_sum_centred_sq, pairwise_sum_div_at
 
 
@@ -250,6 +249,7 @@ def _softmax_rows(sf, of, o, nt, ns, mf, mo, mrs, has_mask, scale, prev, total):
 
 @numba.njit(**INLINE)
 def _divide_row(of, prev, ns, total):
+    """The division :func:`_softmax_rows` left pending: ``of[prev:prev + ns] /= total``."""
     for j in range(ns):
         u = np.uintp(prev + j)
         of[u] = of[u] / total
@@ -486,11 +486,16 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
     lay = np.empty(_LAY, np.int64)
     _layout(q, k, v, m4, target, dtype.type(scale), lay)
-    attention_packed_kernel(lay, mask is not None, ATTENTION_LIKE[dtype], q.shape[0] * q.shape[1], panel_width(dtype),
+    attention_packed_kernel(lay, mask is not None, ATTENTION_LIKE[dtype], q.shape[0] * q.shape[1], packed.panel_width(dtype),
                             packed.KC, packed.MC)
     if target is not out:
         out[...] = target
     return out
+
+
+# The rows of p a context GEMM takes at a time: below X_PACK_FROM, so that p is read in place (a copy
+# of p tile by tile would be shared by only D / P panels).
+_CONTEXT_ROWS = packed.X_PACK_FROM - 1
 
 
 def _make_attention_packed(fingerprint):
@@ -509,18 +514,17 @@ def _make_attention_packed(fingerprint):
         scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
         dt = like.dtype
         npk, npv = (ns + p - 1) // p, (nd + p - 1) // p
-        kp = np.zeros(npk * nd * p, dt)  # k [S, D] as a weight's panels: kp[(g*D + d)*P + j] = k[g*P + j, d]
-        vp = np.zeros(npv * ns * p, dt)  # v^T [D, S] as a weight's panels: vp[(g*S + s)*P + j] = v[s, g*P + j]
+        kp = np.zeros(npk * nd * p, dt)  # k [S, D] as a weight's panels (packed.pack_into; padding stays 0)
+        vp = np.zeros(npv * ns * p, dt)  # v^T [D, S] as a weight's panels
         qb = np.empty(nt * nd, dt)  # [T, D] the pair's queries, contiguous
         sc = np.empty(nt * ns, dt)  # [T, S] its scores, then probabilities
         cb = np.empty(nt * nd, dt)  # [T, D] its context
-        scr = np.empty(max(nt, 32) * p, dt)  # [R, P] a partial last panel's columns
+        scr = np.empty(max(nt, _CONTEXT_ROWS) * p, dt)  # [R, P] a partial last panel's columns
         xp = np.empty(min(nt, mc) * min(nd, kc), dt)  # q's row block, tile by tile (from X_PACK_FROM rows)
         nob = read_only(np.zeros(1, dt))  # (no bias)
         no = nt < 0  # False, typed as a bool (a literal would compile the driver once more)
         zero = nt - nt
         one = dt.type(1.0)
-        s8, d8 = ns - ns % 8, nd - nd % 8
         for pair in range(n_pairs):
             bi, hi = pair // nh, pair % nh
             qo, qs = bi * lay[_Q] + hi * lay[_Q + 1], lay[_Q + 2]  # q[bi, hi, 0, 0] and its row stride
@@ -528,25 +532,17 @@ def _make_attention_packed(fingerprint):
             vo, vs = bi * lay[_V] + hi * lay[_V + 1], lay[_V + 2]
             mo, ms = bi * lay[_M] + hi * lay[_M + 1], lay[_M + 2]  # (ms 0: one mask row for every query)
             oo, ors = bi * lay[_O] + hi * lay[_O + 1], lay[_O + 2]
-            for s0 in range(0, s8, 8):  # k -> kp, 8 x 8 blocks transposed in registers
-                g, j = s0 // p, s0 % p
-                for d0 in range(0, d8, 8):
-                    v8x8_transpose(kf, ko + s0 * ks + d0, ks, kp, (g * nd + d0) * p + j, p)
-            for si in range(ns):  # the rest: keys from s8 (every d), dims from d8 (every key)
-                for d in range(0 if si >= s8 else d8, nd):
-                    kp[np.uintp(((si // p) * nd + d) * p + si % p)] = kf[np.uintp(ko + si * ks + d)]
-            for t in range(nt):  # (unsigned offsets: no negative-index wraparound, so the copies vectorise)
+            packed.pack_into(kf, ko, ks, 1, ns, nd, kp, p)  # k [S, D] as the weight [O = S, K = D]
+            for t in range(nt):  # q's rows, contiguous (unsigned offsets: the copy vectorises)
                 for d in range(nd):
                     qb[np.uintp(t * nd + d)] = qf[np.uintp(qo + t * qs + d)]
+            # scores [T, S] = q [T, D] @ k^T, then the softmax of each row in place
             packed.drive(read_only(qb), read_only(kp), nob, no, sc, scr, xp, nt, nd, ns, kc, mc, zero, npk, no)
             last, total = _softmax_rows(sc, sc, zero, nt, ns, mf, mo, ms, has_mask, scale, zero - 1, one)
             _divide_row(sc, last, ns, total)
-            for si in range(ns):  # v -> vp: each key's D values, P at a time
-                for g in range(npv):
-                    for j in range(min(p, nd - g * p)):
-                        vp[np.uintp((g * ns + si) * p + j)] = vf[np.uintp(vo + si * vs + g * p + j)]
-            for r0 in range(0, nt, 32):  # p @ v, 32 rows at a time: p read in place (below X_PACK_FROM)
-                r1 = min(nt, r0 + 32)
+            packed.pack_into(vf, vo, 1, vs, nd, ns, vp, p)  # v^T [D, S] as the weight [O = D, K = S]
+            for r0 in range(0, nt, _CONTEXT_ROWS):  # context [T, D] = p [T, S] @ v, p read in place
+                r1 = min(nt, r0 + _CONTEXT_ROWS)
                 packed.drive(read_only(sc[r0 * ns:r1 * ns]), read_only(vp), nob, no, cb[r0 * nd:r1 * nd], scr, xp,
                              r1 - r0, ns, nd, kc, mc, zero, npv, no)
             for t in range(nt):

@@ -76,7 +76,7 @@ from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from .jobs import chunks_of, on_two_cores, read_only, register_packed_drivers
-from .llvm import DTYPES, INLINE, JIT, LINKED, v8_transpose
+from .llvm import DTYPES, INLINE, JIT, LINKED, v8_transpose, v8x8_transpose
 
 __all__ = ["ISA", "Packed", "pack", "packed_linear", "panel_width", "warmup"]
 
@@ -240,6 +240,29 @@ def pack(weight) -> Packed:
     if full < n_panels:  # the last panel: its real rows, the rest stays zero
         panels[full, :, : n_out - full * p] = w[full * p :].T  # [O % P, K] -> [K, O % P]
     return Packed(panels.reshape(-1), n_out, k, p)  # (made read-only there)
+
+
+@numba.njit(**INLINE)
+def pack_into(src, so, o_stride, i_stride, n_out, k, dst, p):
+    """:func:`pack`'s layout, for compiled code: the weight W [O = ``n_out``, K = ``k``] with
+    ``W[o, i] = src[so + o*o_stride + i*i_stride]`` into ``dst`` as panels of ``p`` (a multiple of
+    8): ``dst[((o // p) * K + i) * p + o % p] = W[o, i]``. The last panel's padding (columns O to
+    its end) is not written: zero it once. Given by rows (``i_stride`` 1, e.g. attention's keys as
+    a weight) W goes in 8 x 8 blocks transposed in registers; by columns (``o_stride`` 1, e.g. the
+    values as the weight v^T) each panel row is a copy of P contiguous values."""
+    if i_stride == 1:
+        o8, k8 = n_out - n_out % 8, k - k % 8
+        for o0 in range(0, o8, 8):
+            for i0 in range(0, k8, 8):
+                v8x8_transpose(src, so + o0 * o_stride + i0, o_stride, dst, ((o0 // p) * k + i0) * p + o0 % p, p)
+        for o in range(n_out):  # the rest: rows from o8 (every i), columns from k8 (every row)
+            for i in range(0 if o >= o8 else k8, k):
+                dst[np.uintp(((o // p) * k + i) * p + o % p)] = src[np.uintp(so + o * o_stride + i)]
+        return
+    for i in range(k):  # (unsigned offsets: no negative-index wraparound, so the copies vectorise)
+        for g in range((n_out + p - 1) // p):
+            for j in range(min(p, n_out - g * p)):
+                dst[np.uintp((g * k + i) * p + j)] = src[np.uintp(so + (g * p + j) * o_stride + i * i_stride)]
 
 
 # ---------------------------------------------------------------------------------------------

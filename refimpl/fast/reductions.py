@@ -30,22 +30,59 @@ def lane_max(r):
     return max(max(max(r0, r1), max(r2, r3)), max(max(r4, r5), max(r6, r7)))
 
 
+# The terms a sum adds: the elements themselves, or (``centred``, LayerNorm's variance) their
+# squared distances from the mean, computed as the sum reads them. ``centred`` is a constant where
+# these inlined helpers are called, so each caller compiles one branch.
+
+
+@numba.njit(**INLINE)
+def _terms8(a, i, mv, centred):
+    """The terms of ``a[i:i + 8]`` as a vector (``mv``: the mean in every lane)."""
+    v = v8_load(a, i)
+    if centred:
+        d = v_sub(v, mv)
+        return v_mul(d, d)
+    return v
+
+
+@numba.njit(**INLINE)
+def _term(a, i, mean, centred):
+    v = a[np.uintp(i)]
+    if centred:
+        d = v - mean
+        return d * d
+    return v
+
+
+@numba.njit(**INLINE)
+def _leaf(a, lo, n, mean, centred):
+    """NumPy's pairwise sum of the terms of ``a[lo:lo + n]``, ``n <= 128``: below 8 terms a plain
+    loop from 0; else eight interleaved accumulators (lane k of one vector: accumulator k) seeded
+    with the first eight terms, combined by :func:`lane_sum`, then the tail added in order."""
+    res, m = a.dtype.type(0.0), 0
+    if n >= 8:
+        m = n - n % 8
+        mv = v8_splat(mean)
+        r = _terms8(a, lo, mv, centred)
+        for i in range(8, m, 8):
+            r = v_add(r, _terms8(a, lo + i, mv, centred))
+        res = lane_sum(r)
+    for i in range(m, n):
+        res += _term(a, lo + i, mean, centred)
+    return res
+
+
 @numba.njit(**INLINE)
 def pairwise_leaf(a, lo, n):
     """NumPy's pairwise sum of ``a[lo:lo + n]`` for ``n <= 128`` (no recursion)."""
-    if n < 8:
-        res = a.dtype.type(0.0)
-        for i in range(n):
-            res += a[np.uintp(lo + i)]
-        return res
-    m = n - n % 8
-    r = v8_load(a, lo)  # lane k: accumulator k, seeded with a[lo + k]
-    for i in range(8, m, 8):
-        r = v_add(r, v8_load(a, lo + i))
-    res = lane_sum(r)
-    for i in range(m, n):
-        res += a[np.uintp(lo + i)]
-    return res
+    return _leaf(a, lo, n, a.dtype.type(0.0), False)
+
+
+@numba.njit(**INLINE)
+def _half(n):
+    """Where NumPy splits a node of ``n`` > 128 terms: n // 2, rounded down to a multiple of 8."""
+    n2 = n // 2
+    return n2 - n2 % 8
 
 
 @numba.njit(**INLINE)
@@ -86,36 +123,38 @@ def pairwise_sum_div_at(a, lo, n, prev, total):
         if prev < 0:
             return pairwise_leaf(a, lo, n)
         return pairwise_leaf_div(a, lo, n, prev, total)
-    n2 = n // 2
-    n2 -= n2 % 8
+    n2 = _half(n)
     return pairwise_sum_div_at(a, lo, n2, prev, total) + pairwise_sum_div_at(
         a, lo + n2, n - n2, prev + n2 if prev >= 0 else prev, total
     )
 
 
-# Where both halves of a node are leaves (129 to 256 elements), the two leaves run side by side:
+# Where both halves of a node are leaves (129 to 256 terms), the two leaves run side by side:
 # each is one chain of dependent vector adds, waiting on the add's latency, and two chains overlap.
 # Each leaf makes the same operations in the same order, so the same bits. A LayerNorm over rows of
 # 768 (two sums of eight leaves of 96 each) took 0.70x the time in float32, 0.88x in float64
-# (512 rows, A/B in one process).
+# (512 rows, A/B in one process). The two recursions below differ only in ``centred``: a constant
+# passed down a recursive function would make Numba compile a literal specialisation of it, which
+# has called a null address when loaded from the cache (numba#6061; see attention_few_kernel).
 
 
 @numba.njit(**INLINE)
-def _two_leaves(a, lo0, n0, lo1, n1):
-    """``(pairwise_leaf(a, lo0, n0), pairwise_leaf(a, lo1, n1))`` for 8 <= n0 <= n1 <= 128, the two
+def _two_leaves(a, lo0, n0, lo1, n1, mean, centred):
+    """``(_leaf(a, lo0, n0, ...), _leaf(a, lo1, n1, ...))`` for 8 <= n0 <= n1 <= 128, the two
     chains interleaved."""
     m0, m1 = n0 - n0 % 8, n1 - n1 % 8
-    r0, r1 = v8_load(a, lo0), v8_load(a, lo1)
+    mv = v8_splat(mean)
+    r0, r1 = _terms8(a, lo0, mv, centred), _terms8(a, lo1, mv, centred)
     for i in range(8, m0, 8):
-        r0 = v_add(r0, v8_load(a, lo0 + i))
-        r1 = v_add(r1, v8_load(a, lo1 + i))
+        r0 = v_add(r0, _terms8(a, lo0 + i, mv, centred))
+        r1 = v_add(r1, _terms8(a, lo1 + i, mv, centred))
     for i in range(m0, m1, 8):
-        r1 = v_add(r1, v8_load(a, lo1 + i))
+        r1 = v_add(r1, _terms8(a, lo1 + i, mv, centred))
     s0, s1 = lane_sum(r0), lane_sum(r1)
     for i in range(m0, n0):
-        s0 += a[np.uintp(lo0 + i)]
+        s0 += _term(a, lo0 + i, mean, centred)
     for i in range(m1, n1):
-        s1 += a[np.uintp(lo1 + i)]
+        s1 += _term(a, lo1 + i, mean, centred)
     return s0, s1
 
 
@@ -124,10 +163,9 @@ def pairwise_sum_at(a, lo, n):
     """NumPy's pairwise sum of ``a[lo:lo + n]``."""
     if n <= 128:
         return pairwise_leaf(a, lo, n)
-    n2 = n // 2
-    n2 -= n2 % 8
+    n2 = _half(n)
     if n - n2 <= 128:  # (n2 <= n - n2: both halves are leaves)
-        s0, s1 = _two_leaves(a, lo, n2, lo + n2, n - n2)
+        s0, s1 = _two_leaves(a, lo, n2, lo + n2, n - n2, a.dtype.type(0.0), False)
         return s0 + s1
     return pairwise_sum_at(a, lo, n2) + pairwise_sum_at(a, lo + n2, n - n2)
 
@@ -138,51 +176,16 @@ def pairwise_sum(a):
     return pairwise_sum_at(a, n - n, n)  # (an int64 0, not a literal: one specialisation)
 
 
-@numba.njit(**INLINE)
-def _centred_sq_leaf(a, mv, lo, m):
-    """The eight accumulators of ``(a - mean)**2`` over a[lo:lo + m] (m >= 8, a multiple of 8; mv:
-    the mean in every lane), seeded with the first eight squares."""
-    d = v_sub(v8_load(a, lo), mv)
-    r = v_mul(d, d)
-    for i in range(8, m, 8):
-        d = v_sub(v8_load(a, lo + i), mv)
-        r = v_add(r, v_mul(d, d))
-    return r
-
-
-@numba.njit(**INLINE)
-def _centred_sq_tail(a, mean, lo, m, n, res):
-    for i in range(m, n):
-        d = a[np.uintp(lo + i)] - mean
-        res += d * d
-    return res
-
-
 @numba.njit(**JIT)
 def _centred_sq_at(a, mean, lo, n):
     """``pairwise_sum_at`` of ``(a - mean) * (a - mean)`` without storing the squares."""
-    if n < 8:
-        return _centred_sq_tail(a, mean, lo, 0, n, a.dtype.type(0.0))
-    mv = v8_splat(mean)
     if n <= 128:
-        m = n - n % 8
-        return _centred_sq_tail(a, mean, lo, m, n, lane_sum(_centred_sq_leaf(a, mv, lo, m)))
-    n2 = n // 2
-    n2 -= n2 % 8
-    if n - n2 > 128:
-        return _centred_sq_at(a, mean, lo, n2) + _centred_sq_at(a, mean, lo + n2, n - n2)
-    lo1, n1 = lo + n2, n - n2  # both halves leaves: their chains interleaved (see _two_leaves)
-    m0, m1 = n2 - n2 % 8, n1 - n1 % 8
-    d0, d1 = v_sub(v8_load(a, lo), mv), v_sub(v8_load(a, lo1), mv)
-    r0, r1 = v_mul(d0, d0), v_mul(d1, d1)
-    for i in range(8, m0, 8):
-        d0, d1 = v_sub(v8_load(a, lo + i), mv), v_sub(v8_load(a, lo1 + i), mv)
-        r0, r1 = v_add(r0, v_mul(d0, d0)), v_add(r1, v_mul(d1, d1))
-    for i in range(m0, m1, 8):
-        d1 = v_sub(v8_load(a, lo1 + i), mv)
-        r1 = v_add(r1, v_mul(d1, d1))
-    s0 = _centred_sq_tail(a, mean, lo, m0, n2, lane_sum(r0))
-    return s0 + _centred_sq_tail(a, mean, lo1, m1, n1, lane_sum(r1))
+        return _leaf(a, lo, n, mean, True)
+    n2 = _half(n)
+    if n - n2 <= 128:
+        s0, s1 = _two_leaves(a, lo, n2, lo + n2, n - n2, mean, True)
+        return s0 + s1
+    return _centred_sq_at(a, mean, lo, n2) + _centred_sq_at(a, mean, lo + n2, n - n2)
 
 
 @numba.njit(**JIT)
