@@ -43,7 +43,7 @@ from ..outputs import (
 from ..params import Attention, Layer, Params
 from ..tasks import cross_attentions, extras
 from . import decoding
-from .kernels import attention, bias_gelu, layer_norm, masked_softmax
+from .kernels import attention, layer_norm, masked_softmax
 from .schedule import (PACKED_ROWS, PIECE_TOKENS, TOKEN_SPLIT_FROM, TWO_CORE_ROWS, attention_context, linear, linear_act,
                        linears, run_two, split_batch)
 
@@ -428,7 +428,7 @@ def lm_head_work(params: Params, config: Config, rows: int) -> int:
 
 def lm_head(seq, p, eps: float):
     """dense -> exact GELU -> LayerNorm -> tied decoder + bias. [..., H] -> [..., V]."""
-    h = bias_gelu(linear(seq, p.dense.weight), p.dense.bias)  # [..., H]
+    h = linear_act(seq, p.dense.weight, p.dense.bias, "gelu")  # [..., H] (GELU in place)
     return linear(layer_norm(h, p.layer_norm.weight, p.layer_norm.bias, eps), p.decoder_weight, p.bias)  # [..., V]
 
 
