@@ -10,8 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .llvm import (DTYPES, INLINE, JIT, fma, pointer_like, prefetch, v64b_load, v8_load, v8_splat, v8_store,
-                   v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
+from .llvm import (DTYPES, INLINE, JIT, f64_bits, f64_from_bits, fma, pointer_like, prefetch, v64b_load, v8_load,
+                   v8_splat, v8_store, v_abs_ge_bits, v_add, v_fma, v_max, v_mul)
 from .elementary import by_dtype, exp_nonpos, gelu, gelu_main, tail_limit
 from . import packed
 from .jobs import ATTENTION_LIKE, attention_on_two_cores, code_fingerprint, read_only, register_attention_kernel
@@ -502,7 +502,7 @@ def _make_attention_packed(fingerprint):
         fingerprint  # noqa: B018 (in the cache key)
         qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
         nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
-        scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
+        scale = like.dtype.type(f64_from_bits(lay[_SCALE]))  # (the dtype's value, exactly)
         dt = like.dtype
         npk, npv = (ns + p - 1) // p, (nd + p - 1) // p
         kp = np.zeros(npk * nd * p, dt)  # k [S, D] as a weight's panels (packed.pack_into; padding stays 0)
@@ -552,7 +552,7 @@ attention_packed_kernel = _make_attention_packed(code_fingerprint())
 
 # The layout vector of attention_few_kernel (int64): the sizes; the element strides (batch, head,
 # row) of q, k, v, the mask and the output (each array's last axis is contiguous); the scale (its
-# slot read as a float64); each array's address and its extent (elements from its first to its last).
+# slot holds the float64's bits); each array's address and its extent (elements from its first to its last).
 _NH, _NT, _NS, _ND, _Q, _K, _V, _M, _O, _SCALE, _ADDR, _EXT, _LAY = 0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 20, 25, 30
 
 
@@ -656,7 +656,7 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
     # the flat run of its elements; a row's offset there is the sum of index x stride.
     qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
     nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
-    scale = like.dtype.type(lay.view(np.float64)[_SCALE])  # (the dtype's value, exactly)
+    scale = like.dtype.type(f64_from_bits(lay[_SCALE]))  # (the dtype's value, exactly)
     one = like.dtype.type(1.0)
     sc = np.empty(ns, like.dtype)  # [S], one row of scores, then probabilities
     # (offsets as int64 variables: with the literals 0 and -1 the recursive pairwise_sum_div_at got
@@ -694,7 +694,7 @@ def layout_sizes(lay, nh, nt, ns, nd, scale):
     """N heads, T query rows, S keys, D and the scale (the dtype's value, as a float64) into
     :func:`attention_few_kernel`'s layout vector ``lay`` (int64, ``LAYOUT_SIZE``)."""
     lay[_NH], lay[_NT], lay[_NS], lay[_ND] = nh, nt, ns, nd
-    lay.view(np.float64)[_SCALE] = scale
+    lay[_SCALE] = f64_bits(scale)  # (its bits: a view of lay as float64 costs ~0.2 s of compile per function)
 
 
 @numba.njit(**INLINE)
