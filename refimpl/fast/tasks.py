@@ -104,6 +104,19 @@ def feed_forward_block(x, p: Layer, *, act: str, eps: float):
     return x + linear(a, p.output.weight, p.output.bias)  # [B, T, H]
 
 
+def embeddings(e, word, token_type_ids, position_ids, eps: float):
+    """``LayerNorm((word + token type) + position)``, the reference's order of the adds. word: [..., H]
+    (the word vectors, or ``inputs_embeds``); the ids: [...] -> [..., H]."""
+    return layer_norm((word + e.token_type[token_type_ids]) + e.position[position_ids],
+                      e.layer_norm.weight, e.layer_norm.bias, eps)
+
+
+def final_norm(params: Params, h, eps: float):
+    """The final LayerNorm after the last block (pre-LN). [..., H] -> [..., H]."""
+    fl = params.final_layer_norm
+    return layer_norm(h, fl.weight, fl.bias, eps)
+
+
 def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None) -> EncoderOutput:
     """Embeddings, the L blocks and the final LayerNorm for ``rows`` of the batch (None: all). A
     decoding step (one new token, a cache; no hidden states, probabilities or cross-attention asked
@@ -115,13 +128,11 @@ def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None)
         bias = bias[rows]  # [B|1, 1|N, T|1, S]
     e = params.embeddings
     word = e.word[pick(x.input_ids)] if x.inputs_embeds is None else pick(x.inputs_embeds)  # [b, T, H]
-    h = layer_norm((word + e.token_type[pick(x.token_type_ids)]) + e.position[pick(x.position_ids)],
-                   e.layer_norm.weight, e.layer_norm.bias, eps)  # [b, T, H]
+    h = embeddings(e, word, pick(x.token_type_ids), pick(x.position_ids), eps)  # [b, T, H]
     if (x.cache is not None and rows is None and x.encoder_hidden_states is None and not x.output_attentions
             and not x.output_hidden_states and decoding.run(params, config, h, x.cache, bias)):
         n = len(params.layers)  # (a decoding step's blocks in one call: the same bits)
-        fl = params.final_layer_norm
-        h = layer_norm(h, fl.weight, fl.bias, eps)  # [b, 1, H]
+        h = final_norm(params, h, eps)  # [b, 1, H]
         return EncoderOutput(h, [None] * n + [h], [None] * n, [None] * n)
     hidden, attentions, crosses = [h], [], []
     for i, layer in enumerate(params.layers):
@@ -137,8 +148,7 @@ def encode(params: Params, config: Config, x: Inputs, rows: slice | None = None)
         hidden.append(h)
         attentions.append(probs)
         crosses.append(cross_probs)
-    fl = params.final_layer_norm
-    hidden[-1] = layer_norm(h, fl.weight, fl.bias, eps)  # [b, T, H]
+    hidden[-1] = final_norm(params, h, eps)  # [b, T, H]
     return EncoderOutput(hidden[-1], hidden, attentions, crosses)
 
 
@@ -155,8 +165,7 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
     c, eps, nh = config, config.layer_norm_eps, config.num_attention_heads
     e = params.embeddings
     word = e.word[x.input_ids] if x.inputs_embeds is None else x.inputs_embeds  # [1, T, H]
-    h0 = layer_norm((word + e.token_type[x.token_type_ids]) + e.position[x.position_ids],
-                    e.layer_norm.weight, e.layer_norm.bias, eps)  # [1, T, H]
+    h0 = embeddings(e, word, x.token_type_ids, x.position_ids, eps)  # [1, T, H]
     t, hid = h0.shape[1], h0.shape[2]
     d, half, heads0 = hid // nh, (t + 1) // 2, (nh + 1) // 2
     projections = np.empty((3, 1, t, hid), h0.dtype)  # the projections of every token, [1, T, H] each
@@ -190,8 +199,7 @@ def encode_token_halves(params: Params, config: Config, x: Inputs) -> EncoderOut
         except BaseException:
             meet.abort()  # the other part stops at its next meeting instead of waiting for ever
             raise
-        fl = params.final_layer_norm
-        return layer_norm(h, fl.weight, fl.bias, eps)  # [1, t', H]
+        return final_norm(params, h, eps)  # [1, t', H]
 
     parts = run_two(run)
     if parts is None:
@@ -339,8 +347,7 @@ def states_at(params: Params, config: Config, x: Inputs, keep, rows: slice | Non
     at = np.flatnonzero(needed_tokens(bias, keep))  # [n] flat positions of the tokens computed
     e = params.embeddings
     ids, types, positions = (a[rows].reshape(-1)[at] for a in (x.input_ids, x.token_type_ids, x.position_ids))
-    h = layer_norm((e.word[ids] + e.token_type[types]) + e.position[positions],
-                   e.layer_norm.weight, e.layer_norm.bias, eps)  # [n, H]
+    h = embeddings(e, e.word[ids], types, positions, eps)  # [n, H]
     for layer in params.layers[:-1]:
         h = attention_block_at(h, layer.attention, bias, at, (b, t), num_heads=heads, eps=eps)  # [n, H]
         h = feed_forward_block(h, layer, act=c.hidden_act, eps=eps)  # [n, H]
@@ -348,8 +355,7 @@ def states_at(params: Params, config: Config, x: Inputs, keep, rows: slice | Non
     queries = np.searchsorted(at, np.flatnonzero(keep))  # [M]: the kept positions among the computed
     h = attention_block_at(h, last.attention, bias, at, (b, t), num_heads=heads, eps=eps, queries=queries)  # [M, H]
     h = feed_forward_block(h, last, act=c.hidden_act, eps=eps)  # [M, H]
-    fl = params.final_layer_norm
-    return layer_norm(h, fl.weight, fl.bias, eps)  # [M, H]
+    return final_norm(params, h, eps)  # [M, H]
 
 
 def over_batch(params: Params, config: Config, x: Inputs, run, head_work: int = 0) -> np.ndarray:
