@@ -467,7 +467,7 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     pairs), a base-sized layer's attention at 2x128 and 1x512 took 0.83x and 0.89x the time
     (float32, one thread), base-sized forwards at 8x128 and 4x512 0.96x and 0.98x (A/B in one
     process). Below 128 query rows the batched matmuls remain faster
-    (:func:`~refimpl.fast.schedule.attention_context`). A cold compile takes ~3.8 s (the driver and
+    (:func:`~refimpl.fast.schedule.attention_context`). A cold compile takes ~4 s (the driver and
     the softmax's rows are compiled into the kernel), once per machine and dtype.
     """
     dtype, out, m4 = _attention_args(q, k, v, mask, out)
@@ -500,9 +500,7 @@ def _make_attention_packed(fingerprint):
         :func:`attention_few_kernel`'s layout vector ``lay`` (B * N = ``n_pairs``); ``p``: the packed kernel's panel
         width for the dtype, ``kc``/``mc``: its blocks (:mod:`.packed`)."""
         fingerprint  # noqa: B018 (in the cache key)
-        qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
-        nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
-        scale = like.dtype.type(f64_from_bits(lay[_SCALE]))  # (the dtype's value, exactly)
+        qf, kf, vf, mf, of, nh, nt, ns, nd, scale = _unpacked(lay, like)
         dt = like.dtype
         npk, npv = (ns + p - 1) // p, (nd + p - 1) // p
         kp = np.zeros(npk * nd * p, dt)  # k [S, D] as a weight's panels (packed.pack_into; padding stays 0)
@@ -518,11 +516,11 @@ def _make_attention_packed(fingerprint):
         one = dt.type(1.0)
         for pair in range(n_pairs):
             bi, hi = pair // nh, pair % nh
-            qo, qs = bi * lay[_Q] + hi * lay[_Q + 1], lay[_Q + 2]  # q[bi, hi, 0, 0] and its row stride
-            ko, ks = bi * lay[_K] + hi * lay[_K + 1], lay[_K + 2]
-            vo, vs = bi * lay[_V] + hi * lay[_V + 1], lay[_V + 2]
-            mo, ms = bi * lay[_M] + hi * lay[_M + 1], lay[_M + 2]  # (ms 0: one mask row for every query)
-            oo, ors = bi * lay[_O] + hi * lay[_O + 1], lay[_O + 2]
+            qo, qs = _pair_start(lay, _Q, bi, hi), lay[_Q + 2]  # q[bi, hi, 0, 0] and its row stride
+            ko, ks = _pair_start(lay, _K, bi, hi), lay[_K + 2]
+            vo, vs = _pair_start(lay, _V, bi, hi), lay[_V + 2]
+            mo, ms = _pair_start(lay, _M, bi, hi), lay[_M + 2]  # (ms 0: one mask row for every query)
+            oo, ors = _pair_start(lay, _O, bi, hi), lay[_O + 2]
             packed.pack_into(kf, ko, ks, 1, ns, nd, kp, p)  # k [S, D] as the weight [O = S, K = D]
             for t in range(nt):  # q's rows, contiguous (unsigned offsets: the copy vectorises)
                 for d in range(nd):
@@ -554,6 +552,22 @@ attention_packed_kernel = _make_attention_packed(code_fingerprint())
 # row) of q, k, v, the mask and the output (each array's last axis is contiguous); the scale (its
 # slot holds the float64's bits); each array's address and its extent (elements from its first to its last).
 _NH, _NT, _NS, _ND, _Q, _K, _V, _M, _O, _SCALE, _ADDR, _EXT, _LAY = 0, 1, 2, 3, 4, 7, 10, 13, 16, 19, 20, 25, 30
+
+
+@numba.njit(**INLINE)
+def _unpacked(lay, like):
+    """The layout vector read back: q, k, v, the mask and out as flat runs of ``like``'s dtype
+    (carrays at their addresses), N, T, S, D, and the scale in that dtype (exactly its value)."""
+    qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
+    scale = like.dtype.type(f64_from_bits(lay[_SCALE]))
+    return qf, kf, vf, mf, of, lay[_NH], lay[_NT], lay[_NS], lay[_ND], scale
+
+
+@numba.njit(**INLINE)
+def _pair_start(lay, at, bi, hi):
+    """Where the array whose strides start at slot ``at`` (_Q, _K, _V, _M or _O) begins for batch
+    row ``bi`` and head ``hi`` (its row 0; row t is ``lay[at + 2]`` elements on)."""
+    return bi * lay[at] + hi * lay[at + 1]
 
 
 @numba.njit(**INLINE)
@@ -654,9 +668,7 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
     values are the same."""
     # q [B, N, T, D], k and v [B, N, S, D], the mask [1|B, 1|N, 1|T, S], out [B, N, T, D], each as
     # the flat run of its elements; a row's offset there is the sum of index x stride.
-    qf, kf, vf, mf, of = [numba.carray(pointer_like(lay[_ADDR + a], like), lay[_EXT + a]) for a in range(5)]
-    nh, nt, ns, nd = lay[_NH], lay[_NT], lay[_NS], lay[_ND]
-    scale = like.dtype.type(f64_from_bits(lay[_SCALE]))  # (the dtype's value, exactly)
+    qf, kf, vf, mf, of, nh, nt, ns, nd, scale = _unpacked(lay, like)
     one = like.dtype.type(1.0)
     sc = np.empty(ns, like.dtype)  # [S], one row of scores, then probabilities
     # (offsets as int64 variables: with the literals 0 and -1 the recursive pairwise_sum_div_at got
@@ -664,14 +676,14 @@ def attention_few_kernel(lay, has_mask, like, p0, p1):
     lo = np.int64(0)
     for pair in range(p0, p1):
         bi, hi = pair // nh, pair % nh
-        qo = bi * lay[_Q] + hi * lay[_Q + 1]  # q[bi, hi, 0, :]
-        ko = bi * lay[_K] + hi * lay[_K + 1]  # k[bi, hi, 0, :] (row j at ko + j * its row stride)
-        vo = bi * lay[_V] + hi * lay[_V + 1]  # v[bi, hi, 0, :]
-        mo = bi * lay[_M] + hi * lay[_M + 1]  # the mask's row for (bi, hi), query 0
-        oo = bi * lay[_O] + hi * lay[_O + 1]  # out[bi, hi, 0, :]
+        qo = _pair_start(lay, _Q, bi, hi)  # q[bi, hi, 0, :]
+        ko = _pair_start(lay, _K, bi, hi)  # k[bi, hi, 0, :] (row j at ko + j * its row stride)
+        vo = _pair_start(lay, _V, bi, hi)  # v[bi, hi, 0, :]
+        mo = _pair_start(lay, _M, bi, hi)  # the mask's row for (bi, hi), query 0
+        oo = _pair_start(lay, _O, bi, hi)  # out[bi, hi, 0, :]
         bn, hn = (pair + 1) // nh, (pair + 1) % nh  # the next pair's batch row and head
-        kn = bn * lay[_K] + hn * lay[_K + 1] if pair + 1 < p1 else -1  # its keys, asked for meanwhile
-        vn = bn * lay[_V] + hn * lay[_V + 1] if pair + 1 < p1 else -1  # its values
+        kn = _pair_start(lay, _K, bn, hn) if pair + 1 < p1 else -1  # its keys, asked for meanwhile
+        vn = _pair_start(lay, _V, bn, hn) if pair + 1 < p1 else -1  # its values
         for ti in range(nt):
             _scores(qf, qo + ti * lay[_Q + 2], kf, ko, lay[_K + 2], ns, nd, sc, kn if ti == 0 else -1)
             m = _scale_mask_max(sc, lo, mf, mo + ti * lay[_M + 2], has_mask, scale, sc, lo, ns)
