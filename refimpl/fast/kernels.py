@@ -477,8 +477,9 @@ def attention(q, k, v, mask=None, scale: float = 1.0, *, out=None):
     q, k, v = _readable(q), _readable(k), _readable(v)  # (kept alive: the kernel reads their addresses)
     lay = np.empty(_LAY, np.int64)
     _layout(q, k, v, m4, target, dtype.type(scale), lay)
-    attention_packed_kernel(lay, mask is not None, ATTENTION_LIKE[dtype], q.shape[0] * q.shape[1], packed.panel_width(dtype),
-                            packed.KC, packed.MC)
+    n_pairs = q.shape[0] * q.shape[1]  # B * N
+    attention_packed_kernel(lay, mask is not None, ATTENTION_LIKE[dtype], n_pairs, packed.panel_width(dtype), packed.KC,
+                            packed.MC)
     if target is not out:
         out[...] = target
     return out

@@ -269,8 +269,8 @@ def v_abs_ge_bits(typingctx, v, lim):
 
 def _rows_of_8(context, builder, aty, arr, off, ld, m):
     """``m`` vector loads of 8 elements of flat array ``arr`` (type ``aty``), at ``off``, ``off + ld``, ..."""
-    return [builder.load(_vec_pointer(context, builder, aty, arr, builder.add(off, builder.mul(ld, ir.Constant(ld.type, i))), 8),
-                         align=aty.dtype.bitwidth // 8) for i in range(m)]  # fmt: skip
+    rows = [builder.add(off, builder.mul(ld, ir.Constant(ld.type, i))) for i in range(m)]  # off + i*ld
+    return [builder.load(_vec_pointer(context, builder, aty, arr, at, 8), align=aty.dtype.bitwidth // 8) for at in rows]
 
 
 def _concatenated(builder, vecs):
@@ -290,7 +290,8 @@ def _concatenated(builder, vecs):
 def _lanes(builder, whole, picks):
     """The lanes ``picks`` of ``whole``, in that order, as one vector (a shuffle)."""
     i32 = ir.IntType(32)
-    return builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), ir.Constant(ir.VectorType(i32, len(picks)), picks))
+    mask = ir.Constant(ir.VectorType(i32, len(picks)), picks)
+    return builder.shuffle_vector(whole, ir.Constant(whole.type, ir.Undefined), mask)
 
 
 @intrinsic
@@ -311,7 +312,8 @@ def v8_transpose(typingctx, src, so, ld, dst, do, rows):
         whole = _concatenated(builder, _rows_of_8(context, builder, signature.args[0], sa, s_off, lda, m))
         t = _lanes(builder, whole, [i * 8 + c for c in range(8) for i in range(m)])
         data = context.make_array(signature.args[3])(context, builder, da).data
-        builder.store(t, builder.bitcast(builder.gep(data, [d_off]), t.type.as_pointer()), align=src.dtype.bitwidth // 8)
+        ptr = builder.bitcast(builder.gep(data, [d_off]), t.type.as_pointer())
+        builder.store(t, ptr, align=src.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.none(src, so, ld, dst, do, rows), codegen
@@ -330,7 +332,8 @@ def v8x8_transpose(typingctx, src, so, ld, dst, do, dld):
         sa, s_off, lda, da, d_off, ldd = args
         whole = _concatenated(builder, _rows_of_8(context, builder, signature.args[0], sa, s_off, lda, 8))
         for c in range(8):  # column c: lanes i*8 + c of the whole block
-            ptr = _vec_pointer(context, builder, signature.args[3], da, builder.add(d_off, builder.mul(ldd, ir.Constant(ldd.type, c))), 8)
+            at = builder.add(d_off, builder.mul(ldd, ir.Constant(ldd.type, c)))  # do + c*dld
+            ptr = _vec_pointer(context, builder, signature.args[3], da, at, 8)
             builder.store(_lanes(builder, whole, [i * 8 + c for i in range(8)]), ptr, align=src.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
