@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import refimpl.tokenizer
 from refimpl.tokenizer import Tokenizer, max_length_for
 
 transformers = pytest.importorskip("transformers")
@@ -117,6 +118,17 @@ def hf_left():
 def hf_vm(vm_folder):
     mask = AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True)
     return transformers.RobertaTokenizer.from_pretrained(str(vm_folder), mask_token=mask)
+
+
+# The two ways a batch is encoded: one backend encode_batch call (its thread pool), or one encode a
+# text on the calling thread, padded as encode_batch pads (refimpl.tokenizer.SERIAL_UP_TO_CHARS).
+ROUTES = {"one call": -1, "text by text": 2**62}
+
+
+@pytest.fixture(params=list(ROUTES))
+def route(request, monkeypatch):
+    monkeypatch.setattr(refimpl.tokenizer, "SERIAL_UP_TO_CHARS", ROUTES[request.param])
+    return request.param
 
 
 ALL = dict(return_offsets_mapping=True, return_special_tokens_mask=True, return_token_type_ids=True,
@@ -245,7 +257,7 @@ def test_parity_single_unpadded(which, tok, tok_vm, hf, hf_vm):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_parity_batches_padded_longest(tok, hf, side):
+def test_parity_batches_padded_longest(tok, hf, side, route):
     for batch in chunks(CORPUS, 32):
         assert_same(tok(batch, padding=True, padding_side=side, **ALL),
                     hf(batch, padding="longest", padding_side=side, return_offsets_mapping=True,
@@ -254,7 +266,7 @@ def test_parity_batches_padded_longest(tok, hf, side):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("truncation_side", ["right", "left"])
-def test_parity_truncate_and_pad_to_max_length(tok, hf, hf_left, side, truncation_side):
+def test_parity_truncate_and_pad_to_max_length(tok, hf, hf_left, side, truncation_side, route):
     ref_tok = hf if truncation_side == "right" else hf_left
     for max_length in (2, 3, 8, 17):
         for batch in chunks(CORPUS, 64):
@@ -266,7 +278,7 @@ def test_parity_truncate_and_pad_to_max_length(tok, hf, hf_left, side, truncatio
                                       return_special_tokens_mask=True, return_token_type_ids=True))
 
 
-def test_parity_pairs_untruncated(tok, tok_vm, hf):
+def test_parity_pairs_untruncated(tok, tok_vm, hf, route):
     a, b = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
     for side in ("right", "left"):
         for ca, cb in zip(chunks(a, 40), chunks(b, 40)):
@@ -301,7 +313,7 @@ def test_parity_pairs_truncated(tok, hf, strategy):
 
 
 @pytest.mark.parametrize("padding", ["max_length", "longest"])
-def test_parity_overflow_windows_only_second(tok, hf, padding):
+def test_parity_overflow_windows_only_second(tok, hf, padding, route):
     """Question answering over long contexts: short question, long context, overlapping windows."""
     rng = random.Random(7)
     questions = [q for q in CORPUS if 0 < len(tok.tokenize(q)) <= 6][:60]
@@ -326,14 +338,14 @@ def test_parity_overflow_windows_only_second(tok, hf, padding):
     assert out["overflow_to_sample_mapping"].tolist() == [0] * len(ctx)
 
 
-def test_parity_overflow_single_sequence(tok, hf):
+def test_parity_overflow_single_sequence(tok, hf, route):
     batch = [s for s in CORPUS if s][:80]
     kwargs = dict(truncation=True, max_length=10, stride=2, return_overflowing_tokens=True, padding="max_length")
     assert_same(tok(batch, **ALL, **kwargs),
                 hf(batch, return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs), overflow=True)
 
 
-def test_parity_model_max_length(hf):
+def test_parity_model_max_length(hf, route):
     t = Tokenizer.from_pretrained(DATA, model_max_length=max_length_for(514, 1))
     ref = transformers.RobertaTokenizer.from_pretrained(str(DATA), model_max_length=512)
     long_texts = [s for s in CORPUS if len(hf(s)["input_ids"]) > 512]
@@ -387,6 +399,63 @@ def test_hypothesis_overflow_windows(tok, hf, question, context, stride, room, s
                   return_overflowing_tokens=True, padding="max_length", padding_side=side)
     ref = hf([question], [context], return_offsets_mapping=True, return_special_tokens_mask=True, **kwargs)
     assert_same(tok(question, context, **ALL, **kwargs), ref, overflow=True)
+
+
+_OPTIONS = [
+    dict(), dict(padding=True), dict(padding=True, padding_side="left"),
+    dict(padding="max_length", max_length=24), dict(padding="max_length", max_length=24, padding_side="left"),
+    dict(truncation=True, max_length=7, padding=True), dict(truncation=True, max_length=9, padding="max_length"),
+    dict(truncation=True, max_length=8, padding=True, truncation_side="left"),
+    dict(truncation="only_first", max_length=12, padding=True),
+    dict(truncation="only_second", max_length=12, padding="max_length", padding_side="left"),
+    dict(truncation="only_second", max_length=14, stride=2, return_overflowing_tokens=True, padding=True),
+    dict(truncation=True, max_length=6, stride=1, return_overflowing_tokens=True, padding="max_length"),
+]
+
+
+@settings(max_examples=120, derandomize=True, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.text(max_size=10), _SPICE), max_size=6).map("".join), min_size=1, max_size=6),
+       st.booleans(), st.sampled_from(_OPTIONS))
+def test_hypothesis_both_routes_agree(tok, texts, paired, options):
+    """A batch encoded in one backend call and text by text: the same arrays, or the same error."""
+    pairs = [t[::-1] for t in texts] if paired else None
+    results = []
+    for limit in ROUTES.values():
+        old, refimpl.tokenizer.SERIAL_UP_TO_CHARS = refimpl.tokenizer.SERIAL_UP_TO_CHARS, limit
+        try:
+            results.append(tok(texts, pairs, **ALL, **options))
+        except ValueError as e:
+            results.append(f"ValueError: {e}")
+        finally:
+            refimpl.tokenizer.SERIAL_UP_TO_CHARS = old
+    a, b = results
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key].tolist() if isinstance(a[key], np.ndarray) else a[key]) == (
+            b[key].tolist() if isinstance(b[key], np.ndarray) else b[key]), key
+
+
+def test_short_batches_encode_text_by_text(tok, monkeypatch):
+    """Below SERIAL_UP_TO_CHARS the backend's encode_batch (its thread pool) is not called."""
+    calls = []
+    backend = tok.backend
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "encode_batch":
+                calls.append(name)
+            return getattr(backend, name)
+
+    monkeypatch.setattr(tok, "backend", Spy())
+    short = ["Hello world"] * 8
+    assert tok(short, padding=True)["input_ids"].shape == (8, 4)
+    assert calls == []
+    long = ["Hello world " * 200] * 8  # 19,200 characters
+    tok(long, padding=True)
+    assert calls == ["encode_batch"]
 
 
 # ----------------------------------------------------------------------------- errors
