@@ -224,7 +224,9 @@ def top_k_indices(x: np.ndarray, k: int, chunks: int = 256) -> np.ndarray:
     if np.isnan(maxima).any():  # a NaN (its chunk's maximum) would count as a value
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
     t = np.partition(maxima, chunks - k, axis=-1)[:, chunks - k, None]  # [M, 1]
-    r, c = np.nonzero(x >= t)  # the candidates, row-major: indices ascending within a row
+    # the candidates, row-major: indices ascending within a row (NumPy's nonzero on a 2-D array takes
+    # ~9x the time of a flat one: 0.7 ms against 0.08 for [8, 50265])
+    r, c = np.divmod(np.flatnonzero(x >= t), v)  # [C] each
     counts = np.bincount(r, minlength=m)  # [M], each >= k
     order = np.lexsort((c, -x[r, c], r))  # by row, then value descending, then index
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [M]

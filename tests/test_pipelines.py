@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import pipeline_checkpoints
+import refimpl.tokenizer
 from refimpl import pipelines as P
 from refimpl.tokenizer import Tokenizer
 from tolerances import FLOAT32_REFERENCE, assert_close
@@ -551,15 +552,21 @@ def test_top_k_indices_is_the_stable_argsort():
             for k in (1, 2, 5, 50, 256, 257, x.shape[1]):
                 k = min(k, x.shape[1])
                 np.testing.assert_array_equal(P.top_k_indices(x, k), np.argsort(-x, axis=-1, kind="stable")[:, :k])
+        for x in (np.asfortranarray(rows[0].astype(dtype)), rows[1].astype(dtype)[:, ::3]):  # other layouts
+            assert not x.flags.c_contiguous
+            np.testing.assert_array_equal(P.top_k_indices(x, 5), np.argsort(-x, axis=-1, kind="stable")[:, :5])
     assert P.top_k_indices(np.zeros((0, 10), np.float32), 3).shape == (0, 3)
 
 
-def test_batch_decode_is_decode_per_row(ck):
+def test_batch_decode_is_decode_per_row(ck, monkeypatch):
     _, folder = ck["mlm"]
     tok = Tokenizer.from_pretrained(folder)
     rows = [np.array([0, 133, 812, 50264, 2]), [0, 31414, 2], np.array([], dtype=np.int64)]
-    for skip in (False, True):
-        assert tok.batch_decode(rows, skip_special_tokens=skip) == [tok.decode(r, skip_special_tokens=skip) for r in rows]
+    for limit in (2048, -1):  # row by row on this thread, and the backend's decode_batch
+        monkeypatch.setattr(refimpl.tokenizer, "SERIAL_DECODE_UP_TO_TOKENS", limit)
+        for skip in (False, True):
+            assert tok.batch_decode(rows, skip_special_tokens=skip) == [
+                tok.decode(r, skip_special_tokens=skip) for r in rows]
     with pytest.raises(ValueError, match=r"token id 60000 is out of range"):
         tok.batch_decode([np.array([5, 60000, -1])])
     with pytest.raises(ValueError, match=r"token id -1 is out of range"):
