@@ -54,6 +54,7 @@ results. Where we differ, on purpose:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -220,7 +221,7 @@ def top_k_indices(x: np.ndarray, k: int, chunks: int = 256) -> np.ndarray:
     m, v = x.shape
     if k > chunks or chunks >= v or m == 0:
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
-    maxima = np.maximum.reduceat(x, np.linspace(0, v, chunks, endpoint=False).astype(np.intp), axis=-1)  # [M, c]
+    maxima = np.maximum.reduceat(x, _chunk_starts(v, chunks), axis=-1)  # [M, c]
     if np.isnan(maxima).any():  # a NaN (its chunk's maximum) would count as a value
         return np.argsort(-x, axis=-1, kind="stable")[:, :k]
     t = np.partition(maxima, chunks - k, axis=-1)[:, chunks - k, None]  # [M, 1]
@@ -231,6 +232,14 @@ def top_k_indices(x: np.ndarray, k: int, chunks: int = 256) -> np.ndarray:
     order = np.lexsort((c, -x[r, c], r))  # by row, then value descending, then index
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # [M]
     return c[order][starts[:, None] + np.arange(k)]  # [M, k]
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_starts(v: int, chunks: int) -> np.ndarray:
+    """Where each of ``chunks`` nearly equal pieces of ``range(v)`` starts, [chunks] (read-only)."""
+    starts = np.linspace(0, v, chunks, endpoint=False).astype(np.intp)
+    starts.flags.writeable = False
+    return starts
 
 
 def mask_logits(model: Model, enc: dict, where: np.ndarray):

@@ -294,6 +294,18 @@ class Tokenizer:
             return ids.tolist()
         return [self._check_id(i) for i in _as_id_list(ids)]
 
+    def _checked_rows(self, ids) -> list[list[int]]:
+        """Rows of ids -> lists of ints, checked as :meth:`_checked_ids` checks them; rows that are
+        integer arrays of one dtype (a 2-D array's rows, a list of 1-D arrays) checked at once (the
+        same first bad id, in row-major order)."""
+        rows = list(ids)
+        first = rows[0] if rows else None
+        if (isinstance(first, np.ndarray) and first.dtype.kind in "iu"
+                and all(isinstance(r, np.ndarray) and r.ndim == 1 and r.dtype == first.dtype for r in rows)):
+            self._checked_ids(np.concatenate(rows))
+            return [r.tolist() for r in rows]
+        return [self._checked_ids(row) for row in rows]
+
     def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
         """An id -> its token string; a sequence of ids -> a list. Out-of-range ids raise ValueError."""
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)):
@@ -318,7 +330,7 @@ class Tokenizer:
         """A batch ([B, T] array or list of lists) -> list of B strings: decode's, row by row on this
         thread up to ``SERIAL_DECODE_UP_TO_TOKENS`` tokens, else in one call of the backend's
         ``decode_batch`` (its thread pool)."""
-        rows = [self._checked_ids(row) for row in ids]
+        rows = self._checked_rows(ids)
         if sum(map(len, rows)) <= SERIAL_DECODE_UP_TO_TOKENS:
             return [self.backend.decode(row, skip_special_tokens=skip_special_tokens) for row in rows]
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)

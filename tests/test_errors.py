@@ -277,6 +277,16 @@ def test_bool_ids_refused():
     input_error(model("base"), "input_ids must hold integers; got dtype bool", input_ids=IDS > 3)
 
 
+def test_dtype_kinds_are_isdtype():
+    """inputs._isdtype answers NumPy dtypes from their kind letter: as np.isdtype, for every one."""
+    from refimpl.inputs import _isdtype
+
+    dtypes = [np.dtype(c) for c in "?bBhHiIlLqQefdgFDGSUVOMm"]
+    for kind in ("bool", "integral", "real floating"):
+        for dt in dtypes:
+            assert _isdtype(np, dt, kind) == np.isdtype(dt, kind), (dt, kind)
+
+
 @pytest.mark.parametrize("ids", [[[0, 5, 2], [0, 2]], [[0, 5, 2], 7]])
 def test_ragged_ids(ids):
     input_error(model("masked-lm"), "input_ids is ragged", input_ids=ids)

@@ -571,6 +571,16 @@ def test_batch_decode_is_decode_per_row(ck, monkeypatch):
         tok.batch_decode([np.array([5, 60000, -1])])
     with pytest.raises(ValueError, match=r"token id -1 is out of range"):
         tok.decode(np.array([-1]))
+    # integer arrays checked at once: the first bad id in row-major order, as row by row
+    arrays = [np.array([0, 5, 2]), np.array([7, -3, 60000]), np.array([60001])]
+    with pytest.raises(ValueError, match=r"token id -3 is out of range"):
+        tok.batch_decode(arrays)
+    with pytest.raises(ValueError, match=r"token id -3 is out of range"):
+        tok.batch_decode(np.array([[0, 5, 2], [7, -3, 60000]]))
+    mixed = [np.array([0, 133], np.int32), np.array([2], np.uint16), [31414]]  # other dtypes, lists
+    assert tok.batch_decode(mixed) == [tok.decode(r) for r in mixed]
+    with pytest.raises(TypeError, match=r"token ids must be integers"):
+        tok.batch_decode([np.array([0, 5]), np.array([1.0])])
 
 
 def test_small_batches_run_on_one_thread(monkeypatch):
