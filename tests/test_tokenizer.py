@@ -414,7 +414,7 @@ _OPTIONS = [
 
 
 @settings(max_examples=120, derandomize=True, deadline=None)
-@given(st.lists(st.lists(st.one_of(st.text(max_size=10), _SPICE), max_size=6).map("".join), min_size=1, max_size=6),
+@given(st.lists(st.lists(st.one_of(st.text(max_size=10), _SPICE), max_size=14).map("".join), min_size=1, max_size=6),
        st.booleans(), st.sampled_from(_OPTIONS))
 def test_hypothesis_both_routes_agree(tok, texts, paired, options):
     """A batch encoded in one backend call and text by text: the same arrays, or the same error."""
