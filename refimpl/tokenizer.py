@@ -293,10 +293,14 @@ class Tokenizer:
     def _checked_ids(self, ids) -> list[int]:
         """A 1-D sequence of ids -> list of ints, each checked by :meth:`_check_id` (an integer array at once)."""
         if isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype.kind in "iu":
-            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
-                self._check_id(ids[(ids < 0) | (ids >= len(self))][0])  # raises for the first bad id
+            self._check_id_range(ids)
             return ids.tolist()
         return [self._check_id(i) for i in _as_id_list(ids)]
+
+    def _check_id_range(self, ids: np.ndarray) -> None:
+        """Raise :meth:`_check_id`'s error for the first id of an integer array outside the vocabulary."""
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
+            self._check_id(ids[(ids < 0) | (ids >= len(self))][0])
 
     def _checked_rows(self, ids) -> list[list[int]]:
         """Rows of ids -> lists of ints, checked as :meth:`_checked_ids` checks them; rows that are
@@ -306,7 +310,7 @@ class Tokenizer:
         first = rows[0] if rows else None
         if (isinstance(first, np.ndarray) and first.dtype.kind in "iu"
                 and all(isinstance(r, np.ndarray) and r.ndim == 1 and r.dtype == first.dtype for r in rows)):
-            self._checked_ids(np.concatenate(rows))
+            self._check_id_range(np.concatenate(rows))
             return [r.tolist() for r in rows]
         return [self._checked_ids(row) for row in rows]
 
@@ -466,7 +470,7 @@ class Tokenizer:
                 be.enable_padding(direction=padding_side, pad_id=self.pad_token_id, pad_type_id=0,
                                   pad_token=self.pad_token,
                                   length=max_length if pad == "max_length" else None)
-            encodings = self._encode_all(inputs, add_special_tokens)
+            encodings = self._encode_all(inputs, add_special_tokens, serial)
             if pad is not None and serial:
                 length = max(len(e.ids) for e in encodings) if pad == "longest" else max_length
                 for e in encodings:
@@ -480,11 +484,12 @@ class Tokenizer:
             be.no_truncation()
             be.no_padding()
 
-    def _encode_all(self, inputs, add_special_tokens: bool) -> list:
+    def _encode_all(self, inputs, add_special_tokens: bool, serial: bool) -> list:
         """The backend's encodings of ``inputs`` (texts or (text, pair) tuples) with its settings:
-        ``encode_batch``, or (:func:`_serial`) one ``encode`` each (padded to its own length only)."""
+        ``encode_batch``, or with ``serial`` (:func:`_serial`) one ``encode`` each (padded to its
+        own length only)."""
         be = self.backend
-        if not _serial(inputs):
+        if not serial:
             return be.encode_batch(inputs, add_special_tokens=add_special_tokens)
         return [be.encode(*x, add_special_tokens=add_special_tokens) if isinstance(x, tuple)
                 else be.encode(x, add_special_tokens=add_special_tokens) for x in inputs]
@@ -497,7 +502,7 @@ class Tokenizer:
         truncated sequence per window; the backend requires ``stride`` to be smaller than that.
         (Pairs reach here only with only_first/only_second; a single sequence has no other.)
         """
-        encodings = self._encode_all(inputs, add_special_tokens)
+        encodings = self._encode_all(inputs, add_special_tokens, _serial(inputs))
         cut = 1 if strategy == "only_second" else 0
         for i, enc in enumerate(encodings):
             total = len(enc.ids)
